@@ -1,0 +1,3 @@
+//! Layers that wrap any [`BlockDevice`](crate::BlockDevice), in the spirit of nbdkit filters.
+pub mod readahead;
+pub mod stats;

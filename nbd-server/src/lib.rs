@@ -1,0 +1,2 @@
+//! NBD server.
+pub mod proto;

@@ -1,0 +1,1 @@
+//! Test support: start `ferry` and the peers, find tools.
