@@ -35,5 +35,6 @@ pub use device::{
 };
 pub use error::{BlockError, Result};
 pub use file::{FileDevice, FileEngine, OpenOptions};
-pub use layers::{readahead::ReadAhead, stats::Stats};
+pub use layers::readahead::{ReadAhead, ReadAheadConfig, ReadAheadStats};
+pub use layers::stats::{OpStats, Stats, StatsSnapshot};
 pub use mem::MemDevice;
