@@ -1,1 +1,7 @@
-//! ferry orchestration.
+//! ferry's orchestration crate: configuration and the commands of the
+//! `ferry` binary. The data path lives in `blockcore` and the front ends;
+//! this crate only wires them together.
+
+pub mod config;
+pub mod demo;
+pub mod serve;

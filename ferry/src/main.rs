@@ -1,1 +1,161 @@
-fn main() {}
+//! The `ferry` command.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ferry::config::{
+    parse_export_arg, Engine, ExportConfig, ListenAddr, ServeConfig, TlsConfig, TlsPolicy,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, about = "Serve, stream and move block devices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Export raw images over NBD.
+    Serve(ServeArgs),
+    /// Serve a generated demo disk and print how to connect to it.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Raw image to export (more with --export).
+    image: Option<PathBuf>,
+    /// Export name of IMAGE (default: the file's stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Description of IMAGE's export, shown by `nbdinfo`.
+    #[arg(long)]
+    description: Option<String>,
+    /// Another export, as NAME=PATH (repeatable).
+    #[arg(long = "export", value_name = "NAME=PATH", value_parser = parse_export_arg)]
+    exports: Vec<(String, PathBuf)>,
+    /// NBD listen address: HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809).
+    #[arg(long, value_name = "ADDR")]
+    nbd: Vec<ListenAddr>,
+    /// Export every image read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// PEM certificate chain for STARTTLS.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for STARTTLS.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// With a certificate: require TLS (default) or merely offer it.
+    #[arg(long, value_enum, requires = "tls_cert")]
+    tls: Option<TlsPolicy>,
+    /// Put an adaptive read-ahead layer in front of every image.
+    #[arg(long)]
+    readahead: bool,
+    /// File I/O engine (env FERRY_FILE_ENGINE also works).
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+    /// TOML configuration file; flags add exports and listeners to it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Directory for the demo image (default: $TMPDIR/ferry-demo).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Size of the demo disk in MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// NBD listen address (repeatable; default 127.0.0.1:10809).
+    #[arg(long, value_name = "ADDR")]
+    nbd: Vec<ListenAddr>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<ServeConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => ServeConfig::load(path)?,
+            None => ServeConfig::default(),
+        };
+        let mut add = |name: String, path: PathBuf, description: String| {
+            cfg.exports.push(ExportConfig {
+                name,
+                path,
+                description,
+                read_only: self.read_only,
+                readahead: self.readahead,
+                engine: self.engine,
+            });
+        };
+        if let Some(image) = &self.image {
+            let name = self.name.clone().unwrap_or_else(|| {
+                image
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            });
+            add(name, image.clone(), self.description.clone().unwrap_or_default());
+        }
+        for (name, path) in &self.exports {
+            add(name.clone(), path.clone(), String::new());
+        }
+        if self.read_only {
+            for e in &mut cfg.exports {
+                e.read_only = true;
+            }
+        }
+        cfg.listen.extend(self.nbd);
+        if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
+            cfg.tls = Some(TlsConfig {
+                cert,
+                key,
+                mode: self.tls.unwrap_or_default(),
+            });
+        }
+        Ok(cfg)
+    }
+}
+
+fn print_listening(addr: &str) {
+    // Scripts and tests read this line to learn the bound port.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening nbd {addr}");
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => ferry::serve::run(args.into_config()?, print_listening).await,
+            Command::Demo(args) => ferry::demo::run(args.dir, args.size_mib, args.nbd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! `ferry serve` configuration: command-line flags, or a TOML file that the
+//! flags extend.
+//!
+//! ```toml
+//! listen = ["127.0.0.1:10809", "unix:/run/ferry/nbd.sock"]
+//!
+//! [tls]
+//! cert = "/etc/ferry/server-cert.pem"
+//! key = "/etc/ferry/server-key.pem"
+//! mode = "require"          # or "on": TLS offered, plaintext allowed
+//!
+//! [[export]]
+//! name = "disk"
+//! path = "/var/lib/ferry/disk.img"
+//! description = "build VM root disk"
+//! read_only = false
+//! readahead = false
+//! engine = "auto"           # "uring" or "portable"
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+/// Default NBD listen address (IANA port 10809).
+pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
+
+/// Where to listen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        if s.starts_with('/') {
+            return Ok(ListenAddr::Unix(PathBuf::from(s)));
+        }
+        if !s.contains(':') {
+            return Err(format!("{s:?} is not HOST:PORT or unix:PATH"));
+        }
+        Ok(ListenAddr::Tcp(s.to_owned()))
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => f.write_str(a),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which file engine an export uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Auto,
+    Uring,
+    Portable,
+}
+
+impl From<Engine> for blockcore::FileEngine {
+    fn from(e: Engine) -> Self {
+        match e {
+            Engine::Auto => blockcore::FileEngine::Auto,
+            Engine::Uring => blockcore::FileEngine::Uring,
+            Engine::Portable => blockcore::FileEngine::Portable,
+        }
+    }
+}
+
+/// TLS policy when a certificate is configured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    /// Offer STARTTLS; plaintext clients are still served.
+    On,
+    /// Refuse every client that does not upgrade to TLS.
+    #[default]
+    Require,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub mode: TlsPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub readahead: bool,
+    #[serde(default)]
+    pub engine: Engine,
+}
+
+/// The whole `serve` configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    #[serde(default)]
+    pub listen: Vec<ListenAddr>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default, rename = "export")]
+    pub exports: Vec<ExportConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("nothing to serve: give an IMAGE, --export NAME=PATH or a config file with [[export]]")]
+    NoExports,
+    #[error("two exports are named {0:?}")]
+    DuplicateExport(String),
+    #[error("export names must be at most 4096 bytes: {0:?}")]
+    NameTooLong(String),
+}
+
+impl ServeConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Checks what the protocol and the server will insist on, so a bad
+    /// configuration fails at start-up with a clear message.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.exports.is_empty() {
+            return Err(ConfigError::NoExports);
+        }
+        for (i, e) in self.exports.iter().enumerate() {
+            if e.name.len() > 4096 {
+                return Err(ConfigError::NameTooLong(e.name.clone()));
+            }
+            if self.exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(ConfigError::DuplicateExport(e.name.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `NAME=PATH`.
+pub fn parse_export_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !path.is_empty() => Ok((name.to_owned(), PathBuf::from(path))),
+        _ => Err(format!("{s:?} is not NAME=PATH")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config_file() {
+        let text = r#"
+            listen = ["127.0.0.1:10809", "unix:/tmp/ferry.sock"]
+            [tls]
+            cert = "c.pem"
+            key = "k.pem"
+            mode = "on"
+            [[export]]
+            name = "disk"
+            path = "/images/disk.img"
+            description = "root disk"
+            readahead = true
+            engine = "portable"
+            [[export]]
+            name = "iso"
+            path = "/images/debian.iso"
+            read_only = true
+        "#;
+        let cfg: ServeConfig = toml::from_str(text).unwrap();
+        assert_eq!(
+            cfg.listen,
+            vec![
+                ListenAddr::Tcp("127.0.0.1:10809".into()),
+                ListenAddr::Unix("/tmp/ferry.sock".into())
+            ]
+        );
+        assert_eq!(cfg.tls.as_ref().unwrap().mode, TlsPolicy::On);
+        assert_eq!(cfg.exports.len(), 2);
+        assert!(cfg.exports[0].readahead);
+        assert_eq!(cfg.exports[0].engine, Engine::Portable);
+        assert!(cfg.exports[1].read_only);
+        assert_eq!(cfg.exports[1].description, "");
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_duplicates() {
+        assert!(toml::from_str::<ServeConfig>("bogus = 1").is_err());
+        let cfg: ServeConfig = toml::from_str(
+            "[[export]]\nname = \"a\"\npath = \"x\"\n[[export]]\nname = \"a\"\npath = \"y\"\n",
+        )
+        .unwrap();
+        assert!(matches!(cfg.validate(), Err(ConfigError::DuplicateExport(_))));
+        assert!(matches!(
+            ServeConfig::default().validate(),
+            Err(ConfigError::NoExports)
+        ));
+    }
+
+    #[test]
+    fn parses_listen_addresses_and_export_args() {
+        assert_eq!(
+            "unix:/run/x.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/run/x.sock".into())
+        );
+        assert!("localhost".parse::<ListenAddr>().is_err());
+        assert_eq!(
+            parse_export_arg("a=/x=y").unwrap(),
+            ("a".to_owned(), PathBuf::from("/x=y"))
+        );
+        assert!(parse_export_arg("novalue").is_err());
+    }
+}

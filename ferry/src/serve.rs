@@ -1,0 +1,172 @@
+//! `ferry serve`: export raw images over NBD until SIGINT/SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blockcore::{BlockDevice, FileDevice, OpenOptions, ReadAhead, Stats};
+use nbd_server::{Export, Server, ServerConfig, TlsMode};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::{ExportConfig, ListenAddr, ServeConfig, TlsPolicy, DEFAULT_NBD_ADDR};
+
+/// How long shutdown waits for in-flight requests before flushing anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The device stack of one export, kept so its counters can be reported.
+#[derive(Debug)]
+pub struct ServedExport {
+    pub name: String,
+    pub stats: Arc<Stats<Arc<dyn BlockDevice>>>,
+}
+
+/// Opens an export's image and stacks its layers:
+/// `Stats -> [ReadAhead ->] FileDevice`.
+pub fn open_export(cfg: &ExportConfig) -> anyhow::Result<(Export, ServedExport)> {
+    let opts = OpenOptions {
+        read_only: cfg.read_only,
+        engine: cfg.engine.into(),
+    };
+    let file = FileDevice::open(&cfg.path, &opts)
+        .with_context(|| format!("opening {}", cfg.path.display()))?;
+    tracing::info!(
+        export = %cfg.name,
+        path = %cfg.path.display(),
+        size = file.info().size,
+        engine = %file.engine(),
+        read_only = cfg.read_only,
+        readahead = cfg.readahead,
+        "export ready"
+    );
+    let base: Arc<dyn BlockDevice> = if cfg.readahead {
+        Arc::new(ReadAhead::new(file))
+    } else {
+        Arc::new(file)
+    };
+    let stats = Arc::new(Stats::new(base));
+    let export = Export {
+        name: cfg.name.clone(),
+        description: cfg.description.clone(),
+        device: Arc::clone(&stats) as Arc<dyn BlockDevice>,
+    };
+    Ok((
+        export,
+        ServedExport {
+            name: cfg.name.clone(),
+            stats,
+        },
+    ))
+}
+
+/// A bound listener, before serving.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+async fn bind(addr: &ListenAddr) -> anyhow::Result<(Bound, String)> {
+    match addr {
+        ListenAddr::Tcp(a) => {
+            let l = TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listening on {a}"))?;
+            let local = l.local_addr()?.to_string();
+            Ok((Bound::Tcp(l), local))
+        }
+        ListenAddr::Unix(path) => {
+            remove_stale_socket(path)?;
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("listening on unix:{}", path.display()))?;
+            Ok((Bound::Unix(l, path.clone()), format!("unix:{}", path.display())))
+        }
+    }
+}
+
+/// A socket file left by a previous run would make bind fail; anything
+/// else at that path is not ours to delete.
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display())),
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Serves `config` until SIGINT or SIGTERM, then drains and flushes.
+/// `on_listening` is told each bound address (`IP:PORT` or `unix:PATH`).
+pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> anyhow::Result<()> {
+    config.validate()?;
+    let mut exports = Vec::new();
+    let mut served = Vec::new();
+    for e in &config.exports {
+        let (export, s) = open_export(e)?;
+        exports.push(export);
+        served.push(s);
+    }
+    let mut server_config = ServerConfig::default();
+    if let Some(tls) = &config.tls {
+        server_config.tls = Some(nbd_server::load_tls_config(&tls.cert, &tls.key)?);
+        server_config.tls_mode = match tls.mode {
+            TlsPolicy::On => TlsMode::On,
+            TlsPolicy::Require => TlsMode::Require,
+        };
+    }
+    let server = Server::new(exports, server_config)?;
+
+    let listen = if config.listen.is_empty() {
+        vec![ListenAddr::Tcp(DEFAULT_NBD_ADDR.to_owned())]
+    } else {
+        config.listen.clone()
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
+    for addr in &listen {
+        let (bound, shown) = bind(addr).await?;
+        tracing::info!(address = %shown, "listening for NBD clients");
+        on_listening(&shown);
+        let server = server.clone();
+        match bound {
+            Bound::Tcp(l) => tasks.spawn(async move { server.serve_tcp(l).await }),
+            Bound::Unix(l, path) => {
+                sockets.push(path);
+                tasks.spawn(async move { server.serve_unix(l).await })
+            }
+        };
+    }
+
+    let outcome = tokio::select! {
+        signal = shutdown_signal() => {
+            tracing::info!(signal = signal?, "shutting down: finishing in-flight requests");
+            Ok(())
+        }
+        Some(done) = tasks.join_next() => match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::from(e)),
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
+    };
+    server.shutdown();
+    let drained = server.drain(DRAIN_TIMEOUT).await;
+    for path in &sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    for s in &served {
+        let snapshot = s.stats.snapshot();
+        tracing::info!(export = %s.name, "statistics:\n{snapshot}");
+    }
+    drained.context("flushing exports at shutdown")?;
+    outcome
+}
+
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,617 @@
+//! The thin tokio shell around the sans-IO codec: accept, handshake
+//! (optionally upgrading to TLS), then serve requests out of order.
+//!
+//! ```text
+//!   socket ─read─> RequestDecoder ─> validate ─> spawn handler ─> device
+//!                                         │ (error reply)          │
+//!                                         v                        v
+//!   socket <─write─ writer task <────── mpsc of encoded replies <──┘
+//! ```
+//!
+//! Each request runs in its own task, so a slow read never holds up a fast
+//! one; replies go out as they complete. A per-connection byte budget bounds
+//! the memory held by requests in flight, and pauses reading when spent.
+//! Every connection to an export shares one device, so a flush on any
+//! connection covers writes completed on all of them (`CAN_MULTI_CONN`).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockcore::{BlockDevice, BlockError, ExtentKind, Op, WriteFlags, ZeroFlags};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proto::{
+    encode_block_status, encode_offset_data_header, encode_simple_reply, encode_structured_error,
+    encode_structured_none, validate, Command, Decoded, Errno, ExportCatalog, ExportInfo,
+    Handshake, Negotiated, RequestDecoder, RequestHeader, Step, TlsMode,
+};
+
+/// The largest payload of one request (NBD's conventional 32 MiB).
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// One exported device.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub device: Arc<dyn BlockDevice>,
+}
+
+/// Server-wide settings.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether TLS is optional or required when `tls` is set.
+    pub tls_mode: TlsMode,
+    /// Bytes of request payload and read data in flight per connection.
+    pub in_flight_budget: usize,
+    /// A client must finish the handshake within this time.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            tls_mode: TlsMode::Off,
+            in_flight_budget: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors of the server shell. Protocol violations by a client end that
+/// client's connection only.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("two exports are named {0:?}")]
+    DuplicateExport(String),
+    #[error("no exports configured")]
+    NoExports,
+    #[error("TLS mode {0:?} needs a certificate and key")]
+    TlsWithoutCertificate(TlsMode),
+    #[error("reading {path}: {source}")]
+    TlsFile {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} holds no {what}")]
+    TlsMissing { path: String, what: &'static str },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("accepting connections: {0}")]
+    Accept(#[source] io::Error),
+}
+
+/// Why one connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake: {0}")]
+    Handshake(#[from] crate::proto::HandshakeError),
+    #[error("request stream: {0}")]
+    Request(#[from] crate::proto::RequestError),
+    #[error("handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("client sent data after STARTTLS before the TLS handshake")]
+    TlsInjection,
+    #[error("TLS requested but not configured")]
+    TlsNotConfigured,
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+}
+
+struct Catalog {
+    exports: Vec<Export>,
+}
+
+impl Catalog {
+    fn info(export: &Export) -> ExportInfo {
+        ExportInfo {
+            name: export.name.clone(),
+            description: export.description.clone(),
+            device: export.device.info(),
+        }
+    }
+
+    fn device(&self, name: &str) -> Option<&Arc<dyn BlockDevice>> {
+        self.exports
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| &e.device)
+    }
+}
+
+impl ExportCatalog for Catalog {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        // The empty name selects the default (first) export.
+        let export = if name.is_empty() {
+            self.exports.first()
+        } else {
+            self.exports.iter().find(|e| e.name == name)
+        };
+        export.map(Self::info)
+    }
+
+    fn list(&self) -> Vec<ExportInfo> {
+        self.exports.iter().map(Self::info).collect()
+    }
+}
+
+/// An NBD server: a set of exports served on any number of listeners.
+#[derive(Clone)]
+pub struct Server {
+    catalog: Arc<Catalog>,
+    config: ServerConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.catalog.exports.len())
+            .field("tls_mode", &self.config.tls_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    pub fn new(exports: Vec<Export>, config: ServerConfig) -> Result<Self, ServerError> {
+        if exports.is_empty() {
+            return Err(ServerError::NoExports);
+        }
+        for (i, e) in exports.iter().enumerate() {
+            if exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(ServerError::DuplicateExport(e.name.clone()));
+            }
+        }
+        if config.tls_mode != TlsMode::Off && config.tls.is_none() {
+            return Err(ServerError::TlsWithoutCertificate(config.tls_mode));
+        }
+        let tls = config
+            .tls
+            .clone()
+            .map(tokio_rustls::TlsAcceptor::from);
+        Ok(Self {
+            catalog: Arc::new(Catalog { exports }),
+            config,
+            tls,
+            shutdown: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        })
+    }
+
+    /// Accepts TCP clients until [`Server::shutdown`].
+    pub async fn serve_tcp(&self, listener: TcpListener) -> Result<(), ServerError> {
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = self.shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) if is_transient_accept_error(&e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(ServerError::Accept(e)),
+                },
+            };
+            // Small requests and replies must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            self.spawn_connection(stream, peer.to_string());
+        }
+    }
+
+    /// Accepts Unix-socket clients until [`Server::shutdown`].
+    pub async fn serve_unix(&self, listener: UnixListener) -> Result<(), ServerError> {
+        loop {
+            let stream = tokio::select! {
+                () = self.shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) if is_transient_accept_error(&e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(ServerError::Accept(e)),
+                },
+            };
+            self.spawn_connection(stream, "unix".to_owned());
+        }
+    }
+
+    /// Serves one already-accepted stream (any transport).
+    pub fn spawn_connection<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let this = self.clone();
+        self.connections.spawn(async move {
+            tracing::debug!(%peer, "connection opened");
+            match this.serve_connection(Box::new(stream)).await {
+                Ok(()) => tracing::debug!(%peer, "connection closed"),
+                Err(e) => tracing::warn!(%peer, error = %e, "connection ended"),
+            }
+        });
+    }
+
+    /// Stops accepting and tells every connection to stop reading new
+    /// requests; requests already read still complete.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits (up to `timeout`) for every connection to finish, then flushes
+    /// every export so all acknowledged writes are durable.
+    pub async fn drain(&self, timeout: Duration) -> Result<(), BlockError> {
+        self.connections.close();
+        if tokio::time::timeout(timeout, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(?timeout, "connections still open after the drain timeout");
+        }
+        for export in &self.catalog.exports {
+            if !export.device.info().caps.read_only {
+                export.device.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn serve_connection(&self, stream: Box<dyn Stream>) -> Result<(), ConnError> {
+        let limit = self.config.handshake_timeout;
+        let handshake = tokio::time::timeout(limit, self.handshake(stream));
+        let (stream, negotiated, leftover) = tokio::select! {
+            () = self.shutdown.cancelled() => return Ok(()),
+            r = handshake => match r {
+                Err(_) => return Err(ConnError::HandshakeTimeout(limit)),
+                Ok(r) => match r? {
+                    Some(done) => done,
+                    None => return Ok(()),
+                },
+            },
+        };
+        let Some(device) = self.catalog.device(&negotiated.export.name).cloned() else {
+            // The catalog answered the handshake; it cannot lose an export.
+            return Ok(());
+        };
+        tracing::debug!(
+            export = %negotiated.export.name,
+            structured = negotiated.structured_replies,
+            "transmission phase"
+        );
+        self.transmission(stream, negotiated, device, leftover).await
+    }
+
+    /// Runs the option haggling; `None` when the client left or aborted.
+    async fn handshake(
+        &self,
+        mut stream: Box<dyn Stream>,
+    ) -> Result<Option<(Box<dyn Stream>, Negotiated, BytesMut)>, ConnError> {
+        let mut input = BytesMut::with_capacity(4096);
+        let mut out = BytesMut::with_capacity(4096);
+        let mode = if self.tls.is_some() {
+            self.config.tls_mode
+        } else {
+            TlsMode::Off
+        };
+        let mut hs = Handshake::new(mode, &mut out);
+        loop {
+            let step = hs.advance(&mut input, self.catalog.as_ref(), &mut out)?;
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+                stream.flush().await?;
+                out.clear();
+            }
+            match step {
+                Step::NeedInput => {
+                    if stream.read_buf(&mut input).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Step::StartTls => {
+                    if !input.is_empty() {
+                        return Err(ConnError::TlsInjection);
+                    }
+                    let acceptor = self.tls.clone().ok_or(ConnError::TlsNotConfigured)?;
+                    stream = Box::new(acceptor.accept(stream).await?);
+                    hs.tls_started();
+                }
+                Step::Transmission(negotiated) => return Ok(Some((stream, negotiated, input))),
+                Step::Closed => return Ok(None),
+            }
+        }
+    }
+
+    async fn transmission(
+        &self,
+        stream: Box<dyn Stream>,
+        negotiated: Negotiated,
+        device: Arc<dyn BlockDevice>,
+        mut input: BytesMut,
+    ) -> Result<(), ConnError> {
+        let (mut reader, writer) = tokio::io::split(stream);
+        let (replies, outbox) = mpsc::unbounded_channel::<Reply>();
+        let writer_task = tokio::spawn(write_replies(writer, outbox));
+        let budget = Arc::new(Semaphore::new(permits(self.config.in_flight_budget) as usize));
+        let handlers = TaskTracker::new();
+        let negotiated = Arc::new(negotiated);
+        let mut decoder = RequestDecoder::new(MAX_PAYLOAD);
+        let result = loop {
+            let decoded = match decoder.decode(&mut input) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    input.reserve(64 * 1024);
+                    tokio::select! {
+                        () = self.shutdown.cancelled() => break Ok(()),
+                        n = reader.read_buf(&mut input) => match n {
+                            // Client gone; a request cut short is never executed.
+                            Ok(0) => break Ok(()),
+                            Ok(_) => continue,
+                            Err(e) => break Err(e.into()),
+                        },
+                    }
+                }
+                Err(e) => break Err(e.into()),
+            };
+            let (header, payload) = match decoded {
+                Decoded::Request { header, payload } => (header, payload),
+                Decoded::Oversized { header } => {
+                    let _ = replies.send(error_reply(&negotiated, &header, Errno::Overflow));
+                    continue;
+                }
+            };
+            if header.command == Command::Disc {
+                break Ok(());
+            }
+            if let Err(errno) = validate(&header, &negotiated) {
+                let _ = replies.send(error_reply(&negotiated, &header, errno));
+                continue;
+            }
+            let cost = permits(request_bytes(&header)).min(permits(self.config.in_flight_budget));
+            let Ok(permit) = Arc::clone(&budget).acquire_many_owned(cost).await else {
+                break Ok(());
+            };
+            let (device, negotiated, replies) =
+                (Arc::clone(&device), Arc::clone(&negotiated), replies.clone());
+            handlers.spawn(async move {
+                let reply = handle(device.as_ref(), &negotiated, header, payload).await;
+                let _ = replies.send(reply);
+                drop(permit);
+            });
+        };
+        // Requests already read still complete and get their replies.
+        handlers.close();
+        handlers.wait().await;
+        drop(replies);
+        match writer_task.await {
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "writing replies failed"),
+        }
+        result
+    }
+}
+
+/// Any bidirectional byte stream: TCP, Unix, or TLS over either.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    // Out of descriptors or a connection reset before accept: keep serving.
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    ) || matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+    )
+}
+
+/// One encoded reply: the header bytes and, for reads, the data after it.
+#[derive(Debug)]
+struct Reply {
+    header: BytesMut,
+    data: Option<Bytes>,
+}
+
+/// Budget permits are KiB, so the semaphore's count stays small.
+fn permits(bytes: usize) -> u32 {
+    u32::try_from(bytes / 1024 + 1).unwrap_or(u32::MAX)
+}
+
+fn request_bytes(header: &RequestHeader) -> usize {
+    match header.command {
+        Command::Read | Command::Write => header.length as usize,
+        _ => 0,
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut outbox: mpsc::UnboundedReceiver<Reply>,
+) -> io::Result<()> {
+    // Small replies coalesce in the buffer; large read data bypasses it.
+    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(reply) = outbox.recv().await {
+        let mut next = Some(reply);
+        while let Some(reply) = next {
+            writer.write_all(&reply.header).await?;
+            if let Some(data) = reply.data {
+                writer.write_all(&data).await?;
+            }
+            next = outbox.try_recv().ok();
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+/// The single mapping from block-layer errors to NBD errno values.
+fn errno(error: &BlockError) -> Errno {
+    match error {
+        BlockError::OutOfRange { op: Op::Write, .. } => Errno::NoSpc,
+        BlockError::OutOfRange { .. } | BlockError::Misaligned { .. } => Errno::Inval,
+        BlockError::TooLarge { .. } => Errno::Overflow,
+        BlockError::ReadOnly { .. } => Errno::Perm,
+        BlockError::Unsupported { .. } => Errno::NotSup,
+        BlockError::NoSpace { .. } => Errno::NoSpc,
+        BlockError::Io { .. } => Errno::Io,
+        BlockError::ShuttingDown { .. } => Errno::Shutdown,
+    }
+}
+
+fn error_reply(negotiated: &Negotiated, header: &RequestHeader, errno: Errno) -> Reply {
+    error_reply_with(negotiated, header, errno, "")
+}
+
+fn error_reply_with(
+    negotiated: &Negotiated,
+    header: &RequestHeader,
+    errno: Errno,
+    message: &str,
+) -> Reply {
+    let mut out = BytesMut::with_capacity(64 + message.len());
+    // Reads and block-status queries must answer in structured form once
+    // structured replies are on; other commands use simple replies.
+    if negotiated.structured_replies
+        && matches!(header.command, Command::Read | Command::BlockStatus)
+    {
+        encode_structured_error(&mut out, header.cookie, errno, message, true);
+    } else {
+        encode_simple_reply(&mut out, header.cookie, Some(errno));
+    }
+    Reply {
+        header: out,
+        data: None,
+    }
+}
+
+fn ok_reply(cookie: u64) -> Reply {
+    let mut out = BytesMut::with_capacity(16);
+    encode_simple_reply(&mut out, cookie, None);
+    Reply {
+        header: out,
+        data: None,
+    }
+}
+
+/// Executes one validated request and encodes its reply.
+async fn handle(
+    device: &dyn BlockDevice,
+    negotiated: &Negotiated,
+    header: RequestHeader,
+    payload: Bytes,
+) -> Reply {
+    let (offset, length) = (header.offset, u64::from(header.length));
+    let fua = header.flags.fua();
+    let result = match header.command {
+        Command::Read => {
+            return match device.read(offset, header.length as usize).await {
+                Ok(data) => read_reply(negotiated, &header, data),
+                Err(e) => fail(negotiated, &header, &e),
+            }
+        }
+        Command::BlockStatus => {
+            return match device.extents(offset, length).await {
+                Ok(extents) => block_status_reply(negotiated, &header, &extents),
+                Err(e) => fail(negotiated, &header, &e),
+            }
+        }
+        Command::Write => device.write(offset, payload, WriteFlags { fua }).await,
+        Command::Flush => device.flush().await,
+        Command::Trim => device.trim(offset, length, WriteFlags { fua }).await,
+        Command::WriteZeroes => {
+            let flags = ZeroFlags {
+                fua,
+                may_trim: !header.flags.no_hole(),
+                fast_only: header.flags.fast_zero(),
+            };
+            device.write_zeroes(offset, length, flags).await
+        }
+        Command::Cache => device.prefetch(offset, length).await,
+        // Rejected by `validate` before a handler is spawned.
+        Command::Disc | Command::Unknown(_) => {
+            return error_reply(negotiated, &header, Errno::Inval)
+        }
+    };
+    match result {
+        Ok(()) => ok_reply(header.cookie),
+        Err(e) => fail(negotiated, &header, &e),
+    }
+}
+
+fn fail(negotiated: &Negotiated, header: &RequestHeader, error: &BlockError) -> Reply {
+    tracing::debug!(cookie = header.cookie, error = %error, "request failed");
+    error_reply_with(negotiated, header, errno(error), &error.to_string())
+}
+
+fn read_reply(negotiated: &Negotiated, header: &RequestHeader, data: Bytes) -> Reply {
+    let mut out = BytesMut::with_capacity(32);
+    if negotiated.structured_replies {
+        if data.is_empty() {
+            encode_structured_none(&mut out, header.cookie);
+            return Reply {
+                header: out,
+                data: None,
+            };
+        }
+        encode_offset_data_header(&mut out, header.cookie, header.offset, header.length, true);
+    } else {
+        encode_simple_reply(&mut out, header.cookie, None);
+    }
+    Reply {
+        header: out,
+        data: Some(data),
+    }
+}
+
+fn block_status_reply(
+    negotiated: &Negotiated,
+    header: &RequestHeader,
+    extents: &[blockcore::Extent],
+) -> Reply {
+    let Some(context) = negotiated.base_allocation else {
+        return error_reply(negotiated, header, Errno::Inval);
+    };
+    let mut descriptors: Vec<(u32, u32)> = Vec::with_capacity(extents.len());
+    for e in extents {
+        let flags = match e.kind {
+            ExtentKind::Data => 0,
+            ExtentKind::Zero => 2,
+            ExtentKind::Hole => 1 | 2,
+        };
+        // Extents longer than a 32-bit length are split; each piece stays
+        // a multiple of the minimum block size.
+        let align = u64::from(negotiated.export.device.block_sizes.min.max(1));
+        let max_piece = (u64::from(u32::MAX) / align) * align;
+        let mut left = e.len;
+        while left > 0 {
+            let piece = left.min(max_piece);
+            descriptors.push((u32::try_from(piece).unwrap_or(u32::MAX), flags));
+            left -= piece;
+        }
+        if header.flags.req_one() && !descriptors.is_empty() {
+            descriptors.truncate(1);
+            break;
+        }
+    }
+    if descriptors.is_empty() {
+        return error_reply_with(negotiated, header, Errno::Inval, "empty block status");
+    }
+    let mut out = BytesMut::with_capacity(20 + 8 * descriptors.len());
+    encode_block_status(&mut out, header.cookie, context, &descriptors, true);
+    Reply {
+        header: out,
+        data: None,
+    }
+}
