@@ -15,7 +15,9 @@ pub type Result<T, E = BlockError> = std::result::Result<T, E>;
 pub enum BlockError {
     /// The request reaches past the end of the device (or its offset
     /// overflows).
-    #[error("{op} of {len} bytes at offset {offset} is beyond the end of the device ({size} bytes)")]
+    #[error(
+        "{op} of {len} bytes at offset {offset} is beyond the end of the device ({size} bytes)"
+    )]
     OutOfRange {
         op: Op,
         offset: u64,

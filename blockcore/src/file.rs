@@ -1,4 +1,0 @@
-//! Raw image file backend (being written).
-#[derive(Debug)] pub struct FileDevice;
-#[derive(Debug)] pub enum FileEngine {}
-#[derive(Debug)] pub struct OpenOptions;

@@ -1,0 +1,1129 @@
+//! Raw image file backend: a regular file (or a block device) as a
+//! [`BlockDevice`], with two engines behind the one API.
+//!
+//! - [`FileEngine::Uring`]: one dedicated thread per device owns an io_uring;
+//!   async callers hand it owned buffers through a channel and await a
+//!   oneshot reply (see [`uring`]).
+//! - [`FileEngine::Portable`]: `pread`/`pwrite` (and friends) inside
+//!   `tokio::task::spawn_blocking`.
+//! - [`FileEngine::Auto`] (the default) tries to set up a ring and falls back
+//!   to the portable engine when the kernel refuses (seccomp,
+//!   `kernel.io_uring_disabled`, old kernel). The environment variable
+//!   `FERRY_FILE_ENGINE=uring|portable` overrides `Auto` (handy for
+//!   benchmarks); an engine chosen explicitly in [`OpenOptions`] wins.
+//!
+//! The device size is fixed at open: writes past it are
+//! [`BlockError::OutOfRange`], and reads of bytes the file no longer has (it
+//! was truncated behind our back) read as zeroes.
+//!
+//! Allocation-changing operations go through `fallocate(2)`: trim punches a
+//! hole, write-zeroes uses `FALLOC_FL_ZERO_RANGE` (or punches when the caller
+//! allows it). When the filesystem does not support the mode, the device
+//! falls back to writing zero buffers, unless the caller asked for the fast
+//! path only.
+
+mod portable;
+mod uring;
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::{
+    check_range, BlockDevice, BlockError, BlockSizes, Capabilities, DeviceInfo, Extent, ExtentKind,
+    Op, Result, WriteFlags, ZeroFlags,
+};
+
+/// Environment variable that overrides [`FileEngine::Auto`].
+pub const ENGINE_ENV: &str = "FERRY_FILE_ENGINE";
+
+/// Most extents one [`BlockDevice::extents`] call reports.
+const MAX_EXTENTS: usize = 1024;
+
+/// fallocate mode of trim (and of write-zeroes that may deallocate).
+const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// fallocate mode of write-zeroes that keeps the range allocated.
+const ZERO: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// Size of the zero buffer the slow write-zeroes path writes.
+const ZERO_CHUNK: usize = 1024 * 1024;
+
+/// Which I/O engine a [`FileDevice`] uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FileEngine {
+    /// io_uring when the kernel allows it, else portable.
+    #[default]
+    Auto,
+    /// io_uring on a dedicated thread; opening fails if no ring can be set up.
+    Uring,
+    /// Blocking `pread`/`pwrite` on tokio's blocking pool.
+    Portable,
+}
+
+impl fmt::Display for FileEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileEngine::Auto => "auto",
+            FileEngine::Uring => "io_uring",
+            FileEngine::Portable => "portable",
+        })
+    }
+}
+
+impl FileEngine {
+    /// Parses the value of [`ENGINE_ENV`].
+    fn from_env_value(value: &str) -> Option<FileEngine> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Some(FileEngine::Auto),
+            "uring" | "io_uring" | "io-uring" => Some(FileEngine::Uring),
+            "portable" | "pread" | "sync" => Some(FileEngine::Portable),
+            _ => None,
+        }
+    }
+}
+
+/// How to open a [`FileDevice`].
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Open the file read-only; the device refuses writes, trims and zeroes.
+    pub read_only: bool,
+    /// The I/O engine to use.
+    pub engine: FileEngine,
+}
+
+/// The engine a device actually runs on.
+enum Engine {
+    Uring(uring::Ring),
+    Portable,
+}
+
+/// A raw image file (or block device) as a [`BlockDevice`].
+///
+/// Clones share the file and the engine; the io_uring thread stops once the
+/// last clone is dropped and its in-flight operations have completed.
+#[derive(Clone)]
+pub struct FileDevice {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    file: Arc<File>,
+    path: PathBuf,
+    info: DeviceInfo,
+    engine: Engine,
+}
+
+impl fmt::Debug for FileDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileDevice")
+            .field("path", &self.inner.path)
+            .field("engine", &self.engine())
+            .field("size", &self.inner.info.size)
+            .field("read_only", &self.inner.info.caps.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FileDevice {
+    /// Opens a regular file or a block device. The device size is the file
+    /// size now and does not change while the device is open.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> io::Result<FileDevice> {
+        let path = path.as_ref().to_path_buf();
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .open(&path)?;
+        let meta = file.metadata()?;
+        let ft = meta.file_type();
+        let size = if ft.is_file() {
+            meta.len()
+        } else if ft.is_block_device() {
+            file.seek(SeekFrom::End(0))?
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{}: not a regular file or block device", path.display()),
+            ));
+        };
+        let file = Arc::new(file);
+
+        let requested = match opts.engine {
+            FileEngine::Auto => env_engine(),
+            explicit => explicit,
+        };
+        let engine = match requested {
+            FileEngine::Portable => Engine::Portable,
+            FileEngine::Uring if opts.engine == FileEngine::Uring => {
+                Engine::Uring(uring::Ring::start(Arc::clone(&file))?)
+            }
+            FileEngine::Uring | FileEngine::Auto => match uring::Ring::start(Arc::clone(&file)) {
+                Ok(ring) => Engine::Uring(ring),
+                Err(err) => {
+                    tracing::info!(
+                        path = %path.display(),
+                        error = %err,
+                        "io_uring unavailable, using the portable file engine"
+                    );
+                    Engine::Portable
+                }
+            },
+        };
+
+        let info = DeviceInfo {
+            size,
+            block_sizes: BlockSizes::DEFAULT,
+            caps: Capabilities {
+                read_only: opts.read_only,
+                flush: true,
+                fua: true,
+                trim: true,
+                write_zeroes: true,
+                fast_zero: true,
+                extents: true,
+                prefetch: true,
+                multi_conn: true,
+            },
+        };
+        let dev = FileDevice {
+            inner: Arc::new(Inner {
+                file,
+                path,
+                info,
+                engine,
+            }),
+        };
+        tracing::info!(
+            path = %dev.inner.path.display(),
+            engine = %dev.engine(),
+            size,
+            read_only = opts.read_only,
+            "opened image file"
+        );
+        Ok(dev)
+    }
+
+    /// The engine actually in use: [`FileEngine::Uring`] or
+    /// [`FileEngine::Portable`], never `Auto`.
+    pub fn engine(&self) -> FileEngine {
+        match self.inner.engine {
+            Engine::Uring(_) => FileEngine::Uring,
+            Engine::Portable => FileEngine::Portable,
+        }
+    }
+
+    /// The path the device was opened with.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn read_raw(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        match &self.inner.engine {
+            Engine::Uring(ring) => ring.read(offset, len).await,
+            Engine::Portable => portable::read(Arc::clone(&self.inner.file), offset, len).await,
+        }
+    }
+
+    async fn write_raw(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        match &self.inner.engine {
+            Engine::Uring(ring) => ring.write(offset, data, fua).await,
+            Engine::Portable => {
+                portable::write(Arc::clone(&self.inner.file), offset, data, fua).await
+            }
+        }
+    }
+
+    async fn sync_raw(&self) -> io::Result<()> {
+        match &self.inner.engine {
+            Engine::Uring(ring) => ring.fdatasync().await,
+            Engine::Portable => portable::fdatasync(Arc::clone(&self.inner.file)).await,
+        }
+    }
+
+    async fn fallocate_raw(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        match &self.inner.engine {
+            Engine::Uring(ring) => ring.fallocate(mode, offset, len).await,
+            Engine::Portable => {
+                portable::fallocate(Arc::clone(&self.inner.file), mode, offset, len).await
+            }
+        }
+    }
+
+    /// Tries one fallocate mode: `Ok(true)` done, `Ok(false)` the filesystem
+    /// does not support it.
+    async fn try_fallocate(&self, op: Op, mode: i32, offset: u64, len: u64) -> Result<bool> {
+        match self.fallocate_raw(mode, offset, len).await {
+            Ok(()) => Ok(true),
+            Err(e) if is_unsupported(&e) => Ok(false),
+            Err(e) => Err(BlockError::io(op, offset, e)),
+        }
+    }
+
+    /// Makes `[offset, offset + len)` read as zeroes: the shared body of trim
+    /// and write-zeroes. The range is already checked.
+    async fn zero_range(&self, op: Op, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let done = (flags.may_trim && self.try_fallocate(op, PUNCH, offset, len).await?)
+            || self.try_fallocate(op, ZERO, offset, len).await?;
+        if !done {
+            if flags.fast_only {
+                return Err(BlockError::Unsupported { op });
+            }
+            self.write_zero_buffers(op, offset, len).await?;
+        }
+        if flags.fua {
+            self.sync_raw()
+                .await
+                .map_err(|e| BlockError::io(op, offset, e))?;
+        }
+        Ok(())
+    }
+
+    /// The slow path: writes zero buffers over the range.
+    async fn write_zero_buffers(&self, op: Op, offset: u64, len: u64) -> Result<()> {
+        static ZEROES: OnceLock<Bytes> = OnceLock::new();
+        let zeroes = ZEROES.get_or_init(|| Bytes::from(vec![0u8; ZERO_CHUNK]));
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let n = usize::try_from(end - pos).map_or(ZERO_CHUNK, |r| r.min(ZERO_CHUNK));
+            self.write_raw(pos, zeroes.slice(..n), false)
+                .await
+                .map_err(|e| BlockError::io(op, pos, e))?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn file_weak(&self) -> std::sync::Weak<File> {
+        Arc::downgrade(&self.inner.file)
+    }
+}
+
+/// The engine [`ENGINE_ENV`] asks for, `Auto` when unset or unknown.
+fn env_engine() -> FileEngine {
+    match std::env::var(ENGINE_ENV) {
+        Ok(value) => FileEngine::from_env_value(&value).unwrap_or_else(|| {
+            tracing::warn!(value, "ignoring unknown {ENGINE_ENV} value");
+            FileEngine::Auto
+        }),
+        Err(_) => FileEngine::Auto,
+    }
+}
+
+fn is_unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+/// Maps a failed `spawn_blocking` join to an I/O error.
+fn join_error(e: &tokio::task::JoinError) -> io::Error {
+    io::Error::other(format!("file I/O task failed: {e}"))
+}
+
+#[async_trait]
+impl BlockDevice for FileDevice {
+    fn info(&self) -> DeviceInfo {
+        self.inner.info
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        check_range(&self.inner.info, Op::Read, offset, len as u64)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        self.read_raw(offset, len)
+            .await
+            .map_err(|e| BlockError::io(Op::Read, offset, e))
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+        check_range(&self.inner.info, Op::Write, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_raw(offset, data, flags.fua)
+            .await
+            .map_err(|e| BlockError::io(Op::Write, offset, e))
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.sync_raw()
+            .await
+            .map_err(|e| BlockError::io(Op::Flush, 0, e))
+    }
+
+    async fn trim(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+        check_range(&self.inner.info, Op::Trim, offset, len)?;
+        let flags = ZeroFlags {
+            fua: flags.fua,
+            may_trim: true,
+            fast_only: false,
+        };
+        self.zero_range(Op::Trim, offset, len, flags).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        check_range(&self.inner.info, Op::WriteZeroes, offset, len)?;
+        self.zero_range(Op::WriteZeroes, offset, len, flags).await
+    }
+
+    async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(&self.inner.info, Op::Extents, offset, len)?;
+        if len == 0 {
+            // Nothing to describe; an empty run of the requested length is
+            // the only prefix there is.
+            return Ok(vec![Extent {
+                offset,
+                len: 0,
+                kind: ExtentKind::Data,
+            }]);
+        }
+        let file = Arc::clone(&self.inner.file);
+        tokio::task::spawn_blocking(move || map_extents(&file, offset, offset + len))
+            .await
+            .map_err(|e| join_error(&e))
+            .and_then(|r| r)
+            .map_err(|e| BlockError::io(Op::Extents, offset, e))
+    }
+
+    async fn prefetch(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(&self.inner.info, Op::Prefetch, offset, len)?;
+        // posix_fadvise treats a zero length as "to the end of the file".
+        if len == 0 {
+            return Ok(());
+        }
+        let file = Arc::clone(&self.inner.file);
+        tokio::task::spawn_blocking(move || fadvise_willneed(&file, offset, len))
+            .await
+            .map_err(|e| join_error(&e))
+            .and_then(|r| r)
+            .map_err(|e| BlockError::io(Op::Prefetch, offset, e))
+    }
+}
+
+fn to_off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+}
+
+/// `lseek(fd, pos, whence)`; `Ok(None)` for ENXIO (no data / hole at or
+/// after `pos`).
+fn seek_whence(file: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
+    let off = to_off(pos)?;
+    // SAFETY: lseek on a file descriptor we own (kept open by `file`); it
+    // takes no pointers. The file position it moves is never used: every
+    // read and write names its offset.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    } else {
+        // r >= 0 was checked above.
+        Ok(Some(r.unsigned_abs()))
+    }
+}
+
+/// Maps allocation in `[start, end)` with SEEK_DATA / SEEK_HOLE, returning a
+/// non-empty run of contiguous extents from `start` (at most
+/// [`MAX_EXTENTS`]). `start < end`.
+fn map_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    let push = |out: &mut Vec<Extent>, offset: u64, to: u64, kind: ExtentKind| match out.last_mut()
+    {
+        Some(last) if last.kind == kind && last.offset + last.len == offset => {
+            last.len += to - offset;
+        }
+        _ => out.push(Extent {
+            offset,
+            len: to - offset,
+            kind,
+        }),
+    };
+    let mut pos = start;
+    while pos < end && out.len() < MAX_EXTENTS {
+        let data = match seek_whence(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // The filesystem (or device) cannot tell: report data, which is
+            // always correct.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                push(&mut out, pos, end, ExtentKind::Data);
+                break;
+            }
+            Err(e) if !out.is_empty() => {
+                tracing::debug!(error = %e, pos, "SEEK_DATA failed mid-map; returning prefix");
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        match data {
+            // No data at or after pos: a hole to the end of the file and
+            // beyond (the device size is fixed; bytes past EOF read as zero).
+            None => {
+                push(&mut out, pos, end, ExtentKind::Hole);
+                break;
+            }
+            Some(d) if d > pos => {
+                let to = d.min(end);
+                push(&mut out, pos, to, ExtentKind::Hole);
+                pos = to;
+            }
+            Some(_) => {
+                let hole = match seek_whence(file, pos, libc::SEEK_HOLE) {
+                    Ok(h) => h.unwrap_or(end),
+                    Err(e) if !out.is_empty() => {
+                        tracing::debug!(error = %e, pos, "SEEK_HOLE failed mid-map");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                // A hole "at" pos right after SEEK_DATA said data: a race
+                // with a concurrent trim. Report a minimal data extent to
+                // make progress (data is always a correct answer).
+                let to = hole.max(pos + 1).min(end);
+                push(&mut out, pos, to, ExtentKind::Data);
+                pos = to;
+            }
+        }
+    }
+    debug_assert!(!out.is_empty());
+    Ok(out)
+}
+
+fn fadvise_willneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let (off, len) = (to_off(offset)?, to_off(len)?);
+    // SAFETY: posix_fadvise on a descriptor kept open by `file`; no pointers.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    if r == 0 {
+        Ok(())
+    } else {
+        // posix_fadvise returns the error number rather than setting errno.
+        Err(io::Error::from_raw_os_error(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance;
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    const KIB: u64 = 1024;
+
+    /// The engines to test: portable always, io_uring when the kernel
+    /// allows a ring here (else the reason is printed and it is skipped).
+    fn engines() -> Vec<FileEngine> {
+        let mut v = vec![FileEngine::Portable];
+        let probe = tempfile::NamedTempFile::new().expect("temp file");
+        match uring::Ring::start(Arc::new(probe.reopen().expect("reopen"))) {
+            Ok(_) => v.push(FileEngine::Uring),
+            Err(e) => eprintln!("skipping the io_uring engine: {e}"),
+        }
+        v
+    }
+
+    fn sparse_file(dir: &tempfile::TempDir, name: &str, size: u64) -> PathBuf {
+        let path = dir.path().join(name);
+        File::create(&path)
+            .and_then(|f| f.set_len(size))
+            .expect("create image");
+        path
+    }
+
+    fn open(path: &Path, engine: FileEngine, read_only: bool) -> FileDevice {
+        let dev = FileDevice::open(path, &OpenOptions { read_only, engine }).expect("open");
+        assert_eq!(dev.engine(), engine);
+        dev
+    }
+
+    fn pattern(seed: u64, len: usize) -> Bytes {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                #[allow(clippy::cast_possible_truncation)]
+                let b = x as u8;
+                b
+            })
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    fn zeroes(b: &[u8]) -> bool {
+        b.iter().all(|&x| x == 0)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn auto_picks_a_real_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sparse_file(&dir, "img", 64 * KIB);
+        let dev = FileDevice::open(&path, &OpenOptions::default()).unwrap();
+        assert_ne!(dev.engine(), FileEngine::Auto);
+        assert_eq!(dev.path(), path);
+        assert_eq!(dev.info().size, 64 * KIB);
+        assert!(format!("{dev:?}").contains("FileDevice"));
+        assert_eq!(FileEngine::from_env_value("URING"), Some(FileEngine::Uring));
+        assert_eq!(
+            FileEngine::from_env_value("portable"),
+            Some(FileEngine::Portable)
+        );
+        assert_eq!(FileEngine::from_env_value("nonsense"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn open_refuses_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = FileDevice::open(dir.path(), &OpenOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::InvalidInput | io::ErrorKind::IsADirectory
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn roundtrip_at_odd_offsets_and_lengths() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 1024 * KIB + 333;
+            let path = sparse_file(&dir, "img", size);
+            let dev = open(&path, engine, false);
+            let mut model = vec![0u8; usize::try_from(size).unwrap()];
+            let writes: [(u64, usize); 7] = [
+                (1, 1),
+                (4095, 3),
+                (12_345, 5000),
+                (65_535, 70_001),
+                (size - 7, 7),
+                (0, 4096),
+                (500_000, 300_000),
+            ];
+            for (i, &(off, len)) in writes.iter().enumerate() {
+                let data = pattern(i as u64 + 1, len);
+                dev.write(off, data.clone(), WriteFlags::default())
+                    .await
+                    .unwrap();
+                let o = usize::try_from(off).unwrap();
+                model[o..o + len].copy_from_slice(&data);
+            }
+            for &(off, len) in &[
+                (0u64, 1usize),
+                (1, 4),
+                (4090, 20),
+                (12_000, 70_000),
+                (size - 100, 100),
+                (0, model.len()),
+                (7, 0),
+            ] {
+                let got = dev.read(off, len).await.unwrap();
+                let o = usize::try_from(off).unwrap();
+                assert_eq!(got.len(), len);
+                assert!(got[..] == model[o..o + len], "{engine}: read {off}+{len}");
+            }
+            // Through a second open, the data is really in the file.
+            let on_disk = std::fs::read(&path).unwrap();
+            assert!(on_disk == model, "{engine}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn fua_write_and_flush() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 256 * KIB);
+            let dev = open(&path, engine, false);
+            let data = pattern(7, 10_000);
+            dev.write(1000, data.clone(), WriteFlags { fua: true })
+                .await
+                .unwrap();
+            assert_eq!(dev.read(1000, 10_000).await.unwrap(), data);
+            dev.flush().await.unwrap();
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(&on_disk[1000..11_000], &data[..]);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn trim_then_read_zeroes() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 1024 * KIB);
+            let dev = open(&path, engine, false);
+            let data = pattern(3, 512 * 1024);
+            dev.write(0, data.clone(), WriteFlags::default())
+                .await
+                .unwrap();
+            // Unaligned edges: the filesystem zeroes partial blocks.
+            dev.trim(10_000, 200_001, WriteFlags::default())
+                .await
+                .unwrap();
+            let got = dev.read(0, 512 * 1024).await.unwrap();
+            assert_eq!(&got[..10_000], &data[..10_000]);
+            assert!(zeroes(&got[10_000..210_001]), "{engine}");
+            assert_eq!(&got[210_001..], &data[210_001..]);
+            // The aligned middle really is a hole now.
+            let ext = dev.extents(16 * KIB, 64 * KIB).await.unwrap();
+            assert_eq!(
+                ext,
+                vec![Extent {
+                    offset: 16 * KIB,
+                    len: 64 * KIB,
+                    kind: ExtentKind::Hole
+                }],
+                "{engine}"
+            );
+            dev.trim(0, 4096, WriteFlags { fua: true }).await.unwrap();
+            assert!(zeroes(&dev.read(0, 4096).await.unwrap()));
+            dev.trim(5, 0, WriteFlags::default()).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn write_zeroes_with_and_without_may_trim() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 1024 * KIB);
+            let dev = open(&path, engine, false);
+            let data = pattern(9, 1024 * 1024);
+            dev.write(0, data.clone(), WriteFlags::default())
+                .await
+                .unwrap();
+            for (i, may_trim) in [false, true].into_iter().enumerate() {
+                let base = i as u64 * 512 * KIB;
+                let flags = ZeroFlags {
+                    fua: i == 1,
+                    may_trim,
+                    fast_only: false,
+                };
+                dev.write_zeroes(base + 1, 300 * KIB, flags).await.unwrap();
+                let got = dev.read(base, 512 * 1024).await.unwrap();
+                let b = usize::try_from(base).unwrap();
+                assert_eq!(got[0], data[b]);
+                assert!(zeroes(&got[1..=300 * 1024]), "{engine} may_trim={may_trim}");
+                assert_eq!(
+                    &got[300 * 1024 + 1..],
+                    &data[b + 300 * 1024 + 1..b + 512 * 1024]
+                );
+            }
+            let ext = dev.extents(4 * KIB, 256 * KIB).await.unwrap();
+            // Zeroed without may_trim: reads as zero, possibly still
+            // allocated; either kind is correct but it must be one extent
+            // covering a prefix.
+            assert_eq!(ext[0].offset, 4 * KIB);
+            let ext = dev.extents(516 * KIB, 256 * KIB).await.unwrap();
+            assert_eq!(ext[0].kind, ExtentKind::Hole, "{engine}: {ext:?}");
+            // ext4 supports ZERO_RANGE, so the fast path works here.
+            let fast = ZeroFlags {
+                fast_only: true,
+                ..ZeroFlags::default()
+            };
+            dev.write_zeroes(800 * KIB, 10 * KIB, fast).await.unwrap();
+            assert!(zeroes(&dev.read(800 * KIB, 10 * 1024).await.unwrap()));
+        }
+    }
+
+    /// tmpfs has no FALLOC_FL_ZERO_RANGE: write-zeroes without may_trim falls
+    /// back to writing zeroes, and refuses when only the fast path is allowed.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn write_zeroes_falls_back_where_zero_range_is_unsupported() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("skipping: no /dev/shm");
+            return;
+        };
+        for engine in engines() {
+            let path = sparse_file(&dir, &format!("img-{engine}"), 3 * 1024 * KIB);
+            let dev = open(&path, engine, false);
+            let data = pattern(11, 3 * 1024 * 1024);
+            dev.write(0, data.clone(), WriteFlags::default())
+                .await
+                .unwrap();
+            let zero_range = dev
+                .fallocate_raw(
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    4096,
+                )
+                .await;
+            if zero_range.is_ok() {
+                eprintln!("skipping: this tmpfs supports ZERO_RANGE");
+                return;
+            }
+            let fast = ZeroFlags {
+                fast_only: true,
+                ..ZeroFlags::default()
+            };
+            let err = dev.write_zeroes(100, 1000, fast).await.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BlockError::Unsupported {
+                        op: Op::WriteZeroes
+                    }
+                ),
+                "{err:?}"
+            );
+            assert_eq!(
+                dev.read(0, 4096).await.unwrap(),
+                data.slice(..4096),
+                "no effect"
+            );
+            // Slow path, larger than one zero chunk.
+            dev.write_zeroes(100, 2 * 1024 * KIB + 5, ZeroFlags::default())
+                .await
+                .unwrap();
+            let got = dev.read(0, 3 * 1024 * 1024).await.unwrap();
+            let end = 100 + 2 * 1024 * 1024 + 5;
+            assert_eq!(&got[..100], &data[..100]);
+            assert!(zeroes(&got[100..end]));
+            assert_eq!(&got[end..], &data[end..]);
+            // may_trim (and trim) punch, which tmpfs supports, even fast-only.
+            let fast_trim = ZeroFlags {
+                may_trim: true,
+                fast_only: true,
+                fua: false,
+            };
+            dev.write_zeroes(end as u64, 4096, fast_trim).await.unwrap();
+            assert!(zeroes(&dev.read(end as u64, 4096).await.unwrap()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn extents_show_data_and_holes_in_a_sparse_file() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 1024 * KIB;
+            let path = sparse_file(&dir, "img", size);
+            let dev = open(&path, engine, false);
+            assert_eq!(
+                dev.extents(0, size).await.unwrap(),
+                vec![Extent {
+                    offset: 0,
+                    len: size,
+                    kind: ExtentKind::Hole
+                }]
+            );
+            dev.write(256 * KIB, pattern(1, 8192), WriteFlags::default())
+                .await
+                .unwrap();
+            dev.write(size - 4096, pattern(2, 4096), WriteFlags::default())
+                .await
+                .unwrap();
+            let ext = dev.extents(0, size).await.unwrap();
+            let want = vec![
+                Extent {
+                    offset: 0,
+                    len: 256 * KIB,
+                    kind: ExtentKind::Hole,
+                },
+                Extent {
+                    offset: 256 * KIB,
+                    len: 8 * KIB,
+                    kind: ExtentKind::Data,
+                },
+                Extent {
+                    offset: 264 * KIB,
+                    len: size - 4 * KIB - 264 * KIB,
+                    kind: ExtentKind::Hole,
+                },
+                Extent {
+                    offset: size - 4 * KIB,
+                    len: 4 * KIB,
+                    kind: ExtentKind::Data,
+                },
+            ];
+            assert_eq!(ext, want, "{engine}");
+            // A query starting inside data and ending inside a hole.
+            let ext = dev.extents(260 * KIB, 10 * KIB).await.unwrap();
+            assert_eq!(
+                ext,
+                vec![
+                    Extent {
+                        offset: 260 * KIB,
+                        len: 4 * KIB,
+                        kind: ExtentKind::Data
+                    },
+                    Extent {
+                        offset: 264 * KIB,
+                        len: 6 * KIB,
+                        kind: ExtentKind::Hole
+                    },
+                ]
+            );
+            let ext = dev.extents(5, 0).await.unwrap();
+            assert_eq!(ext.len(), 1);
+            assert_eq!((ext[0].offset, ext[0].len), (5, 0));
+            dev.prefetch(0, size).await.unwrap();
+            dev.prefetch(size, 0).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn extents_are_capped_but_cover_a_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4096 * 3000;
+        let path = sparse_file(&dir, "img", size);
+        let dev = open(&path, FileEngine::Portable, false);
+        for i in 0..1500u64 {
+            dev.write(
+                i * 8192,
+                Bytes::from_static(&[1; 4096]),
+                WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let ext = dev.extents(0, size).await.unwrap();
+        assert_eq!(ext.len(), MAX_EXTENTS);
+        let mut pos = 0;
+        for e in &ext {
+            assert_eq!(e.offset, pos);
+            assert!(e.len > 0);
+            pos += e.len;
+        }
+        assert!(pos < size);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn out_of_range_is_refused_with_no_effect() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 64 * KIB;
+            let path = sparse_file(&dir, "img", size);
+            let dev = open(&path, engine, false);
+            let data = pattern(5, 4096);
+            dev.write(size - 4096, data.clone(), WriteFlags::default())
+                .await
+                .unwrap();
+            let oor = |r: Result<()>| matches!(r, Err(BlockError::OutOfRange { .. }));
+            assert!(oor(dev
+                .write(size - 10, pattern(6, 20), WriteFlags::default())
+                .await));
+            assert!(oor(dev
+                .write(u64::MAX - 1, pattern(6, 20), WriteFlags::default())
+                .await));
+            assert!(oor(dev.trim(size - 10, 20, WriteFlags::default()).await));
+            assert!(oor(dev
+                .write_zeroes(size - 10, 20, ZeroFlags::default())
+                .await));
+            assert!(oor(dev.prefetch(size, 1).await));
+            assert!(matches!(
+                dev.read(size - 1, 2).await,
+                Err(BlockError::OutOfRange { .. })
+            ));
+            assert!(matches!(
+                dev.extents(u64::MAX, 2).await,
+                Err(BlockError::OutOfRange { .. })
+            ));
+            assert_eq!(dev.read(size - 4096, 4096).await.unwrap(), data);
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+            assert!(dev.read(size, 0).await.unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn read_only_refuses_writes() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 64 * KIB);
+            std::fs::write(&path, pattern(8, 64 * 1024)).unwrap();
+            let dev = open(&path, engine, true);
+            assert!(dev.info().caps.read_only);
+            let ro = |r: Result<()>| matches!(r, Err(BlockError::ReadOnly { .. }));
+            assert!(ro(dev
+                .write(0, pattern(1, 10), WriteFlags::default())
+                .await));
+            assert!(ro(dev.trim(0, 10, WriteFlags::default()).await));
+            assert!(ro(dev.write_zeroes(0, 10, ZeroFlags::default()).await));
+            assert_eq!(dev.read(0, 64 * 1024).await.unwrap(), pattern(8, 64 * 1024));
+            dev.flush().await.unwrap();
+            dev.extents(0, 4096).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_past_a_truncated_end_are_zero() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 64 * KIB);
+            let dev = open(&path, engine, false);
+            dev.write(0, Bytes::from(vec![0xAB; 64 * 1024]), WriteFlags::default())
+                .await
+                .unwrap();
+            // Someone else shrinks the file behind the device's back.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(10_000)
+                .unwrap();
+            let got = dev.read(8000, 8000).await.unwrap();
+            assert!(got[..2000].iter().all(|&b| b == 0xAB));
+            assert!(zeroes(&got[2000..]), "{engine}");
+            let ext = dev.extents(32 * KIB, 32 * KIB).await.unwrap();
+            assert!(ext.iter().all(|e| e.kind == ExtentKind::Hole), "{ext:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_random_writes_then_reads_match() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let blocks = 1024u64;
+            let path = sparse_file(&dir, "img", blocks * 4096);
+            let dev = Arc::new(open(&path, engine, false));
+            // 256 distinct blocks in random order, odd lengths within each.
+            let mut order: Vec<u64> = (0..blocks).collect();
+            let mut x = 0x1234_5678_9abc_def1u64;
+            for i in (1..order.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let j = usize::try_from(x % (i as u64 + 1)).unwrap();
+                order.swap(i, j);
+            }
+            let picks: Vec<(u64, usize)> = order[..256]
+                .iter()
+                .map(|&b| (b * 4096 + b % 7, 4089 - usize::try_from(b % 13).unwrap()))
+                .collect();
+            let mut tasks = Vec::new();
+            for &(off, len) in &picks {
+                let dev = Arc::clone(&dev);
+                tasks.push(tokio::spawn(async move {
+                    let fua = off % 5 == 0;
+                    dev.write(off, pattern(off, len), WriteFlags { fua }).await
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap().unwrap();
+            }
+            let mut tasks = Vec::new();
+            for &(off, len) in &picks {
+                let dev = Arc::clone(&dev);
+                tasks.push(tokio::spawn(
+                    async move { (off, len, dev.read(off, len).await) },
+                ));
+            }
+            for t in tasks {
+                let (off, len, got) = t.await.unwrap();
+                assert!(got.unwrap() == pattern(off, len), "{engine} at {off}");
+            }
+        }
+    }
+
+    /// Waits until nothing but `weak` holders reference the file: the engine
+    /// (ring thread or blocking tasks) has let go of it.
+    async fn file_released(weak: &std::sync::Weak<File>) -> bool {
+        for _ in 0..500 {
+            if weak.upgrade().is_none() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn drop_with_in_flight_ops_is_clean() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 4096 * KIB);
+            let dev = Arc::new(open(&path, engine, false));
+            let weak = dev.file_weak();
+            let mut tasks = Vec::new();
+            for i in 0..400u64 {
+                let dev = Arc::clone(&dev);
+                tasks.push(tokio::spawn(async move {
+                    let off = (i * 9973) % (4000 * 1024);
+                    if i % 2 == 0 {
+                        dev.write(off, pattern(i, 64 * 1024), WriteFlags::default())
+                            .await
+                            .map(|()| 0)
+                    } else {
+                        dev.read(off, 64 * 1024).await.map(|b| b.len())
+                    }
+                }));
+            }
+            // Cancel everything mid-flight, and also drop some futures
+            // that were polled once (their requests are in the ring).
+            tokio::task::yield_now().await;
+            for t in &tasks {
+                t.abort();
+            }
+            let mut futs: Vec<_> = (0..50u64)
+                .map(|i| {
+                    let dev = Arc::clone(&dev);
+                    Box::pin(async move { dev.read(i * 4096, 128 * 1024).await })
+                })
+                .collect();
+            for f in &mut futs {
+                let _ = futures::poll!(f.as_mut());
+            }
+            drop(futs);
+            drop(dev);
+            for t in tasks {
+                let _ = t.await;
+            }
+            assert!(
+                file_released(&weak).await,
+                "{engine}: engine still holds the file"
+            );
+            // The file is intact and reopenable.
+            let dev = open(&path, engine, false);
+            dev.read(0, 4096).await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn ring_thread_exits_when_idle_device_is_dropped() {
+        if !engines().contains(&FileEngine::Uring) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = sparse_file(&dir, "img", 64 * KIB);
+        let dev = open(&path, FileEngine::Uring, false);
+        let clone = dev.clone();
+        dev.read(0, 10).await.unwrap();
+        let weak = dev.file_weak();
+        drop(dev);
+        clone.read(0, 10).await.unwrap();
+        drop(clone);
+        assert!(file_released(&weak).await);
+    }
+
+    /// The shared model test, against fresh images for each engine.
+    #[test]
+    fn conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = AtomicUsize::new(0);
+        for engine in engines() {
+            conformance::run(|| {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let path = sparse_file(&dir, &format!("img-{n}"), 300_000);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .write_all_at(&pattern(n as u64, 70_000), 20_000)
+                    .unwrap();
+                open(&path, engine, false)
+            });
+        }
+    }
+}
