@@ -149,7 +149,9 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
-    #[error("nothing to serve: give an IMAGE, --export NAME=PATH or a config file with [[export]]")]
+    #[error(
+        "nothing to serve: give an IMAGE, --export NAME=PATH or a config file with [[export]]"
+    )]
     NoExports,
     #[error("two exports are named {0:?}")]
     DuplicateExport(String),
@@ -242,7 +244,10 @@ mod tests {
             "[[export]]\nname = \"a\"\npath = \"x\"\n[[export]]\nname = \"a\"\npath = \"y\"\n",
         )
         .unwrap();
-        assert!(matches!(cfg.validate(), Err(ConfigError::DuplicateExport(_))));
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::DuplicateExport(_))
+        ));
         assert!(matches!(
             ServeConfig::default().validate(),
             Err(ConfigError::NoExports)

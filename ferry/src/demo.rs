@@ -13,7 +13,8 @@ use crate::config::{Engine, ExportConfig, ListenAddr, ServeConfig};
 /// sector, a few patterned data extents, holes everywhere else, so `nbdinfo
 /// --map` and `qemu-img map` have something to show.
 pub fn make_demo_image(path: &Path, size_mib: u64) -> anyhow::Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let size = size_mib * 1024 * 1024;
     file.set_len(size)?;
     let label = format!(
@@ -25,7 +26,9 @@ pub fn make_demo_image(path: &Path, size_mib: u64) -> anyhow::Result<()> {
         .collect();
     for quarter in 1..4 {
         let offset = size / 4 * quarter;
-        let len = extent.len().min(usize::try_from(size - offset).unwrap_or(usize::MAX));
+        let len = extent
+            .len()
+            .min(usize::try_from(size - offset).unwrap_or(usize::MAX));
         file.write_all_at(&extent[..len], offset)?;
     }
     file.sync_all()?;
@@ -33,7 +36,11 @@ pub fn make_demo_image(path: &Path, size_mib: u64) -> anyhow::Result<()> {
 }
 
 /// Serves the demo image until Ctrl-C.
-pub async fn run(dir: Option<PathBuf>, size_mib: u64, listen: Vec<ListenAddr>) -> anyhow::Result<()> {
+pub async fn run(
+    dir: Option<PathBuf>,
+    size_mib: u64,
+    listen: Vec<ListenAddr>,
+) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("ferry-demo"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let image = dir.join("demo.img");

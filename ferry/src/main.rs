@@ -10,7 +10,11 @@ use ferry::config::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "ferry", version, about = "Serve, stream and move block devices")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Serve, stream and move block devices"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -99,7 +103,11 @@ impl ServeArgs {
                     .map(|s| s.to_string_lossy().into_owned())
                     .unwrap_or_default()
             });
-            add(name, image.clone(), self.description.clone().unwrap_or_default());
+            add(
+                name,
+                image.clone(),
+                self.description.clone().unwrap_or_default(),
+            );
         }
         for (name, path) in &self.exports {
             add(name.clone(), path.clone(), String::new());
@@ -138,7 +146,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ferry: cannot start the async runtime: {e}");

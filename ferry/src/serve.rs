@@ -78,7 +78,10 @@ async fn bind(addr: &ListenAddr) -> anyhow::Result<(Bound, String)> {
             remove_stale_socket(path)?;
             let l = UnixListener::bind(path)
                 .with_context(|| format!("listening on unix:{}", path.display()))?;
-            Ok((Bound::Unix(l, path.clone()), format!("unix:{}", path.display())))
+            Ok((
+                Bound::Unix(l, path.clone()),
+                format!("unix:{}", path.display()),
+            ))
         }
     }
 }

@@ -176,10 +176,7 @@ impl Server {
         if config.tls_mode != TlsMode::Off && config.tls.is_none() {
             return Err(ServerError::TlsWithoutCertificate(config.tls_mode));
         }
-        let tls = config
-            .tls
-            .clone()
-            .map(tokio_rustls::TlsAcceptor::from);
+        let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
         Ok(Self {
             catalog: Arc::new(Catalog { exports }),
             config,
@@ -290,7 +287,8 @@ impl Server {
             structured = negotiated.structured_replies,
             "transmission phase"
         );
-        self.transmission(stream, negotiated, device, leftover).await
+        self.transmission(stream, negotiated, device, leftover)
+            .await
     }
 
     /// Runs the option haggling; `None` when the client left or aborted.
@@ -343,7 +341,9 @@ impl Server {
         let (mut reader, writer) = tokio::io::split(stream);
         let (replies, outbox) = mpsc::unbounded_channel::<Reply>();
         let writer_task = tokio::spawn(write_replies(writer, outbox));
-        let budget = Arc::new(Semaphore::new(permits(self.config.in_flight_budget) as usize));
+        let budget = Arc::new(Semaphore::new(
+            permits(self.config.in_flight_budget) as usize
+        ));
         let handlers = TaskTracker::new();
         let negotiated = Arc::new(negotiated);
         let mut decoder = RequestDecoder::new(MAX_PAYLOAD);
@@ -382,8 +382,11 @@ impl Server {
             let Ok(permit) = Arc::clone(&budget).acquire_many_owned(cost).await else {
                 break Ok(());
             };
-            let (device, negotiated, replies) =
-                (Arc::clone(&device), Arc::clone(&negotiated), replies.clone());
+            let (device, negotiated, replies) = (
+                Arc::clone(&device),
+                Arc::clone(&negotiated),
+                replies.clone(),
+            );
             handlers.spawn(async move {
                 let reply = handle(device.as_ref(), &negotiated, header, payload).await;
                 let _ = replies.send(reply);
@@ -413,7 +416,9 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
     ) || matches!(
         e.kind(),
-        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
     )
 }
 

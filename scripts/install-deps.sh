@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install everything the test suite and the system benchmarks need.
+# Idempotent: installs only what is missing, runs `apt-get update` at most once,
+# and fails loudly when something cannot be installed.
+set -euo pipefail
+
+# command -> Debian package that provides it
+declare -A TOOLS=(
+  [qemu-io]=qemu-utils
+  [qemu-img]=qemu-utils
+  [qemu-nbd]=qemu-utils
+  [nbdinfo]=libnbd-bin
+  [nbdcopy]=libnbd-bin
+  [nbdsh]=python3-libnbd
+  [nbdkit]=nbdkit
+  [fio]=fio
+  [openssl]=openssl
+  [python3]=python3
+  [sha256sum]=coreutils
+  [truncate]=coreutils
+  [cmp]=diffutils
+)
+
+missing=()
+for tool in "${!TOOLS[@]}"; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    missing+=("${TOOLS[$tool]}")
+  fi
+done
+
+if ((${#missing[@]})); then
+  # De-duplicate package names.
+  mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+  echo "install-deps: installing ${pkgs[*]}"
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+fi
+
+# Verify: every tool must be there now.
+for tool in "${!TOOLS[@]}"; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "install-deps: ERROR: $tool still missing after installing ${TOOLS[$tool]}" >&2
+    exit 1
+  fi
+done
+# nbdsh is `python3 -m nbd` with python3 taken from PATH; the bindings live in
+# Debian's python (/usr/bin/python3), not in a pyenv/venv one that may shadow
+# it, so the tests run nbdsh with /usr/bin first on PATH. Check it the same way.
+if ! PATH="/usr/bin:$PATH" nbdsh -c 'pass' >/dev/null 2>&1; then
+  echo "install-deps: ERROR: nbdsh cannot start (python3-libnbd broken?)" >&2
+  PATH="/usr/bin:$PATH" nbdsh -c 'pass' >&2 || true
+  exit 1
+fi
+# fio must have its NBD engine (libnbd-backed).
+if ! fio --enghelp=nbd >/dev/null 2>&1; then
+  echo "install-deps: ERROR: fio lacks the nbd ioengine" >&2
+  exit 1
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-nextest"
+  cargo install cargo-nextest --locked
+  cargo nextest --version >/dev/null
+fi
+
+echo "install-deps: all dependencies present"
