@@ -10,6 +10,10 @@ esac
 
 cd "$(dirname "$0")/../fuzz"
 
+# Sanitizer builds on nightly: keep them apart from the workspace's target
+# dir, and outside the clone so CI runs in fresh clones reuse them.
+export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/ferry/fuzz-target}"
+
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "installing cargo-fuzz..." >&2
     cargo install cargo-fuzz --locked
