@@ -2,27 +2,33 @@
 //! (optionally upgrading to TLS), then serve requests out of order.
 //!
 //! ```text
-//!   socket ─read─> RequestDecoder ─> validate ─> spawn handler ─> device
-//!                                         │ (error reply)          │
-//!                                         v                        v
-//!   socket <─write─ writer task <────── mpsc of encoded replies <──┘
+//!   socket ─read─> RequestDecoder ─> validate ─> request future ─> device
+//!      ^                                  │ (error reply)      │
+//!      │                                  v                    v
+//!      └──── vectored write <──────── Outbox <──── replies as they complete
 //! ```
 //!
-//! Each request runs in its own task, so a slow read never holds up a fast
-//! one; replies go out as they complete. A per-connection byte budget bounds
-//! the memory held by requests in flight, and pauses reading when spent.
+//! One task per connection owns the socket and every request in flight.
+//! Requests run as futures polled by that task, out of order: a slow read
+//! never holds up a fast one, and a device call that completes inline (a
+//! page-cache hit) costs no thread hop. Replies go out as they complete,
+//! coalesced into vectored writes. A per-connection byte budget bounds the
+//! memory held by requests in flight and pauses reading when spent.
 //! Every connection to an export shares one device, so a flush on any
 //! connection covers writes completed on all of them (`CAN_MULTI_CONN`).
 
-use std::io;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blockcore::{BlockDevice, BlockError, ExtentKind, Op, WriteFlags, ZeroFlags};
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use blockcore::{BlockDevice, BlockError, ExtentKind, WriteFlags, ZeroFlags};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -336,74 +342,195 @@ impl Server {
         stream: Box<dyn Stream>,
         negotiated: Negotiated,
         device: Arc<dyn BlockDevice>,
-        mut input: BytesMut,
+        input: BytesMut,
     ) -> Result<(), ConnError> {
-        let (mut reader, writer) = tokio::io::split(stream);
-        let (replies, outbox) = mpsc::unbounded_channel::<Reply>();
-        let writer_task = tokio::spawn(write_replies(writer, outbox));
-        let budget = Arc::new(Semaphore::new(
-            permits(self.config.in_flight_budget) as usize
-        ));
-        let handlers = TaskTracker::new();
-        let negotiated = Arc::new(negotiated);
-        let mut decoder = RequestDecoder::new(MAX_PAYLOAD);
-        let result = loop {
-            let decoded = match decoder.decode(&mut input) {
-                Ok(Some(d)) => d,
-                Ok(None) => {
-                    input.reserve(64 * 1024);
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => break Ok(()),
-                        n = reader.read_buf(&mut input) => match n {
-                            // Client gone; a request cut short is never executed.
-                            Ok(0) => break Ok(()),
-                            Ok(_) => continue,
-                            Err(e) => break Err(e.into()),
-                        },
+        let (reader, writer) = tokio::io::split(stream);
+        let mut conn = Transmission {
+            reader,
+            writer,
+            input,
+            decoder: RequestDecoder::new(MAX_PAYLOAD),
+            negotiated: Arc::new(negotiated),
+            device,
+            running: FuturesUnordered::new(),
+            outbox: Outbox::default(),
+            in_flight_bytes: 0,
+            budget: self.config.in_flight_budget,
+            reading: true,
+        };
+        conn.run(&self.shutdown).await
+    }
+}
+
+/// The per-connection state of the transmission phase.
+///
+/// One task owns the socket and every request in flight: requests run as
+/// futures in `running` (polled by this task, so a request whose device
+/// call completes inline costs no thread hop), and replies are written as
+/// soon as they are ready, many per vectored write.
+struct Transmission<R, W> {
+    reader: R,
+    writer: W,
+    input: BytesMut,
+    decoder: RequestDecoder,
+    negotiated: Arc<Negotiated>,
+    device: Arc<dyn BlockDevice>,
+    running: FuturesUnordered<BoxFuture<'static, (Reply, usize)>>,
+    outbox: Outbox,
+    /// Payload and read bytes of requests running or replies not yet sent.
+    in_flight_bytes: usize,
+    budget: usize,
+    /// False once the client disconnected, sent DISC, or shutdown began.
+    reading: bool,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), ConnError> {
+        let mut result = Ok(());
+        loop {
+            if self.reading {
+                if let Err(e) = self.dispatch_buffered() {
+                    // A framing error: finish what is running, then close.
+                    result = Err(e);
+                    self.reading = false;
+                }
+            }
+            if !self.reading && self.running.is_empty() && self.outbox.is_empty() {
+                break;
+            }
+            let can_read = self.reading && self.in_flight_bytes < self.budget;
+            tokio::select! {
+                biased;
+                Some((reply, cost)) = self.running.next(), if !self.running.is_empty() => {
+                    self.outbox.push(reply, cost);
+                }
+                written = self.outbox.write_some(&mut self.writer), if !self.outbox.is_empty() => {
+                    match written {
+                        Ok(released) => self.in_flight_bytes -= released,
+                        // The client is gone: nothing more can be answered.
+                        Err(e) => return Err(e.into()),
                     }
                 }
-                Err(e) => break Err(e.into()),
+                n = self.reader.read_buf(&mut self.input), if can_read => match n {
+                    // Client gone; a request cut short is never executed.
+                    Ok(0) => self.reading = false,
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e.into());
+                        self.reading = false;
+                    }
+                },
+                () = shutdown.cancelled(), if self.reading => self.reading = false,
+            }
+        }
+        let _ = self.writer.shutdown().await;
+        result
+    }
+
+    /// Starts every complete request in the input buffer, while the
+    /// in-flight budget allows.
+    fn dispatch_buffered(&mut self) -> Result<(), ConnError> {
+        while self.in_flight_bytes < self.budget {
+            let Some(decoded) = self.decoder.decode(&mut self.input)? else {
+                // Leave room for the next read without growing per byte.
+                self.input.reserve(64 * 1024);
+                return Ok(());
             };
             let (header, payload) = match decoded {
                 Decoded::Request { header, payload } => (header, payload),
                 Decoded::Oversized { header } => {
-                    let _ = replies.send(error_reply(&negotiated, &header, Errno::Overflow));
+                    let reply = error_reply(&self.negotiated, &header, Errno::Overflow);
+                    self.outbox.push(reply, 0);
                     continue;
                 }
             };
             if header.command == Command::Disc {
-                break Ok(());
+                // Requests already read still complete and get replies.
+                self.reading = false;
+                return Ok(());
             }
-            if let Err(errno) = validate(&header, &negotiated) {
-                let _ = replies.send(error_reply(&negotiated, &header, errno));
+            if let Err(errno) = validate(&header, &self.negotiated) {
+                self.outbox
+                    .push(error_reply(&self.negotiated, &header, errno), 0);
                 continue;
             }
-            let cost = permits(request_bytes(&header)).min(permits(self.config.in_flight_budget));
-            let Ok(permit) = Arc::clone(&budget).acquire_many_owned(cost).await else {
-                break Ok(());
-            };
-            let (device, negotiated, replies) = (
-                Arc::clone(&device),
-                Arc::clone(&negotiated),
-                replies.clone(),
+            let cost = request_bytes(&header);
+            self.in_flight_bytes += cost;
+            let (device, negotiated) = (Arc::clone(&self.device), Arc::clone(&self.negotiated));
+            self.running.push(
+                async move {
+                    let reply = handle(device.as_ref(), &negotiated, header, payload).await;
+                    (reply, cost)
+                }
+                .boxed(),
             );
-            handlers.spawn(async move {
-                let reply = handle(device.as_ref(), &negotiated, header, payload).await;
-                let _ = replies.send(reply);
-                drop(permit);
-            });
-        };
-        // Requests already read still complete and get their replies.
-        handlers.close();
-        handlers.wait().await;
-        drop(replies);
-        match writer_task.await {
-            Ok(Ok(())) | Err(_) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "writing replies failed"),
         }
-        result
+        Ok(())
     }
 }
+
+/// Encoded replies waiting for the socket.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Byte runs in wire order: reply headers and read data.
+    chunks: VecDeque<Bytes>,
+    /// Budget cost released when the chunk at the same index is sent.
+    costs: VecDeque<usize>,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn push(&mut self, reply: Reply, cost: usize) {
+        let has_data = reply.data.as_ref().is_some_and(|d| !d.is_empty());
+        self.chunks.push_back(reply.header.freeze());
+        self.costs.push_back(if has_data { 0 } else { cost });
+        if let Some(data) = reply.data.filter(|d| !d.is_empty()) {
+            self.chunks.push_back(data);
+            self.costs.push_back(cost);
+        }
+    }
+
+    /// One vectored write of as much as the socket takes; returns the
+    /// budget released by fully sent chunks. Cancel-safe: the state only
+    /// changes after the write returns.
+    async fn write_some<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<usize> {
+        let mut n = {
+            let slices: Vec<IoSlice<'_>> = self
+                .chunks
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|c| IoSlice::new(c))
+                .collect();
+            writer.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut released = 0;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if n < front.len() {
+                front.advance(n);
+                break;
+            }
+            n -= front.len();
+            self.chunks.pop_front();
+            released += self.costs.pop_front().unwrap_or(0);
+        }
+        if self.chunks.is_empty() {
+            writer.flush().await?;
+        }
+        Ok(released)
+    }
+}
+
+/// Slices per vectored write (Linux's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 64;
 
 /// Any bidirectional byte stream: TCP, Unix, or TLS over either.
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -429,49 +556,10 @@ struct Reply {
     data: Option<Bytes>,
 }
 
-/// Budget permits are KiB, so the semaphore's count stays small.
-fn permits(bytes: usize) -> u32 {
-    u32::try_from(bytes / 1024 + 1).unwrap_or(u32::MAX)
-}
-
 fn request_bytes(header: &RequestHeader) -> usize {
     match header.command {
         Command::Read | Command::Write => header.length as usize,
         _ => 0,
-    }
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut outbox: mpsc::UnboundedReceiver<Reply>,
-) -> io::Result<()> {
-    // Small replies coalesce in the buffer; large read data bypasses it.
-    let mut writer = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(reply) = outbox.recv().await {
-        let mut next = Some(reply);
-        while let Some(reply) = next {
-            writer.write_all(&reply.header).await?;
-            if let Some(data) = reply.data {
-                writer.write_all(&data).await?;
-            }
-            next = outbox.try_recv().ok();
-        }
-        writer.flush().await?;
-    }
-    writer.shutdown().await
-}
-
-/// The single mapping from block-layer errors to NBD errno values.
-fn errno(error: &BlockError) -> Errno {
-    match error {
-        BlockError::OutOfRange { op: Op::Write, .. } => Errno::NoSpc,
-        BlockError::OutOfRange { .. } | BlockError::Misaligned { .. } => Errno::Inval,
-        BlockError::TooLarge { .. } => Errno::Overflow,
-        BlockError::ReadOnly { .. } => Errno::Perm,
-        BlockError::Unsupported { .. } => Errno::NotSup,
-        BlockError::NoSpace { .. } => Errno::NoSpc,
-        BlockError::Io { .. } => Errno::Io,
-        BlockError::ShuttingDown { .. } => Errno::Shutdown,
     }
 }
 
@@ -557,7 +645,7 @@ async fn handle(
 
 fn fail(negotiated: &Negotiated, header: &RequestHeader, error: &BlockError) -> Reply {
     tracing::debug!(cookie = header.cookie, error = %error, "request failed");
-    error_reply_with(negotiated, header, errno(error), &error.to_string())
+    error_reply_with(negotiated, header, Errno::from(error), &error.to_string())
 }
 
 fn read_reply(negotiated: &Negotiated, header: &RequestHeader, data: Bytes) -> Reply {
@@ -620,3 +708,6 @@ fn block_status_reply(
         data: None,
     }
 }
+
+#[cfg(test)]
+mod tests;
