@@ -16,6 +16,17 @@
 //! [`BlockError::OutOfRange`], and reads of bytes the file no longer has (it
 //! was truncated behind our back) read as zeroes.
 //!
+//! Two fast paths run on the calling (tokio) thread, ahead of either engine:
+//!
+//! - Reads first try `preadv2(RWF_NOWAIT)`, which succeeds in about a
+//!   microsecond when the range is in the page cache and fails with `EAGAIN`
+//!   rather than block otherwise; the engine then reads whatever is left.
+//!   Where the kernel or filesystem refuses the flag, the device stops trying.
+//! - Small buffered writes (at most [`INLINE_WRITE_MAX_DEFAULT`] bytes, see
+//!   [`FileDevice::set_inline_write_max`] and [`INLINE_WRITE_ENV`]) are a
+//!   plain `pwrite` on the calling thread, as nbdkit's file plugin does;
+//!   see [`FileDevice::try_write_inline`] for the trade-off.
+//!
 //! Allocation-changing operations go through `fallocate(2)`: trim punches a
 //! hole, write-zeroes uses `FALLOC_FL_ZERO_RANGE` (or punches when the caller
 //! allows it). When the filesystem does not support the mode, the device
@@ -29,12 +40,15 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::{
     check_range, BlockDevice, BlockError, BlockSizes, Capabilities, DeviceInfo, Extent, ExtentKind,
@@ -43,6 +57,29 @@ use crate::{
 
 /// Environment variable that overrides [`FileEngine::Auto`].
 pub const ENGINE_ENV: &str = "FERRY_FILE_ENGINE";
+
+/// Environment variable that overrides [`INLINE_WRITE_MAX_DEFAULT`] (a byte
+/// count; `0` turns inline writes off).
+pub const INLINE_WRITE_ENV: &str = "FERRY_FILE_INLINE_WRITE_MAX";
+
+/// Largest non-FUA write done inline on the calling thread by default.
+pub const INLINE_WRITE_MAX_DEFAULT: usize = 128 * 1024;
+
+/// An inline write that takes longer than this was throttled or blocked
+/// (`balance_dirty_pages`, a page under writeback, a journal commit) ...
+const INLINE_WRITE_SLOW: Duration = Duration::from_millis(1);
+/// ... and inline writes then go through the engine for this long.
+const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Largest read tried inline with `RWF_NOWAIT`. A cached read costs a copy
+/// of about 40 µs per MiB on the calling worker; past this size (NBD allows
+/// 32 MiB) that would hold up the worker's other tasks for too long, and the
+/// engine's thread does the copy instead.
+const INLINE_READ_MAX: usize = 4 * 1024 * 1024;
+
+/// Largest length of one read or write system call (Linux caps a transfer
+/// just below 2 GiB anyway; this keeps the arithmetic simple).
+pub(super) const MAX_RW: usize = 1 << 30;
 
 /// Most extents one [`BlockDevice::extents`] call reports.
 const MAX_EXTENTS: usize = 1024;
@@ -118,6 +155,21 @@ struct Inner {
     path: PathBuf,
     info: DeviceInfo,
     engine: Engine,
+    /// Whether `preadv2(RWF_NOWAIT)` is worth trying (cleared for good the
+    /// first time the kernel refuses the flag).
+    nowait_reads: AtomicBool,
+    /// Largest write done inline; 0 turns inline writes off.
+    inline_write_max: AtomicUsize,
+    /// An inline write is running.
+    inline_writing: AtomicBool,
+    /// Writes handed to the engine and not yet answered (or abandoned).
+    engine_writes: AtomicUsize,
+    /// Inline writes are off until this many nanoseconds after `epoch`.
+    inline_write_backoff: AtomicU64,
+    epoch: Instant,
+    /// Reads that reached the engine (tests check which path ran).
+    #[cfg(test)]
+    engine_reads: AtomicUsize,
 }
 
 impl fmt::Debug for FileDevice {
@@ -197,6 +249,14 @@ impl FileDevice {
                 path,
                 info,
                 engine,
+                nowait_reads: AtomicBool::new(true),
+                inline_write_max: AtomicUsize::new(env_inline_write_max()),
+                inline_writing: AtomicBool::new(false),
+                engine_writes: AtomicUsize::new(0),
+                inline_write_backoff: AtomicU64::new(0),
+                epoch: Instant::now(),
+                #[cfg(test)]
+                engine_reads: AtomicUsize::new(0),
             }),
         };
         tracing::info!(
@@ -223,11 +283,91 @@ impl FileDevice {
         &self.inner.path
     }
 
-    async fn read_raw(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+    /// Sets the largest non-FUA write done inline on the calling thread
+    /// (shared by every clone of the device); 0 sends every write to the
+    /// engine. The default is [`INLINE_WRITE_MAX_DEFAULT`], or
+    /// [`INLINE_WRITE_ENV`] when set.
+    pub fn set_inline_write_max(&self, max: usize) {
+        self.inner.inline_write_max.store(max, Ordering::Relaxed);
+    }
+
+    /// Reads `[offset + buf.len(), offset + total)` through the engine into
+    /// the rest of `buf`, whose first `buf.len()` bytes are already read.
+    async fn read_raw(&self, offset: u64, buf: BytesMut, total: usize) -> io::Result<Bytes> {
+        #[cfg(test)]
+        self.inner.engine_reads.fetch_add(1, Ordering::Relaxed);
         match &self.inner.engine {
-            Engine::Uring(ring) => ring.read(offset, len).await,
-            Engine::Portable => portable::read(Arc::clone(&self.inner.file), offset, len).await,
+            Engine::Uring(ring) => ring.read(offset, buf, total).await,
+            Engine::Portable => {
+                portable::read(Arc::clone(&self.inner.file), offset, buf, total).await
+            }
         }
+    }
+
+    /// Whether a write of `len` bytes may be done inline right now.
+    ///
+    /// Only while no write is queued in the engine: under concurrent load
+    /// the engine batches writes (io_uring's io-wq serialises buffered
+    /// writes to one file instead of letting them fight over the inode
+    /// lock), and measured faster at 32 writes in flight, while a lone
+    /// write is cheapest inline (2-3x at queue depth 1).
+    fn inline_write_ok(&self, len: usize, fua: bool) -> bool {
+        if fua
+            || len > self.inner.inline_write_max.load(Ordering::Relaxed)
+            || self.inner.engine_writes.load(Ordering::Relaxed) != 0
+        {
+            return false;
+        }
+        let until = self.inner.inline_write_backoff.load(Ordering::Relaxed);
+        until == 0 || self.nanos_since_epoch() >= until
+    }
+
+    fn nanos_since_epoch(&self) -> u64 {
+        u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// A small buffered write as a plain `pwrite` on the calling thread.
+    ///
+    /// Trade-off: this blocks the tokio worker for the duration of the
+    /// system call. A buffered write of at most `inline_write_max` bytes is a
+    /// copy into the page cache, a few to a few tens of microseconds, which
+    /// is cheaper than any hand-off to another thread (the io_uring engine
+    /// cannot do ext4 buffered writes without punting to an io-wq worker,
+    /// since ext4 refuses `RWF_NOWAIT` for them, and the portable engine
+    /// pays a blocking-pool round trip). But the kernel may make a writer
+    /// sleep: dirty-page throttling (`balance_dirty_pages`), a page under
+    /// writeback on a device with stable pages, a journal wait. That would
+    /// stall every task on this worker, so an inline write that took longer
+    /// than [`INLINE_WRITE_SLOW`] turns inline writes off for
+    /// [`INLINE_WRITE_BACKOFF`], and the engine (which is allowed to block)
+    /// takes them meanwhile. FUA writes never come here: they wait for the
+    /// disk.
+    ///
+    /// Only one inline write runs at a time per device (`None`: another one
+    /// is running, use the engine). Buffered writes to one file serialise on
+    /// its inode lock anyway, so a second concurrent inline writer would
+    /// mostly sleep on that lock with its worker blocked, while the engine
+    /// queues and batches it; and it bounds the number of workers an inline
+    /// write can hold up to one.
+    fn try_write_inline(&self, offset: u64, data: &[u8]) -> Option<io::Result<()>> {
+        if self.inner.inline_writing.swap(true, Ordering::Acquire) {
+            return None;
+        }
+        let start = Instant::now();
+        let r = self.inner.file.write_all_at(data, offset);
+        let took = start.elapsed();
+        self.inner.inline_writing.store(false, Ordering::Release);
+        if took > INLINE_WRITE_SLOW {
+            let until = self
+                .nanos_since_epoch()
+                .saturating_add(u64::try_from(INLINE_WRITE_BACKOFF.as_nanos()).unwrap_or(0))
+                .max(1);
+            self.inner
+                .inline_write_backoff
+                .store(until, Ordering::Relaxed);
+            tracing::debug!(?took, len = data.len(), "slow inline write; backing off");
+        }
+        Some(r)
     }
 
     async fn write_raw(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
@@ -320,6 +460,111 @@ fn env_engine() -> FileEngine {
     }
 }
 
+/// Counts itself in an in-flight counter while alive (also when the future
+/// holding it is dropped mid-way).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The inline write limit [`INLINE_WRITE_ENV`] asks for, else the default.
+fn env_inline_write_max() -> usize {
+    match std::env::var(INLINE_WRITE_ENV) {
+        Ok(value) => value.trim().parse().unwrap_or_else(|_| {
+            tracing::warn!(value, "ignoring invalid {INLINE_WRITE_ENV} value");
+            INLINE_WRITE_MAX_DEFAULT
+        }),
+        Err(_) => INLINE_WRITE_MAX_DEFAULT,
+    }
+}
+
+/// One positioned read of up to `total - buf.len()` bytes at
+/// `offset + buf.len()` into the spare capacity of `buf`, which grows by
+/// what was read: `Ok(0)` is the end of the file. `flags` are `preadv2`
+/// flags; 0 uses plain `pread`.
+pub(super) fn read_into(
+    file: &File,
+    buf: &mut BytesMut,
+    total: usize,
+    offset: u64,
+    flags: i32,
+) -> io::Result<usize> {
+    let done = buf.len();
+    debug_assert!(done < total);
+    let want = (total - done).min(MAX_RW);
+    buf.reserve(want);
+    let off = to_off(offset + done as u64)?;
+    let spare = &mut buf.spare_capacity_mut()[..want];
+    let r = if flags == 0 {
+        // SAFETY: `spare` is `want` bytes of writable memory owned by `buf`,
+        // borrowed mutably for the duration of the call; the kernel writes
+        // at most `want` bytes into it. The descriptor is kept open by `file`.
+        unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, off) }
+    } else {
+        let iov = libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: want,
+        };
+        // SAFETY: `iov` describes `want` bytes of writable memory owned by
+        // `buf` (borrowed mutably as `spare` for the duration of the call),
+        // and is itself alive across the call; the kernel writes at most
+        // `want` bytes. The descriptor is kept open by `file`.
+        unsafe { libc::preadv2(file.as_raw_fd(), &raw const iov, 1, off, flags) }
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = r.unsigned_abs();
+    debug_assert!(n <= want);
+    // SAFETY: the kernel initialised the first `n <= want` bytes of the
+    // spare capacity, which directly follow the `done` initialised bytes.
+    unsafe { buf.set_len(done + n) };
+    Ok(n)
+}
+
+/// What the non-blocking read attempt achieved.
+enum NoWait {
+    /// `buf` holds every byte.
+    Done,
+    /// `buf` holds a prefix (maybe empty); the engine must read the rest.
+    Partial,
+    /// The kernel or filesystem refuses `RWF_NOWAIT`: stop trying.
+    Unsupported,
+}
+
+/// Reads what the page cache has of `[offset + buf.len(), offset + total)`
+/// without blocking, on the calling thread.
+fn read_nowait(file: &File, buf: &mut BytesMut, total: usize, offset: u64) -> NoWait {
+    while buf.len() < total {
+        match read_into(file, buf, total, offset, libc::RWF_NOWAIT) {
+            Ok(0) => {
+                // End of the (truncated) file: the rest reads as zeroes.
+                buf.resize(total, 0);
+                return NoWait::Done;
+            }
+            Ok(_) => {}
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => return NoWait::Unsupported,
+                // EAGAIN (not cached) or a real error, which the engine
+                // reports when it meets it too.
+                _ => return NoWait::Partial,
+            },
+        }
+    }
+    NoWait::Done
+}
+
 fn is_unsupported(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EOPNOTSUPP)
 }
@@ -340,7 +585,18 @@ impl BlockDevice for FileDevice {
         if len == 0 {
             return Ok(Bytes::new());
         }
-        self.read_raw(offset, len)
+        let mut buf = BytesMut::with_capacity(len);
+        if len <= INLINE_READ_MAX && self.inner.nowait_reads.load(Ordering::Relaxed) {
+            match read_nowait(&self.inner.file, &mut buf, len, offset) {
+                NoWait::Done => return Ok(buf.freeze()),
+                NoWait::Partial => {}
+                NoWait::Unsupported => {
+                    tracing::debug!("RWF_NOWAIT reads unsupported; not trying again");
+                    self.inner.nowait_reads.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        self.read_raw(offset, buf, len)
             .await
             .map_err(|e| BlockError::io(Op::Read, offset, e))
     }
@@ -350,6 +606,12 @@ impl BlockDevice for FileDevice {
         if data.is_empty() {
             return Ok(());
         }
+        if self.inline_write_ok(data.len(), flags.fua) {
+            if let Some(r) = self.try_write_inline(offset, &data) {
+                return r.map_err(|e| BlockError::io(Op::Write, offset, e));
+            }
+        }
+        let _counted = Counted::new(&self.inner.engine_writes);
         self.write_raw(offset, data, flags.fua)
             .await
             .map_err(|e| BlockError::io(Op::Write, offset, e))
@@ -1105,6 +1367,179 @@ mod tests {
         clone.read(0, 10).await.unwrap();
         drop(clone);
         assert!(file_released(&weak).await);
+    }
+
+    fn engine_reads(dev: &FileDevice) -> usize {
+        dev.inner.engine_reads.load(Ordering::Relaxed)
+    }
+
+    /// Drops the clean page-cache pages of `[offset, offset + len)` of the
+    /// file at `path` (after writing back everything).
+    fn evict(path: &Path, offset: u64, len: u64) {
+        let f = File::open(path).unwrap();
+        f.sync_all().unwrap();
+        let (off, len) = (to_off(offset).unwrap(), to_off(len).unwrap());
+        // SAFETY: posix_fadvise on a descriptor kept open by `f`; no pointers.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cached_reads_complete_inline() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = sparse_file(&dir, "img", 256 * KIB);
+            let data = pattern(21, 256 * 1024);
+            std::fs::write(&path, &data).unwrap();
+            let dev = open(&path, engine, false);
+            for &(off, len) in &[(0u64, 4096usize), (77, 100_000), (0, 256 * 1024)] {
+                let o = usize::try_from(off).unwrap();
+                assert_eq!(dev.read(off, len).await.unwrap(), data.slice(o..o + len));
+            }
+            assert_eq!(
+                engine_reads(&dev),
+                0,
+                "{engine}: cached reads hit the engine"
+            );
+            assert!(dev.inner.nowait_reads.load(Ordering::Relaxed));
+            // Too big to copy on the caller's thread: the engine does it.
+            let big = INLINE_READ_MAX + 4096;
+            let path = sparse_file(&dir, "big", big as u64);
+            let data = pattern(23, big);
+            std::fs::write(&path, &data).unwrap();
+            let dev = open(&path, engine, false);
+            assert_eq!(dev.read(0, big).await.unwrap(), data);
+            assert_eq!(engine_reads(&dev), 1, "{engine}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn uncached_reads_fall_back_to_the_engine() {
+        for engine in engines() {
+            let dir = tempfile::tempdir().unwrap();
+            let size = 1024 * KIB;
+            let path = sparse_file(&dir, "img", size);
+            let data = pattern(22, 1024 * 1024);
+            std::fs::write(&path, &data).unwrap();
+            let dev = open(&path, engine, false);
+            // Nothing cached.
+            evict(&path, 0, size);
+            assert_eq!(
+                dev.read(4096, 8192).await.unwrap(),
+                data.slice(4096..12_288)
+            );
+            assert_eq!(engine_reads(&dev), 1, "{engine}");
+            // The first half cached, the second not: the inline read takes
+            // a prefix, the engine the rest.
+            evict(&path, 0, size);
+            assert_eq!(
+                dev.read(0, 512 * 1024).await.unwrap(),
+                data.slice(..512 * 1024)
+            );
+            evict(&path, 512 * KIB, 512 * KIB);
+            let before = engine_reads(&dev);
+            assert_eq!(
+                dev.read(100, 700_000).await.unwrap(),
+                data.slice(100..700_100)
+            );
+            assert_eq!(engine_reads(&dev), before + 1, "{engine}");
+            // And without the fast path at all.
+            dev.inner.nowait_reads.store(false, Ordering::Relaxed);
+            assert_eq!(dev.read(3, 5000).await.unwrap(), data.slice(3..5003));
+            assert_eq!(engine_reads(&dev), before + 2, "{engine}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn uncached_reads_past_a_truncated_end_are_zero() {
+        for engine in engines() {
+            for nowait in [true, false] {
+                let dir = tempfile::tempdir().unwrap();
+                let path = sparse_file(&dir, "img", 256 * KIB);
+                std::fs::write(&path, vec![0xCD; 256 * 1024]).unwrap();
+                let dev = open(&path, engine, false);
+                dev.inner.nowait_reads.store(nowait, Ordering::Relaxed);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_len(100_000)
+                    .unwrap();
+                evict(&path, 0, 256 * KIB);
+                let before = engine_reads(&dev);
+                let got = dev.read(90_000, 100_000).await.unwrap();
+                assert_eq!(got.len(), 100_000);
+                assert!(got[..10_000].iter().all(|&b| b == 0xCD), "{engine}");
+                assert!(zeroes(&got[10_000..]), "{engine} nowait={nowait}");
+                assert_eq!(engine_reads(&dev), before + 1, "{engine}");
+                // Entirely past the end, cached or not.
+                assert!(zeroes(&dev.read(200_000, 50_000).await.unwrap()));
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn writes_through_the_engine_and_inline_agree() {
+        for engine in engines() {
+            for inline_max in [0, INLINE_WRITE_MAX_DEFAULT] {
+                let dir = tempfile::tempdir().unwrap();
+                let size = 1024 * KIB;
+                let path = sparse_file(&dir, "img", size);
+                let dev = open(&path, engine, false);
+                dev.set_inline_write_max(inline_max);
+                let mut model = vec![0u8; 1024 * 1024];
+                for (i, &(off, len)) in [
+                    (1u64, 1usize),
+                    (4095, 5000),
+                    (200_000, 131_072),
+                    (500_001, 300_000),
+                ]
+                .iter()
+                .enumerate()
+                {
+                    let d = pattern(i as u64 + 40, len);
+                    let fua = WriteFlags { fua: i == 1 };
+                    dev.write(off, d.clone(), fua).await.unwrap();
+                    let o = usize::try_from(off).unwrap();
+                    model[o..o + len].copy_from_slice(&d);
+                }
+                assert!(
+                    std::fs::read(&path).unwrap() == model,
+                    "{engine} {inline_max}"
+                );
+                assert!(dev.read(0, model.len()).await.unwrap() == model[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn slow_inline_write_backs_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sparse_file(&dir, "img", 64 * KIB);
+        let dev = open(&path, FileEngine::Portable, false);
+        assert!(dev.inline_write_ok(4096, false));
+        assert!(!dev.inline_write_ok(4096, true), "FUA never inline");
+        assert!(!dev.inline_write_ok(INLINE_WRITE_MAX_DEFAULT + 1, false));
+        let until = dev.nanos_since_epoch() + 60_000_000_000;
+        dev.inner
+            .inline_write_backoff
+            .store(until, Ordering::Relaxed);
+        assert!(!dev.inline_write_ok(4096, false));
+        dev.inner.inline_write_backoff.store(1, Ordering::Relaxed);
+        assert!(dev.inline_write_ok(4096, false));
+        // Not while writes are queued in the engine.
+        {
+            let _queued = Counted::new(&dev.inner.engine_writes);
+            assert!(!dev.inline_write_ok(4096, false));
+        }
+        assert!(dev.inline_write_ok(4096, false));
+        // One inline writer at a time.
+        dev.inner.inline_writing.store(true, Ordering::Relaxed);
+        assert!(dev.try_write_inline(0, &[1, 2, 3]).is_none());
+        dev.inner.inline_writing.store(false, Ordering::Relaxed);
+        dev.try_write_inline(0, &[1, 2, 3]).unwrap().unwrap();
+        assert!(!dev.inner.inline_writing.load(Ordering::Relaxed));
+        assert_eq!(std::fs::read(&path).unwrap()[..3], [1, 2, 3]);
     }
 
     /// The shared model test, against fresh images for each engine.

@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
-use super::{join_error, to_off};
+use super::{join_error, read_into, to_off};
 
 async fn blocking<T, F>(f: F) -> io::Result<T>
 where
@@ -22,22 +22,28 @@ where
         .and_then(|r| r)
 }
 
-/// Reads `len` bytes at `offset`; bytes past the end of the file read as
-/// zeroes (the device size is fixed at open).
-pub(super) async fn read(file: Arc<File>, offset: u64, len: usize) -> io::Result<Bytes> {
+/// Reads `[offset + buf.len(), offset + total)` into the rest of `buf`
+/// (whose first `buf.len()` bytes are already read); bytes past the end of
+/// the file read as zeroes (the device size is fixed at open).
+pub(super) async fn read(
+    file: Arc<File>,
+    offset: u64,
+    mut buf: BytesMut,
+    total: usize,
+) -> io::Result<Bytes> {
     blocking(move || {
-        let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                // End of file: the rest stays zero.
-                Ok(0) => break,
-                Ok(n) => done += n,
+        while buf.len() < total {
+            match read_into(&file, &mut buf, total, offset, 0) {
+                Ok(0) => {
+                    // End of file: the rest reads as zeroes.
+                    buf.resize(total, 0);
+                }
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(Bytes::from(buf))
+        Ok(buf.freeze())
     })
     .await
 }

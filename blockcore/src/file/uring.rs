@@ -44,10 +44,22 @@ const MAX_SQE_LEN: usize = 1 << 30;
 
 /// What to do.
 enum Kind {
-    Read { buf: BytesMut, done: usize },
-    Write { data: Bytes, done: usize, fua: bool },
+    /// Reads into the spare capacity of `buf` at `offset + buf.len()` until
+    /// it holds `total` bytes.
+    Read {
+        buf: BytesMut,
+        total: usize,
+    },
+    Write {
+        data: Bytes,
+        done: usize,
+        fua: bool,
+    },
     Fdatasync,
-    Fallocate { mode: i32, len: u64 },
+    Fallocate {
+        mode: i32,
+        len: u64,
+    },
 }
 
 /// What a finished request answers.
@@ -163,11 +175,15 @@ impl Ring {
         answer.await.map_err(|_| stopped())?
     }
 
-    pub(super) async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        let kind = Kind::Read {
-            buf: BytesMut::zeroed(len),
-            done: 0,
-        };
+    /// Reads `[offset + buf.len(), offset + total)` into the rest of `buf`,
+    /// whose first `buf.len()` bytes are already read.
+    pub(super) async fn read(&self, offset: u64, buf: BytesMut, total: usize) -> io::Result<Bytes> {
+        if buf.len() >= total {
+            return Ok(buf.freeze());
+        }
+        let mut buf = buf;
+        buf.reserve(total - buf.len());
+        let kind = Kind::Read { buf, total };
         match self.call(kind, offset).await? {
             Done::Read(bytes) => Ok(bytes),
             Done::Unit => unreachable!("a read answers with data"),
@@ -342,8 +358,9 @@ impl RingThread {
                 .as_mut()
                 .expect("queued slots are occupied");
             let entry = build_sqe(fd, req).user_data(i as u64);
-            // SAFETY: the entry points into the request's own buffer (a
-            // `BytesMut` or `Bytes` whose heap memory does not move), which
+            // SAFETY: the entry points into the request's own buffer (the
+            // spare capacity of a `BytesMut`, reserved up front, or a
+            // `Bytes`; neither's heap memory moves or is touched meanwhile), which
             // stays in `self.owned.slots[i]` until the CQE for this user_data
             // is reaped; the file stays open through `self.file`.
             if unsafe { self.ring.submission().push(&entry) }.is_err() {
@@ -390,12 +407,14 @@ impl RingThread {
 fn build_sqe(fd: types::Fd, req: &mut Request) -> squeue::Entry {
     let offset = req.offset;
     match &mut req.kind {
-        Kind::Read { buf, done } => {
-            let rest = &mut buf[*done..];
-            let len = rest.len().min(MAX_SQE_LEN);
+        Kind::Read { buf, total } => {
+            let done = buf.len();
+            let len = (*total - done).min(MAX_SQE_LEN);
+            // Capacity for `total` bytes was reserved in `Ring::read`.
+            let rest = &mut buf.spare_capacity_mut()[..len];
             #[allow(clippy::cast_possible_truncation)] // len <= MAX_SQE_LEN
-            opcode::Read::new(fd, rest.as_mut_ptr(), len as u32)
-                .offset(offset + *done as u64)
+            opcode::Read::new(fd, rest.as_mut_ptr().cast(), len as u32)
+                .offset(offset + done as u64)
                 .build()
         }
         Kind::Write { data, done, fua } => {
@@ -429,11 +448,20 @@ fn complete(req: &mut Request, res: i32) -> Option<io::Result<Done>> {
     }
     let n = res.unsigned_abs() as usize;
     match &mut req.kind {
-        Kind::Read { buf, done } => {
-            *done += n;
-            // n == 0 is the end of the file: the rest of the (zeroed)
-            // buffer reads as zeroes, as the fixed device size promises.
-            if n == 0 || *done >= buf.len() {
+        Kind::Read { buf, total } => {
+            let done = buf.len();
+            // The kernel never reports more than the SQE asked for.
+            let n = n.min(*total - done);
+            // SAFETY: the completed read initialised the first `n` bytes of
+            // the spare capacity the SQE pointed at (see `build_sqe`), which
+            // directly follow the `done` initialised bytes.
+            unsafe { buf.set_len(done + n) };
+            if n == 0 {
+                // The end of the file: the rest reads as zeroes, as the
+                // fixed device size promises.
+                buf.resize(*total, 0);
+            }
+            if buf.len() >= *total {
                 Some(Ok(Done::Read(std::mem::take(buf).freeze())))
             } else {
                 None
