@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+// Request buffers are large and short-lived (up to 32 MiB each); glibc's
+// malloc hands such blocks back to the kernel and page-faults them in again
+// on every request. mimalloc keeps and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ferry::config::{
     parse_export_arg, Engine, ExportConfig, ListenAddr, ServeConfig, TlsConfig, TlsPolicy,
 };
