@@ -14,7 +14,7 @@
 //!
 //! Use it from any crate with the `conformance` feature:
 //!
-//! ```ignore
+//! ```text
 //! blockcore::conformance::run(|| MyDevice::new(...));
 //! ```
 

@@ -63,7 +63,7 @@ impl BlockError {
     /// front ends can answer `ENOSPC` rather than `EIO`.
     pub fn io(op: Op, offset: u64, source: io::Error) -> Self {
         match source.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT) => BlockError::NoSpace { op, offset },
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => BlockError::NoSpace { op, offset },
             Some(libc::EOPNOTSUPP) => BlockError::Unsupported { op },
             _ => BlockError::Io { op, offset, source },
         }

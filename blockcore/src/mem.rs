@@ -114,11 +114,18 @@ impl MemDevice {
         }
     }
 
-    /// Zeroes a range: whole chunks are freed, partial chunks zeroed.
-    fn zero_range(&self, offset: u64, len: u64) {
+    /// Zeroes a range. With `deallocate`, whole chunks are freed; without
+    /// (NBD's NO_HOLE), the range stays allocated.
+    fn zero_range(&self, offset: u64, len: u64, deallocate: bool) {
         let mut chunks = self.chunks.write().unwrap_or_else(PoisonError::into_inner);
         for (index, within, take) in Self::pieces(offset, len) {
-            if take as u64 == CHUNK {
+            if !deallocate {
+                chunks
+                    .entry(index)
+                    .or_insert_with(|| vec![0; CHUNK_BYTES].into_boxed_slice())
+                    [within..within + take]
+                    .fill(0);
+            } else if take as u64 == CHUNK {
                 chunks.remove(&index);
             } else if let Some(chunk) = chunks.get_mut(&index) {
                 chunk[within..within + take].fill(0);
@@ -160,13 +167,13 @@ impl BlockDevice for MemDevice {
 
     async fn trim(&self, offset: u64, len: u64, _flags: WriteFlags) -> Result<()> {
         check_range(&self.info, Op::Trim, offset, len)?;
-        self.zero_range(offset, len);
+        self.zero_range(offset, len, true);
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, _flags: ZeroFlags) -> Result<()> {
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         check_range(&self.info, Op::WriteZeroes, offset, len)?;
-        self.zero_range(offset, len);
+        self.zero_range(offset, len, flags.may_trim);
         Ok(())
     }
 

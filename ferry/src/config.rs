@@ -157,6 +157,8 @@ pub enum ConfigError {
     DuplicateExport(String),
     #[error("export names must be at most 4096 bytes: {0:?}")]
     NameTooLong(String),
+    #[error("export names may not contain NUL: {0:?}")]
+    NameWithNul(String),
 }
 
 impl ServeConfig {
@@ -180,6 +182,9 @@ impl ServeConfig {
         for (i, e) in self.exports.iter().enumerate() {
             if e.name.len() > 4096 {
                 return Err(ConfigError::NameTooLong(e.name.clone()));
+            }
+            if e.name.contains('\0') {
+                return Err(ConfigError::NameWithNul(e.name.clone()));
             }
             if self.exports[..i].iter().any(|o| o.name == e.name) {
                 return Err(ConfigError::DuplicateExport(e.name.clone()));
@@ -252,6 +257,9 @@ mod tests {
             ServeConfig::default().validate(),
             Err(ConfigError::NoExports)
         ));
+        let cfg: ServeConfig =
+            toml::from_str("[[export]]\nname = \"a\\u0000b\"\npath = \"x\"\n").unwrap();
+        assert!(matches!(cfg.validate(), Err(ConfigError::NameWithNul(_))));
     }
 
     #[test]

@@ -143,6 +143,14 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
     let outcome = tokio::select! {
         signal = shutdown_signal() => {
             tracing::info!(signal = signal?, "shutting down: finishing in-flight requests");
+            // A second signal means "now": the image's page cache survives
+            // the process, only requests still in flight are cut off.
+            tokio::spawn(async {
+                if let Ok(signal) = shutdown_signal().await {
+                    tracing::warn!(signal, "second signal: exiting without waiting");
+                    std::process::exit(130);
+                }
+            });
             Ok(())
         }
         Some(done) = tasks.join_next() => match done {

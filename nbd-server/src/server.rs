@@ -357,6 +357,7 @@ impl Server {
             in_flight_bytes: 0,
             budget: self.config.in_flight_budget,
             reading: true,
+            broken: false,
         };
         conn.run(&self.shutdown).await
     }
@@ -382,6 +383,8 @@ struct Transmission<R, W> {
     budget: usize,
     /// False once the client disconnected, sent DISC, or shutdown began.
     reading: bool,
+    /// The socket failed: replies are dropped, running requests finish.
+    broken: bool,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
@@ -395,20 +398,30 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                     self.reading = false;
                 }
             }
-            if !self.reading && self.running.is_empty() && self.outbox.is_empty() {
+            let replies_owed = !self.broken && self.outbox.wants_io();
+            if !self.reading && self.running.is_empty() && !replies_owed {
                 break;
             }
             let can_read = self.reading && self.in_flight_bytes < self.budget;
             tokio::select! {
                 biased;
                 Some((reply, cost)) = self.running.next(), if !self.running.is_empty() => {
-                    self.outbox.push(reply, cost);
+                    if self.broken {
+                        self.in_flight_bytes -= cost;
+                    } else {
+                        self.outbox.push(reply, cost);
+                    }
                 }
-                written = self.outbox.write_some(&mut self.writer), if !self.outbox.is_empty() => {
-                    match written {
-                        Ok(released) => self.in_flight_bytes -= released,
-                        // The client is gone: nothing more can be answered.
-                        Err(e) => return Err(e.into()),
+                io = self.outbox.drive(&mut self.writer), if replies_owed => {
+                    if let Err(e) = io {
+                        // The client cannot hear replies any more. Requests
+                        // already running still finish (a write that reached
+                        // the device must not be abandoned half-way), but
+                        // nothing new starts.
+                        self.broken = true;
+                        self.reading = false;
+                        self.in_flight_bytes -= self.outbox.discard();
+                        result = Err(e.into());
                     }
                 }
                 n = self.reader.read_buf(&mut self.input), if can_read => match n {
@@ -420,10 +433,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                         self.reading = false;
                     }
                 },
-                () = shutdown.cancelled(), if self.reading => self.reading = false,
+                () = shutdown.cancelled(), if self.reading => {
+                    self.reading = false;
+                    self.refuse_buffered(Errno::Shutdown);
+                }
             }
+            self.in_flight_bytes -= self.outbox.take_released();
         }
-        let _ = self.writer.shutdown().await;
+        if !self.broken {
+            // Bounded: a client that stops reading must not pin the task.
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.writer.shutdown()).await;
+        }
         result
     }
 
@@ -439,8 +459,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
             let (header, payload) = match decoded {
                 Decoded::Request { header, payload } => (header, payload),
                 Decoded::Oversized { header } => {
-                    let reply = error_reply(&self.negotiated, &header, Errno::Overflow);
-                    self.outbox.push(reply, 0);
+                    self.refuse(&header, Errno::Overflow);
                     continue;
                 }
             };
@@ -450,11 +469,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
                 return Ok(());
             }
             if let Err(errno) = validate(&header, &self.negotiated) {
-                self.outbox
-                    .push(error_reply(&self.negotiated, &header, errno), 0);
+                self.refuse(&header, errno);
                 continue;
             }
-            let cost = request_bytes(&header);
+            let cost = request_cost(&header);
             self.in_flight_bytes += cost;
             let (device, negotiated) = (Arc::clone(&self.device), Arc::clone(&self.negotiated));
             self.running.push(
@@ -467,20 +485,53 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Transmission<R, W> {
         }
         Ok(())
     }
+
+    /// Queues an error reply; it counts against the budget until sent, so a
+    /// client that floods bad requests and never reads is paused too.
+    fn refuse(&mut self, header: &RequestHeader, errno: Errno) {
+        self.in_flight_bytes += REQUEST_OVERHEAD;
+        self.outbox.push(
+            error_reply(&self.negotiated, header, errno),
+            REQUEST_OVERHEAD,
+        );
+    }
+
+    /// Answers every complete request still in the input buffer with
+    /// `errno` (at shutdown: they were read, so they get an answer).
+    fn refuse_buffered(&mut self, errno: Errno) {
+        while let Ok(Some(decoded)) = self.decoder.decode(&mut self.input) {
+            let header = match decoded {
+                Decoded::Request { header, .. } | Decoded::Oversized { header } => header,
+            };
+            if header.command == Command::Disc {
+                return;
+            }
+            self.refuse(&header, errno);
+        }
+    }
 }
 
 /// Encoded replies waiting for the socket.
+///
+/// [`Outbox::drive`] does one socket operation per call (a vectored write,
+/// or a flush once everything is written) and updates its state only after
+/// that operation returns, so it can be dropped in a `select!` at any await
+/// point without losing bytes or budget. TLS needs the separate flush: its
+/// writes land in rustls' buffer and only a flush puts them on the socket.
 #[derive(Debug, Default)]
 struct Outbox {
     /// Byte runs in wire order: reply headers and read data.
     chunks: VecDeque<Bytes>,
     /// Budget cost released when the chunk at the same index is sent.
     costs: VecDeque<usize>,
+    /// Budget released by chunks sent since the last `take_released`.
+    released: usize,
+    needs_flush: bool,
 }
 
 impl Outbox {
-    fn is_empty(&self) -> bool {
-        self.chunks.is_empty()
+    fn wants_io(&self) -> bool {
+        !self.chunks.is_empty() || self.needs_flush
     }
 
     fn push(&mut self, reply: Reply, cost: usize) {
@@ -493,10 +544,23 @@ impl Outbox {
         }
     }
 
-    /// One vectored write of as much as the socket takes; returns the
-    /// budget released by fully sent chunks. Cancel-safe: the state only
-    /// changes after the write returns.
-    async fn write_some<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<usize> {
+    fn take_released(&mut self) -> usize {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Drops everything unsent; returns the budget it held.
+    fn discard(&mut self) -> usize {
+        self.chunks.clear();
+        self.needs_flush = false;
+        self.costs.drain(..).sum::<usize>() + self.take_released()
+    }
+
+    async fn drive<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> io::Result<()> {
+        if self.chunks.is_empty() {
+            writer.flush().await?;
+            self.needs_flush = false;
+            return Ok(());
+        }
         let mut n = {
             let slices: Vec<IoSlice<'_>> = self
                 .chunks
@@ -509,7 +573,7 @@ impl Outbox {
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let mut released = 0;
+        self.needs_flush = true;
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
                 break;
@@ -520,12 +584,9 @@ impl Outbox {
             }
             n -= front.len();
             self.chunks.pop_front();
-            released += self.costs.pop_front().unwrap_or(0);
+            self.released += self.costs.pop_front().unwrap_or(0);
         }
-        if self.chunks.is_empty() {
-            writer.flush().await?;
-        }
-        Ok(released)
+        Ok(())
     }
 }
 
@@ -556,11 +617,23 @@ struct Reply {
     data: Option<Bytes>,
 }
 
-fn request_bytes(header: &RequestHeader) -> usize {
-    match header.command {
-        Command::Read | Command::Write => header.length as usize,
-        _ => 0,
-    }
+/// Budget charged for any request or error reply besides its data: keeps
+/// a flood of small requests from growing memory without bound.
+const REQUEST_OVERHEAD: usize = 4096;
+
+/// What a request may hold in memory while it runs and until its reply is
+/// sent.
+fn request_cost(header: &RequestHeader) -> usize {
+    let length = header.length as usize;
+    REQUEST_OVERHEAD
+        + match header.command {
+            Command::Read | Command::Write => length,
+            // The read-ahead layer buffers what CACHE asks for.
+            Command::Cache => length.min(MAX_PAYLOAD as usize),
+            // A reply of up to 1024 extents (8 bytes each).
+            Command::BlockStatus => 8 * 1024,
+            _ => 0,
+        }
 }
 
 fn error_reply(negotiated: &Negotiated, header: &RequestHeader, errno: Errno) -> Reply {
@@ -649,6 +722,17 @@ fn fail(negotiated: &Negotiated, header: &RequestHeader, error: &BlockError) -> 
 }
 
 fn read_reply(negotiated: &Negotiated, header: &RequestHeader, data: Bytes) -> Reply {
+    if data.len() != header.length as usize {
+        // The reply header promises `length` bytes: a short buffer would
+        // desynchronise the whole reply stream.
+        tracing::error!(
+            cookie = header.cookie,
+            expected = header.length,
+            got = data.len(),
+            "device returned a short read"
+        );
+        return error_reply_with(negotiated, header, Errno::Io, "short read from the device");
+    }
     let mut out = BytesMut::with_capacity(32);
     if negotiated.structured_replies {
         if data.is_empty() {

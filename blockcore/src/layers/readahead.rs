@@ -110,6 +110,8 @@ struct State {
     buffers: VecDeque<Buffer>,
     buffered: u64,
     in_flight: Vec<InFlight>,
+    /// Bytes being fetched; counted with `buffered` against the bound.
+    fetching: u64,
     next_id: u64,
 }
 
@@ -200,6 +202,7 @@ impl<D: BlockDevice + 'static> Inner<D> {
         .boxed()
         .shared();
         let poisoned = Arc::new(AtomicBool::new(false));
+        state.fetching += len;
         state.in_flight.push(InFlight {
             id,
             offset,
@@ -225,7 +228,10 @@ impl<D: BlockDevice + 'static> Inner<D> {
         result: std::result::Result<Bytes, Arc<str>>,
     ) {
         let mut state = self.lock();
-        state.in_flight.retain(|f| f.id != id);
+        if let Some(i) = state.in_flight.iter().position(|f| f.id == id) {
+            let done = state.in_flight.swap_remove(i);
+            state.fetching -= done.len;
+        }
         let data = match result {
             Ok(data) => data,
             Err(e) => {
@@ -282,6 +288,13 @@ impl<D: BlockDevice + 'static> Inner<D> {
             return;
         }
         let (from, to) = (s.ahead, target);
+        // Fetches in flight stay within the memory bound (finished ones are
+        // evicted oldest first); past it, this stream reads without
+        // look-ahead for now.
+        if state.fetching + (to - from) > cfg.max_buffered {
+            return;
+        }
+        let s = &mut state.streams[i];
         s.ahead = target;
         let mut pos = from;
         while pos < to {
@@ -390,6 +403,32 @@ impl<D: BlockDevice + 'static> Inner<D> {
     }
 }
 
+/// Invalidates a mutated range when dropped: after the inner device
+/// completed the change, and also when the caller abandoned it half-way
+/// (the change may still have reached the device).
+struct Invalidate<'a, D: BlockDevice + 'static> {
+    inner: &'a Inner<D>,
+    offset: u64,
+    len: u64,
+}
+
+impl<'a, D: BlockDevice + 'static> Invalidate<'a, D> {
+    fn new(inner: &'a Inner<D>, offset: u64, len: u64) -> Self {
+        // Poison fetches already running too: one that reads after the
+        // change lands but finishes after this guard is gone is caught by
+        // the drop; one that finishes while the change is in flight would
+        // otherwise publish data of unknown age.
+        inner.invalidate(offset, len);
+        Self { inner, offset, len }
+    }
+}
+
+impl<D: BlockDevice + 'static> Drop for Invalidate<'_, D> {
+    fn drop(&mut self) {
+        self.inner.invalidate(self.offset, self.len);
+    }
+}
+
 #[async_trait]
 impl<D: BlockDevice + 'static> BlockDevice for ReadAhead<D> {
     fn info(&self) -> DeviceInfo {
@@ -420,10 +459,8 @@ impl<D: BlockDevice + 'static> BlockDevice for ReadAhead<D> {
     }
 
     async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
-        let len = data.len() as u64;
-        let r = self.inner.device.write(offset, data, flags).await;
-        self.inner.invalidate(offset, len);
-        r
+        let _invalidate = Invalidate::new(&self.inner, offset, data.len() as u64);
+        self.inner.device.write(offset, data, flags).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -431,15 +468,13 @@ impl<D: BlockDevice + 'static> BlockDevice for ReadAhead<D> {
     }
 
     async fn trim(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
-        let r = self.inner.device.trim(offset, len, flags).await;
-        self.inner.invalidate(offset, len);
-        r
+        let _invalidate = Invalidate::new(&self.inner, offset, len);
+        self.inner.device.trim(offset, len, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        let r = self.inner.device.write_zeroes(offset, len, flags).await;
-        self.inner.invalidate(offset, len);
-        r
+        let _invalidate = Invalidate::new(&self.inner, offset, len);
+        self.inner.device.write_zeroes(offset, len, flags).await
     }
 
     async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
@@ -482,6 +517,7 @@ impl<D: BlockDevice + 'static> BlockDevice for ReadAhead<D> {
 mod tests {
     use super::*;
     use crate::MemDevice;
+    use async_trait::async_trait;
 
     fn small() -> ReadAheadConfig {
         ReadAheadConfig {
@@ -566,6 +602,73 @@ mod tests {
             tokio::task::yield_now().await;
         }
         reader.await.unwrap();
+    }
+
+    /// Applies writes at once, then stays pending: the caller gives up on
+    /// a write that did reach the device.
+    #[derive(Debug)]
+    struct LandsThenHangs(MemDevice);
+
+    #[async_trait]
+    impl BlockDevice for LandsThenHangs {
+        fn info(&self) -> DeviceInfo {
+            self.0.info()
+        }
+        async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+            self.0.read(offset, len).await
+        }
+        async fn write(&self, offset: u64, data: Bytes, flags: WriteFlags) -> Result<()> {
+            self.0.write(offset, data, flags).await?;
+            std::future::pending().await
+        }
+        async fn flush(&self) -> Result<()> {
+            self.0.flush().await
+        }
+        async fn trim(&self, offset: u64, len: u64, flags: WriteFlags) -> Result<()> {
+            self.0.trim(offset, len, flags).await
+        }
+        async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+            self.0.write_zeroes(offset, len, flags).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_write_still_invalidates() {
+        let dev = ReadAhead::with_config(LandsThenHangs(MemDevice::new(1 << 20)), small());
+        dev.prefetch(0, 64 * 1024).await.unwrap();
+        let write = dev.write(4096, Bytes::from_static(&[5; 512]), WriteFlags::default());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), write)
+                .await
+                .is_err(),
+            "the test device's write should hang"
+        );
+        let got = dev.read(4096, 512).await.unwrap();
+        assert!(got.iter().all(|&b| b == 5), "stale read-ahead data served");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_fetches_stay_within_the_memory_bound() {
+        let cfg = ReadAheadConfig {
+            min_window: 64 * 1024,
+            max_window: 1 << 20,
+            max_buffered: 2 << 20,
+            streams: 8,
+        };
+        let dev = ReadAhead::with_config(MemDevice::new(64 << 20), cfg);
+        // Many short sequential streams at scattered offsets: each would
+        // start its own look-ahead.
+        for stream in 0..32u64 {
+            let base = stream * (2 << 20);
+            for i in 0..4 {
+                dev.read(base + i * 65536, 65536).await.unwrap();
+            }
+            let fetching = dev.inner.lock().fetching;
+            assert!(
+                fetching <= cfg.max_buffered,
+                "{fetching} bytes being fetched"
+            );
+        }
     }
 
     #[test]

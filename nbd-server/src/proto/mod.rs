@@ -105,7 +105,14 @@ impl From<&BlockError> for Errno {
             BlockError::Misaligned { .. } => Errno::Inval,
             BlockError::TooLarge { .. } => Errno::Overflow,
             BlockError::ReadOnly { .. } => Errno::Perm,
-            BlockError::Unsupported { .. } => Errno::NotSup,
+            // The spec reserves ENOTSUP for a write-zeroes that cannot be
+            // fast; anything else a device cannot do is an invalid request.
+            BlockError::Unsupported { op } => match op {
+                Op::WriteZeroes => Errno::NotSup,
+                Op::Read | Op::Write | Op::Flush | Op::Trim | Op::Extents | Op::Prefetch => {
+                    Errno::Inval
+                }
+            },
             BlockError::NoSpace { .. } => Errno::NoSpc,
             BlockError::Io { .. } => Errno::Io,
             BlockError::ShuttingDown { .. } => Errno::Shutdown,

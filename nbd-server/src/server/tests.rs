@@ -212,3 +212,44 @@ async fn shutdown_lets_in_flight_requests_finish_then_flushes() {
         "drain did not flush the export"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_floods_and_never_reads_is_paused_then_answered() {
+    let server = server(Arc::new(MemDevice::new(1 << 20)));
+    let c = Client::connect(&server).await;
+    // Reads past the end: each is refused with EINVAL and costs the server
+    // a queued reply. The server must stop reading rather than queue
+    // replies without bound, and still answer every request.
+    let requests: u64 = 200_000;
+    let mut batch = BytesMut::new();
+    for cookie in 0..requests {
+        batch.put_u32(REQUEST_MAGIC);
+        batch.put_u16(0);
+        batch.put_u16(CMD_READ);
+        batch.put_u64(cookie);
+        batch.put_u64(2 << 20);
+        batch.put_u32(512);
+    }
+    let (mut rd, mut wr) = tokio::io::split(c.stream);
+    let flood = tokio::spawn(async move {
+        wr.write_all(&batch).await.unwrap();
+        wr
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !flood.is_finished(),
+        "the server read 200000 requests without anyone reading its replies"
+    );
+    let mut header = [0u8; 16];
+    for expected in 0..requests {
+        rd.read_exact(&mut header).await.unwrap();
+        let error = u32::from_be_bytes(header[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(header[8..16].try_into().unwrap());
+        assert_eq!(
+            (cookie, error),
+            (expected, 22),
+            "EINVAL for every request, in order"
+        );
+    }
+    flood.await.unwrap();
+}
