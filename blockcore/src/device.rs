@@ -89,6 +89,22 @@ pub struct Capabilities {
     pub multi_conn: bool,
 }
 
+impl Capabilities {
+    /// A writable device that can do everything; devices narrow it with
+    /// struct-update syntax (`Capabilities { prefetch: false, ..Capabilities::ALL }`).
+    pub const ALL: Capabilities = Capabilities {
+        read_only: false,
+        flush: true,
+        fua: true,
+        trim: true,
+        write_zeroes: true,
+        fast_zero: true,
+        extents: true,
+        prefetch: true,
+        multi_conn: true,
+    };
+}
+
 /// The static description of a device: size, limits and capabilities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
@@ -263,14 +279,7 @@ mod tests {
             block_sizes: BlockSizes::DEFAULT,
             caps: Capabilities {
                 read_only,
-                flush: true,
-                fua: true,
-                trim: true,
-                write_zeroes: true,
-                fast_zero: true,
-                extents: true,
-                prefetch: false,
-                multi_conn: true,
+                ..Capabilities::ALL
             },
         }
     }

@@ -38,16 +38,10 @@ impl MemDevice {
             info: DeviceInfo {
                 size,
                 block_sizes: BlockSizes::DEFAULT,
+                // Nothing to fetch ahead: every read is a memory copy.
                 caps: Capabilities {
-                    read_only: false,
-                    flush: true,
-                    fua: true,
-                    trim: true,
-                    write_zeroes: true,
-                    fast_zero: true,
-                    extents: true,
                     prefetch: false,
-                    multi_conn: true,
+                    ..Capabilities::ALL
                 },
             },
             chunks: RwLock::new(BTreeMap::new()),

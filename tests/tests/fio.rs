@@ -64,14 +64,11 @@ fn read_bytes(v: &serde_json::Value) -> Option<u64> {
     v["jobs"][0]["read"]["io_bytes"].as_u64()
 }
 
-fn check(engine: Option<&str>) {
+fn check(extra: &[&str]) {
     let dir = tempdir();
     let img = sparse_image(dir.path(), "fio.img", SIZE);
     let mut args: Vec<OsString> = vec![img.clone().into_os_string()];
-    if let Some(e) = engine {
-        args.push("--engine".into());
-        args.push(e.into());
-    }
+    args.extend(extra.iter().map(OsString::from));
     let ferry = Ferry::start(&args);
     let uri = ferry.uri("fio");
 
@@ -110,10 +107,17 @@ fn check(engine: Option<&str>) {
 
 #[test]
 fn randwrite_verify_default_engine() {
-    check(None);
+    check(&[]);
+}
+
+/// The read-ahead layer under a real client: its buffers must never serve
+/// data older than a completed write.
+#[test]
+fn randwrite_verify_with_readahead() {
+    check(&["--readahead"]);
 }
 
 #[test]
 fn randwrite_verify_portable_engine() {
-    check(Some("portable"));
+    check(&["--engine", "portable"]);
 }

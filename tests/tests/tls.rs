@@ -157,3 +157,32 @@ fn qemu_over_tls() {
     ferry.stop_ok();
     assert_files_equal(&src, &img);
 }
+
+/// Many requests in flight over TLS, both directions: TLS replies sit in
+/// rustls' buffer until flushed, so a server that loses a flush under load
+/// stalls here (nbdcopy would hang until the test times out).
+#[test]
+fn nbdcopy_both_ways_over_tls_with_deep_queues() {
+    let dir = tempdir();
+    let (cert, key, ca) = self_signed_cert(dir.path());
+    let src = pattern_image(dir.path(), "src.img", 64 * MIB, 7);
+    let img = sparse_image(dir.path(), "disk.img", 64 * MIB);
+    let ferry = serve_tls(&img, &cert, &key, None);
+    let uri = tls_uri(&ferry, "disk", &ca);
+    let out = dir.path().join("out.img");
+    run(cmd("timeout")
+        .arg("120")
+        .arg("nbdcopy")
+        .args(["--connections=4", "--requests=64", "--flush"])
+        .arg(&src)
+        .arg(&uri));
+    run(cmd("timeout")
+        .arg("120")
+        .arg("nbdcopy")
+        .args(["--connections=4", "--requests=64"])
+        .arg(&uri)
+        .arg(&out));
+    ferry.stop_ok();
+    assert_files_equal(&src, &out);
+    assert_files_equal(&src, &img);
+}

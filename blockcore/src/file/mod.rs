@@ -233,14 +233,7 @@ impl FileDevice {
             block_sizes: BlockSizes::DEFAULT,
             caps: Capabilities {
                 read_only: opts.read_only,
-                flush: true,
-                fua: true,
-                trim: true,
-                write_zeroes: true,
-                fast_zero: true,
-                extents: true,
-                prefetch: true,
-                multi_conn: true,
+                ..Capabilities::ALL
             },
         };
         let dev = FileDevice {

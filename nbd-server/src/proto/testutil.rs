@@ -7,17 +7,7 @@ use bytes::{BufMut, BytesMut};
 use super::consts::{IHAVEOPT, OPTION_REPLY_MAGIC};
 use super::handshake::{ExportCatalog, ExportInfo};
 
-pub(crate) const ALL_CAPS: Capabilities = Capabilities {
-    read_only: false,
-    flush: true,
-    fua: true,
-    trim: true,
-    write_zeroes: true,
-    fast_zero: true,
-    extents: true,
-    prefetch: true,
-    multi_conn: true,
-};
+pub(crate) const ALL_CAPS: Capabilities = Capabilities::ALL;
 
 pub(crate) fn device(size: u64, min: u32, caps: Capabilities) -> DeviceInfo {
     DeviceInfo {
