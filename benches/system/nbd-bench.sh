@@ -27,6 +27,8 @@
 # - The page cache is not dropped (that needs root and hurts whoever runs next);
 #   instead the image is read once (cat > /dev/null) before each server's turn,
 #   so every server starts warm.
+# - `sync` before every job, so no job pays for the writeback of the one before
+#   (the 1 MiB write job dirties the whole image).
 # - Medians over ROUNDS of IOPS, MiB/s and p99 completion latency.
 set -euo pipefail
 
@@ -148,6 +150,9 @@ for round in $(seq "$ROUNDS"); do
     cat "$IMG" > /dev/null # warm the page cache alike for every server
     start_server "$server"
     for job in $JOBS; do
+      # Every job starts with no dirty pages: otherwise a job pays for the
+      # writeback of whatever the previous job (of any server) wrote.
+      sync
       # shellcheck disable=SC2046
       fio --name="$job" --ioengine=nbd --uri="$URI" $(job_args "$job") \
         --numjobs=1 --size="$SIZE_BYTES" --time_based --runtime="$RUNTIME" \
