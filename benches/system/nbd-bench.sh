@@ -7,8 +7,8 @@
 #   SERVERS   servers to run, in this order inside each round
 #             (default "ferry nbdkit qemu-nbd"; e.g. SERVERS="nbdkit qemu-nbd")
 #   RUNTIME   seconds per fio job (default 10)
-#   ROUNDS    rounds; each round runs every server once, interleaved, so
-#             machine noise hits all servers alike (default 3)
+#   ROUNDS    rounds; in each, every job runs on every server back to back
+#             (order rotating per round), so noise hits all alike (default 3)
 #   SIZE      image size (default 1G), fully allocated with random data
 #   BENCH_DIR where the image and results live, on local disk
 #             (default $HOME/.cache/ferry/bench)
@@ -25,7 +25,7 @@
 # - qemu-nbd gets --shared=8 so it accepts more than one client; each fio job
 #   still uses a single connection (--numjobs=1).
 # - The page cache is not dropped (that needs root and hurts whoever runs next);
-#   instead the image is read once (cat > /dev/null) before each server's turn,
+#   instead the image is read once (cat > /dev/null) before the servers start,
 #   so every server starts warm.
 # - `sync` before every job, so no job pays for the writeback of the one before
 #   (the 1 MiB write job dirties the whole image).
@@ -74,27 +74,30 @@ fi
 RES=$(mktemp -d "$BENCH_DIR/results.XXXXXX")
 echo "results in $RES"
 
-SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
+declare -A SERVER_PIDS=() URIS=()
+stop_servers() {
+  local pid
+  for pid in "${SERVER_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${SERVER_PIDS[@]}"; do
     for _ in $(seq 100); do
-      kill -0 "$SERVER_PID" 2>/dev/null || break
+      kill -0 "$pid" 2>/dev/null || break
       sleep 0.1
     done
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=""
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  SERVER_PIDS=()
 }
-trap stop_server EXIT
+trap stop_servers EXIT
 trap 'exit 130' INT TERM
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# start_server NAME -> sets SERVER_PID and URI
+# start_server NAME -> records its pid in SERVER_PIDS and its URI in URIS
 start_server() {
   local name=$1 port log=$RES/$1.log
   case $name in
@@ -123,9 +126,10 @@ start_server() {
       SERVER_PID=$!
       ;;
   esac
-  URI=nbd://127.0.0.1:$port/bench
+  SERVER_PIDS[$name]=$SERVER_PID
+  URIS[$name]=nbd://127.0.0.1:$port/bench
   for _ in $(seq 300); do
-    nbdinfo --size "$URI" >/dev/null 2>&1 && return 0
+    nbdinfo --size "${URIS[$name]}" >/dev/null 2>&1 && return 0
     kill -0 "$SERVER_PID" 2>/dev/null || { echo "$name died" >&2; cat "$log" >&2; exit 1; }
     sleep 0.1
   done
@@ -144,31 +148,41 @@ job_args() {
   esac
 }
 
+# All servers serve the same image at once (idle ones cost nothing), and
+# each job runs on every server back to back, so the runs being compared are
+# a few seconds apart: this machine's noise drifts over minutes. The server
+# order rotates every round so no server always goes first.
+read -r -a ORDER <<< "$SERVERS"
+cat "$IMG" > /dev/null # warm the page cache alike for every server
+for server in "${ORDER[@]}"; do
+  start_server "$server"
+done
 for round in $(seq "$ROUNDS"); do
-  for server in $SERVERS; do
-    echo "round $round/$ROUNDS: $server"
-    cat "$IMG" > /dev/null # warm the page cache alike for every server
-    start_server "$server"
-    for job in $JOBS; do
-      # Every job starts with no dirty pages: otherwise a job pays for the
-      # writeback of whatever the previous job (of any server) wrote.
+  shift_by=$(( (round - 1) % ${#ORDER[@]} ))
+  this_round=("${ORDER[@]:shift_by}" "${ORDER[@]:0:shift_by}")
+  echo "round $round/$ROUNDS: ${this_round[*]}"
+  for job in $JOBS; do
+    for server in "${this_round[@]}"; do
+      # Every run starts with no dirty pages: otherwise it pays for the
+      # writeback of whatever the run before it wrote.
       sync
       # shellcheck disable=SC2046
-      fio --name="$job" --ioengine=nbd --uri="$URI" $(job_args "$job") \
+      fio --name="$job" --ioengine=nbd --uri="${URIS[$server]}" $(job_args "$job") \
         --numjobs=1 --size="$SIZE_BYTES" --time_based --runtime="$RUNTIME" \
         --norandommap --randrepeat=0 --group_reporting \
         --output-format=json --output="$RES/$round.$server.$job.json" >/dev/null
-      echo "  $job done"
     done
-    stop_server
+    echo "  $job done"
   done
 done
+stop_servers
 
 python3 - "$RES" "$SERVERS" "$JOBS" "$RUNTIME" "$ROUNDS" "$SIZE" > "$RES/report.md" <<'PY'
 import glob, json, os, statistics, sys
 res, servers, jobs, runtime, rounds, size = sys.argv[1:]
 servers, jobs = servers.split(), jobs.split()
 data = {}  # (server, job) -> list of (iops, mibs, p99_us)
+per_round = {}  # (server, job) -> {round: (iops, mibs, p99_us)}
 for path in glob.glob(os.path.join(res, "*.json")):
     rnd, server, job = os.path.basename(path)[:-5].split(".", 2)
     text = open(path).read()
@@ -181,6 +195,7 @@ for path in glob.glob(os.path.join(res, "*.json")):
     pct = s.get("clat_ns", {}).get("percentile", {})
     p99 = pct.get("99.000000", 0) / 1000.0
     data.setdefault((server, job), []).append((s["iops"], s["bw_bytes"] / 2**20, p99))
+    per_round.setdefault((server, job), {})[rnd] = (s["iops"], s["bw_bytes"] / 2**20, p99)
 
 def med(server, job, i):
     v = data.get((server, job))
@@ -197,7 +212,8 @@ for job in jobs:
         print(f"| {job} | {server} | {fmt(med(server, job, 0))} | {fmt(med(server, job, 1), 1)} | {fmt(med(server, job, 2), 1)} |")
 peers = [s for s in servers if s != "ferry"]
 if "ferry" in servers and peers:
-    print("\nRatios (ferry / peer): throughput > 1 is better for ferry, p99 < 1 is better for ferry.\n")
+    print("\nRatios (ferry / peer), the median of the per-round ratios of back-to-back runs:")
+    print("throughput > 1 and p99 < 1 are better for ferry.\n")
     hdr = " | ".join(f"IOPS vs {p} | p99 vs {p}" for p in peers)
     print(f"| job | {hdr} |")
     print("|---|" + "---:|" * (2 * len(peers)))
@@ -205,8 +221,9 @@ if "ferry" in servers and peers:
         cells = []
         for p in peers:
             for i in (0, 2):
-                f, o = med("ferry", job, i), med(p, job, i)
-                cells.append(f"{f / o:.2f}" if f and o else "-")
+                f, o = per_round.get(("ferry", job), {}), per_round.get((p, job), {})
+                ratios = [f[r][i] / o[r][i] for r in f if r in o and o[r][i]]
+                cells.append(f"{statistics.median(ratios):.2f}" if ratios else "-")
         print(f"| {job} | " + " | ".join(cells) + " |")
 PY
 cat "$RES/report.md"
