@@ -1,1 +1,14 @@
-//! Encrypted, deduplicating block cache with a RocksDB signature index. Not yet built: see the cache issue.
+//! ferry's edge cache: fixed-size chunks of volume data, encrypted at rest,
+//! deduplicated by content signature, indexed in RocksDB, and bounded by an
+//! elastic capacity with scan-resistant eviction.
+//!
+//! Being built up (see the cache issue); the pieces so far:
+//! - [`seal`]: content signatures and per-chunk authenticated encryption,
+//!   with the on-disk slot record format.
+//! - [`policy`]: the eviction policy (S3-FIFO with pinning and resize).
+//! - `index` (feature `index`): the RocksDB signature/mapping index.
+
+#[cfg(feature = "index")]
+pub mod index;
+pub mod policy;
+pub mod seal;

@@ -320,7 +320,7 @@ pub fn validate(header: &RequestHeader, negotiated: &Negotiated) -> Result<(), E
         return Err(Errno::Inval);
     }
     let min = u64::from(info.block_sizes.min.max(1));
-    if header.offset % min != 0 || length % min != 0 {
+    if !header.offset.is_multiple_of(min) || !length.is_multiple_of(min) {
         return Err(Errno::Inval);
     }
     if matches!(header.command, Command::Read | Command::Write)
