@@ -6,9 +6,8 @@
 //! - [`seal`]: content signatures and per-chunk authenticated encryption,
 //!   with the on-disk slot record format.
 //! - [`policy`]: the eviction policy (S3-FIFO with pinning and resize).
-//! - `index` (feature `index`): the RocksDB signature/mapping index.
+//! - next: the RocksDB signature/mapping index (feature `index`), the slot
+//!   store and the `CachedDevice` layer.
 
-#[cfg(feature = "index")]
-pub mod index;
 pub mod policy;
 pub mod seal;
