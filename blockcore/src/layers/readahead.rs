@@ -191,32 +191,36 @@ impl<D: BlockDevice + 'static> Inner<D> {
     fn start_fetch(self: &Arc<Self>, state: &mut State, offset: u64, len: u64) -> Fetch {
         let id = state.next_id;
         state.next_id += 1;
+        let poisoned = Arc::new(AtomicBool::new(false));
         let this = Arc::clone(self);
+        let flag = Arc::clone(&poisoned);
+        // The bookkeeping runs inside the shared future, so whoever drives
+        // it first (a waiting reader or the task below) publishes the data
+        // exactly once, without waiting for a task to be scheduled.
         let fetch = async move {
-            let len = usize::try_from(len).map_err(|_| Arc::<str>::from("fetch too large"))?;
-            this.device
-                .read(offset, len)
-                .await
-                .map_err(|e| Arc::<str>::from(e.to_string()))
+            let result = match usize::try_from(len) {
+                Ok(n) => this
+                    .device
+                    .read(offset, n)
+                    .await
+                    .map_err(|e| Arc::<str>::from(e.to_string())),
+                Err(_) => Err(Arc::<str>::from("fetch too large")),
+            };
+            this.finish_fetch(id, offset, &flag, result.clone());
+            result
         }
         .boxed()
         .shared();
-        let poisoned = Arc::new(AtomicBool::new(false));
         state.fetching += len;
         state.in_flight.push(InFlight {
             id,
             offset,
             len,
             fetch: fetch.clone(),
-            poisoned: Arc::clone(&poisoned),
+            poisoned,
         });
-        // Drive the fetch even if nobody waits for it, then publish it.
-        let this = Arc::clone(self);
-        let driven = fetch.clone();
-        tokio::spawn(async move {
-            let result = driven.await;
-            this.finish_fetch(id, offset, &poisoned, result);
-        });
+        // Drive the fetch even if nobody waits for it.
+        tokio::spawn(fetch.clone());
         fetch
     }
 
