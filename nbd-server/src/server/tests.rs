@@ -26,6 +26,7 @@ struct Instrumented {
     delay: Duration,
     dirty: AtomicU64,
     flushed_after_write: AtomicBool,
+    reads_started: AtomicU64,
 }
 
 impl Instrumented {
@@ -36,6 +37,7 @@ impl Instrumented {
             delay,
             dirty: AtomicU64::new(0),
             flushed_after_write: AtomicBool::new(false),
+            reads_started: AtomicU64::new(0),
         }
     }
 }
@@ -46,6 +48,7 @@ impl BlockDevice for Instrumented {
         self.inner.info()
     }
     async fn read(&self, offset: u64, len: usize) -> BlockResult<Bytes> {
+        self.reads_started.fetch_add(1, Ordering::SeqCst);
         if offset < self.slow_below {
             tokio::time::sleep(self.delay).await;
         }
@@ -195,7 +198,14 @@ async fn shutdown_lets_in_flight_requests_finish_then_flushes() {
     c.send(CMD_WRITE, 1, 8192, 3, b"abc").await;
     assert_eq!(c.reply(|_| 0).await.1, 0);
     c.send(CMD_READ, 2, 0, 16, &[]).await; // slow: still running at shutdown
-    tokio::time::sleep(Duration::from_millis(50)).await;
+                                           // Shut down only once the device is working on it (a request read but
+                                           // not started would rightly be refused with ESHUTDOWN instead).
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        while dev.reads_started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    started.await.expect("the read never reached the device");
     server.shutdown();
     let (cookie, error, data) = c.reply(|_| 16).await;
     assert_eq!((cookie, error, data.len()), (2, 0, 16));
