@@ -19,12 +19,32 @@ declare -A TOOLS=(
   [sha256sum]=coreutils
   [truncate]=coreutils
   [cmp]=diffutils
+  # bindgen (rocksdb's librocksdb-sys, the cache's `index` feature) runs clang
+  # to find the system include paths.
+  [clang]=clang
 )
+
+# Debian packages with no command of their own, checked with dpkg.
+# libclang-dev: the libclang.so that bindgen loads at run time
+# (librocksdb-sys's `bindgen-runtime`), with clang's builtin headers.
+LIB_PKGS=(
+  libclang-dev
+)
+
+pkg_installed() {
+  dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
 
 missing=()
 for tool in "${!TOOLS[@]}"; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     missing+=("${TOOLS[$tool]}")
+  fi
+done
+
+for pkg in "${LIB_PKGS[@]}"; do
+  if ! pkg_installed "$pkg"; then
+    missing+=("$pkg")
   fi
 done
 
@@ -45,6 +65,12 @@ fi
 for tool in "${!TOOLS[@]}"; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "install-deps: ERROR: $tool still missing after installing ${TOOLS[$tool]}" >&2
+    exit 1
+  fi
+done
+for pkg in "${LIB_PKGS[@]}"; do
+  if ! pkg_installed "$pkg"; then
+    echo "install-deps: ERROR: package $pkg still missing after installing it" >&2
     exit 1
   fi
 done
