@@ -16,6 +16,13 @@
 //! read_only = false
 //! readahead = false
 //! engine = "auto"           # "uring" or "portable"
+//!
+//! [cache]                   # optional: read every export through an
+//! dir = "/var/cache/ferry"  # encrypted local cache
+//! size = "8G"               # capacity; K, M, G, T suffixes (powers of 2)
+//! key_file = "/etc/ferry/cache.key"   # 32 bytes, raw or as 64 hex digits
+//! chunk_size = "64K"        # fixed when the cache is created
+//! write_mode = "through"    # or "around"
 //! ```
 
 use std::fmt;
@@ -124,6 +131,81 @@ pub struct ExportConfig {
     pub engine: Engine,
 }
 
+/// A byte count written as a number or with a K/M/G/T suffix (powers of
+/// two), as in `"64K"` or `"8G"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let (digits, shift) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let shift = match c.to_ascii_uppercase() {
+                    'K' => 10,
+                    'M' => 20,
+                    'G' => 30,
+                    'T' => 40,
+                    _ => return Err(format!("{s:?}: unknown size suffix {c:?}")),
+                };
+                (&t[..i], shift)
+            }
+            _ => (t, 0),
+        };
+        let n: u64 = digits
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 8G)"))?;
+        n.checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// What writes do to the cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheWriteMode {
+    /// Whole chunks written are stored in the cache.
+    #[default]
+    Through,
+    /// Writes only drop the chunks they touch.
+    Around,
+}
+
+/// The local cache every export is read through.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    pub dir: PathBuf,
+    pub size: ByteSize,
+    pub key_file: PathBuf,
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: ByteSize,
+    #[serde(default)]
+    pub write_mode: CacheWriteMode,
+}
+
+fn default_chunk_size() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+
 /// The whole `serve` configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +213,7 @@ pub struct ServeConfig {
     #[serde(default)]
     pub listen: Vec<ListenAddr>,
     pub tls: Option<TlsConfig>,
+    pub cache: Option<CacheSettings>,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
 }
@@ -159,6 +242,36 @@ pub enum ConfigError {
     NameTooLong(String),
     #[error("export names may not contain NUL: {0:?}")]
     NameWithNul(String),
+    #[error("cache key file {path}: {why}")]
+    CacheKey { path: String, why: String },
+}
+
+/// Reads a 32-byte cache master key: 32 raw bytes, or 64 hex digits
+/// (surrounding whitespace allowed).
+pub fn read_key_file(path: &Path) -> Result<zeroize::Zeroizing<[u8; 32]>, ConfigError> {
+    let err = |why: String| ConfigError::CacheKey {
+        path: path.display().to_string(),
+        why,
+    };
+    let raw = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    if raw.len() == 32 {
+        key.copy_from_slice(&raw);
+        return Ok(key);
+    }
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| err("expected 32 raw bytes or 64 hex digits".into()))?
+        .trim();
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(err(format!(
+            "expected 32 raw bytes or 64 hex digits, found {} bytes",
+            raw.len()
+        )));
+    }
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("checked hex");
+    }
+    Ok(key)
 }
 
 impl ServeConfig {
@@ -260,6 +373,36 @@ mod tests {
         let cfg: ServeConfig =
             toml::from_str("[[export]]\nname = \"a\\u0000b\"\npath = \"x\"\n").unwrap();
         assert!(matches!(cfg.validate(), Err(ConfigError::NameWithNul(_))));
+    }
+
+    #[test]
+    fn parses_cache_settings_and_sizes() {
+        let cfg: ServeConfig = toml::from_str(
+            "[cache]\ndir = \"/c\"\nsize = \"8G\"\nkey_file = \"/k\"\n[[export]]\nname = \"a\"\npath = \"x\"\n",
+        )
+        .unwrap();
+        let cache = cfg.cache.unwrap();
+        assert_eq!(cache.size, ByteSize(8 << 30));
+        assert_eq!(cache.chunk_size, ByteSize(64 << 10));
+        assert_eq!(cache.write_mode, CacheWriteMode::Through);
+        assert_eq!("4096".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert_eq!("64k".parse::<ByteSize>().unwrap(), ByteSize(65536));
+        assert!("12Q".parse::<ByteSize>().is_err());
+        assert!("99999999999T".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn reads_raw_and_hex_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        std::fs::write(&raw, [7u8; 32]).unwrap();
+        assert_eq!(*read_key_file(&raw).unwrap(), [7u8; 32]);
+        let hex = dir.path().join("hex");
+        std::fs::write(&hex, format!("{}\n", "0a".repeat(32))).unwrap();
+        assert_eq!(*read_key_file(&hex).unwrap(), [10u8; 32]);
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "short").unwrap();
+        assert!(read_key_file(&bad).is_err());
     }
 
     #[test]

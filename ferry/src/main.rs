@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ferry::config::{
-    parse_export_arg, Engine, ExportConfig, ListenAddr, ServeConfig, TlsConfig, TlsPolicy,
+    parse_export_arg, read_key_file, ByteSize, CacheSettings, CacheWriteMode, Engine, ExportConfig,
+    ListenAddr, ServeConfig, TlsConfig, TlsPolicy,
 };
 
 #[derive(Parser, Debug)]
@@ -29,9 +30,32 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Export raw images over NBD.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve a generated demo disk and print how to connect to it.
     Demo(DemoArgs),
+    /// Work with a cache directory.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCommand {
+    /// Print a cache's size, occupancy, volumes and dedup ratio, and check
+    /// every stored chunk. Exits 1 if anything is damaged.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The cache directory (as given to --cache-dir).
+    dir: PathBuf,
+    /// Also decrypt every chunk and check it against its signature (needs
+    /// the key).
+    #[arg(long, requires = "key_file")]
+    verify: bool,
+    /// The cache's master key file (32 raw bytes or 64 hex digits).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +95,21 @@ struct ServeArgs {
     /// TOML configuration file; flags add exports and listeners to it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Read every export through an encrypted cache in this directory.
+    #[arg(long, value_name = "DIR", requires_all = ["cache_size", "cache_key_file"])]
+    cache_dir: Option<PathBuf>,
+    /// Cache capacity (e.g. 8G).
+    #[arg(long, value_name = "SIZE", requires = "cache_dir")]
+    cache_size: Option<ByteSize>,
+    /// The cache's 32-byte master key (raw or 64 hex digits).
+    #[arg(long, value_name = "FILE", requires = "cache_dir")]
+    cache_key_file: Option<PathBuf>,
+    /// Cache chunk size, fixed when the cache is created.
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    cache_chunk_size: ByteSize,
+    /// Whether writes store whole chunks in the cache or only drop them.
+    #[arg(long, value_enum, default_value_t = CacheWriteMode::Through)]
+    cache_write_mode: CacheWriteMode,
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +163,17 @@ impl ServeArgs {
             }
         }
         cfg.listen.extend(self.nbd);
+        if let (Some(dir), Some(size), Some(key_file)) =
+            (self.cache_dir, self.cache_size, self.cache_key_file)
+        {
+            cfg.cache = Some(CacheSettings {
+                dir,
+                size,
+                key_file,
+                chunk_size: self.cache_chunk_size,
+                write_mode: self.cache_write_mode,
+            });
+        }
         if let (Some(cert), Some(key)) = (self.tls_cert, self.tls_key) {
             cfg.tls = Some(TlsConfig {
                 cert,
@@ -140,6 +190,21 @@ fn print_listening(addr: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening nbd {addr}");
     let _ = out.flush();
+}
+
+async fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
+    let key = args.key_file.as_deref().map(read_key_file).transpose()?;
+    let dir = args.dir.clone();
+    let verify = args.verify;
+    let inspection = tokio::task::spawn_blocking(move || {
+        cache::inspect::inspect(&dir, key.as_deref().filter(|_| verify))
+    })
+    .await??;
+    print!("{inspection}");
+    if !inspection.is_clean() {
+        anyhow::bail!("the cache in {} has damaged chunks", args.dir.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -164,8 +229,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => ferry::serve::run(args.into_config()?, print_listening).await,
+            Command::Serve(args) => {
+                ferry::serve::run((*args).into_config()?, print_listening).await
+            }
             Command::Demo(args) => ferry::demo::run(args.dir, args.size_mib, args.nbd).await,
+            Command::Cache(CacheCommand::Inspect(args)) => inspect(&args).await,
         }
     });
     match result {

@@ -9,7 +9,12 @@ use blockcore::{BlockDevice, FileDevice, OpenOptions, ReadAhead, Stats};
 use nbd_server::{Export, Server, ServerConfig, TlsMode};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::{ExportConfig, ListenAddr, ServeConfig, TlsPolicy, DEFAULT_NBD_ADDR};
+use cache::{Cache, CacheConfig, CachedDevice, WriteMode};
+
+use crate::config::{
+    read_key_file, CacheSettings, CacheWriteMode, ExportConfig, ListenAddr, ServeConfig, TlsPolicy,
+    DEFAULT_NBD_ADDR,
+};
 
 /// How long shutdown waits for in-flight requests before flushing anyway.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -21,9 +26,45 @@ pub struct ServedExport {
     pub stats: Arc<Stats<Arc<dyn BlockDevice>>>,
 }
 
+/// The cache exports are read through, and how writes treat it.
+#[derive(Debug, Clone)]
+pub struct SharedCache {
+    pub cache: Arc<Cache>,
+    pub mode: WriteMode,
+}
+
+/// Opens the cache directory `settings` names (creating it if needed).
+pub fn open_cache(settings: &CacheSettings) -> anyhow::Result<SharedCache> {
+    let key = read_key_file(&settings.key_file)?;
+    let config = CacheConfig {
+        chunk_size: u32::try_from(settings.chunk_size.0).context("cache chunk size too large")?,
+        capacity: settings.size.0,
+        ..CacheConfig::default()
+    };
+    let cache = Cache::open(&settings.dir, &key, &config)
+        .with_context(|| format!("opening the cache in {}", settings.dir.display()))?;
+    let stats = cache.stats();
+    tracing::info!(
+        dir = %settings.dir.display(),
+        slots = stats.slots,
+        used = stats.used_slots,
+        "cache ready"
+    );
+    Ok(SharedCache {
+        cache: Arc::new(cache),
+        mode: match settings.write_mode {
+            CacheWriteMode::Through => WriteMode::Through,
+            CacheWriteMode::Around => WriteMode::Around,
+        },
+    })
+}
+
 /// Opens an export's image and stacks its layers:
-/// `Stats -> [ReadAhead ->] FileDevice`.
-pub fn open_export(cfg: &ExportConfig) -> anyhow::Result<(Export, ServedExport)> {
+/// `Stats -> [ReadAhead ->] [CachedDevice ->] FileDevice`.
+pub fn open_export(
+    cfg: &ExportConfig,
+    cache: Option<&SharedCache>,
+) -> anyhow::Result<(Export, ServedExport)> {
     let opts = OpenOptions {
         read_only: cfg.read_only,
         engine: cfg.engine.into(),
@@ -39,10 +80,18 @@ pub fn open_export(cfg: &ExportConfig) -> anyhow::Result<(Export, ServedExport)>
         readahead = cfg.readahead,
         "export ready"
     );
+    // The cache knows the image as a volume named after the export.
+    let cached: Arc<dyn BlockDevice> = match cache {
+        Some(c) => Arc::new(
+            CachedDevice::new(file, c.cache.clone(), &cfg.name, c.mode)
+                .with_context(|| format!("registering export {} in the cache", cfg.name))?,
+        ),
+        None => Arc::new(file),
+    };
     let base: Arc<dyn BlockDevice> = if cfg.readahead {
-        Arc::new(ReadAhead::new(file))
+        Arc::new(ReadAhead::new(cached))
     } else {
-        Arc::new(file)
+        cached
     };
     let stats = Arc::new(Stats::new(base));
     let export = Export {
@@ -102,10 +151,11 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 /// `on_listening` is told each bound address (`IP:PORT` or `unix:PATH`).
 pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> anyhow::Result<()> {
     config.validate()?;
+    let cache = config.cache.as_ref().map(open_cache).transpose()?;
     let mut exports = Vec::new();
     let mut served = Vec::new();
     for e in &config.exports {
-        let (export, s) = open_export(e)?;
+        let (export, s) = open_export(e, cache.as_ref())?;
         exports.push(export);
         served.push(s);
     }
@@ -167,6 +217,21 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
     for s in &served {
         let snapshot = s.stats.snapshot();
         tracing::info!(export = %s.name, "statistics:\n{snapshot}");
+    }
+    if let Some(c) = &cache {
+        let st = c.cache.stats();
+        tracing::info!(
+            hits = st.hits,
+            misses = st.misses,
+            hit_rate = format!("{:.3}", st.hit_rate()),
+            stored = st.stores,
+            dedup_hits = st.dedup_hits,
+            dedup_bytes = st.dedup_bytes,
+            evictions = st.evictions,
+            integrity_errors = st.integrity_errors,
+            fill_rate = format!("{:.3}", st.fill_rate()),
+            "cache statistics"
+        );
     }
     drained.context("flushing exports at shutdown")?;
     outcome

@@ -548,13 +548,27 @@ impl Ferry {
 
     /// [`Ferry::stop`] and assert a clean exit (code 0), showing stderr if not.
     pub fn stop_ok(self) {
-        let log_path = self.log_path.clone();
+        let _ = self.stop_ok_log();
+    }
+
+    /// [`Ferry::stop_ok`], returning everything ferry wrote to stderr
+    /// (including what it logged while shutting down).
+    pub fn stop_ok_log(self) -> String {
+        // The log lives in a temp dir that `stop` removes; a hard link in
+        // another temp dir keeps the file (which ferry is still writing).
+        let keep = tempfile::Builder::new()
+            .prefix("ferry-log-keep-")
+            .tempdir()
+            .expect("log dir");
+        let copy = keep.path().join("stderr");
+        fs::hard_link(&self.log_path, &copy).expect("link the log");
         let st = self.stop();
+        let log = fs::read_to_string(&copy).unwrap_or_default();
         assert!(
             st.success(),
-            "ferry exited with {st} after SIGTERM (expected 0)\n--- ferry stderr ---\n{}",
-            fs::read_to_string(&log_path).unwrap_or_default()
+            "ferry exited with {st} after SIGTERM (expected 0)\n--- ferry stderr ---\n{log}",
         );
+        log
     }
 }
 
