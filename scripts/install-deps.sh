@@ -19,8 +19,9 @@ declare -A TOOLS=(
   [sha256sum]=coreutils
   [truncate]=coreutils
   [cmp]=diffutils
-  # bindgen (rocksdb's librocksdb-sys, the cache's `index` feature) runs clang
-  # to find the system include paths.
+  # The cache's RocksDB index: librocksdb-sys compiles RocksDB (C++) and
+  # runs bindgen, which asks clang for the system include paths.
+  [g++]=g++
   [clang]=clang
 )
 

@@ -674,7 +674,7 @@ fn crash_consistency() {
     // For each (volume index, chunk): the lowest version a hit may have.
     let mut floor: HashMap<(usize, u64), u64> = HashMap::new();
     let mut total_ops = 0;
-    for round in 1..=6u64 {
+    for round in 1..=20u64 {
         let mut child = Command::new(&exe)
             .args([
                 "store::tests::crash_child",
@@ -702,7 +702,7 @@ fn crash_consistency() {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(20 + seed % 300));
+        std::thread::sleep(Duration::from_millis(10 + seed % 150));
         child.kill().unwrap();
         child.wait().unwrap();
         reader.join().unwrap();
