@@ -104,6 +104,14 @@ impl Epochs {
     }
 }
 
+/// The mutation counters of a run of chunks at one moment (see
+/// [`CachedDevice::snapshot`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EpochSnapshot {
+    first: u64,
+    epochs: Vec<u64>,
+}
+
 /// Counters of the layer (the cache's own are in [`CachedDevice::cache_stats`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedDeviceStats {
@@ -208,6 +216,59 @@ impl<D: BlockDevice + 'static> CachedDevice<D> {
         if let Ok(all) = self.fills.acquire_many(MAX_FILLS).await {
             drop(all);
         }
+    }
+
+    /// Drops the chunks of `[offset, offset + len)` from the cache (and
+    /// stops fills of them in flight), for data that changed behind this
+    /// layer: e.g. a journal above it whose writes reach the inner device
+    /// by another path.
+    pub async fn invalidate(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(&self.info(), Op::Write, offset, len)?;
+        self.mutate(Op::Write, offset, len, None, async { Ok(()) })
+            .await
+    }
+
+    /// The mutation counters of the chunks covering `[offset, offset +
+    /// len)`, to pass to [`CachedDevice::offer`] with data read from the
+    /// inner device after this call.
+    pub fn snapshot(&self, offset: u64, len: u64) -> EpochSnapshot {
+        if len == 0 {
+            return EpochSnapshot::default();
+        }
+        let chunks = self.chunks(offset, len);
+        EpochSnapshot {
+            first: *chunks.start(),
+            epochs: chunks.map(|c| self.epochs.get(c)).collect(),
+        }
+    }
+
+    /// Offers data of the inner device obtained outside this layer (a push
+    /// from an origin) for caching. Only whole chunks are kept, and each only
+    /// if no mutation touched it since `since` was taken (before the data
+    /// was requested). Returns at once; storing happens in the background.
+    pub async fn offer(&self, offset: u64, data: Bytes, since: &EpochSnapshot) {
+        let end = offset
+            .saturating_add(data.len() as u64)
+            .min(self.volume.size);
+        let mut fills = Vec::new();
+        let mut c = offset.div_ceil(self.chunk_size);
+        loop {
+            let c_start = c * self.chunk_size;
+            let c_end = (c_start + self.chunk_size).min(self.volume.size);
+            if c_start >= end || c_end > end {
+                break;
+            }
+            let epoch = c
+                .checked_sub(since.first)
+                .and_then(|i| since.epochs.get(usize::try_from(i).ok()?));
+            if let Some(&epoch) = epoch {
+                let s = usize::try_from(c_start - offset).expect("fits");
+                let e = usize::try_from(c_end - offset).expect("fits");
+                fills.push((c, data.slice(s..e), epoch));
+            }
+            c += 1;
+        }
+        self.spawn_fill(fills).await;
     }
 
     fn chunks(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {

@@ -22,5 +22,5 @@ pub mod seal;
 pub mod slots;
 pub mod store;
 
-pub use device::{CachedDevice, CachedDeviceStats, WriteMode};
+pub use device::{CachedDevice, CachedDeviceStats, EpochSnapshot, WriteMode};
 pub use store::{Cache, CacheConfig, CacheError, CacheStats, PutOutcome, VerifyReport, Volume};

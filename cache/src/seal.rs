@@ -271,6 +271,32 @@ impl Keys {
     }
 }
 
+/// The dedup half of [`Keys`] alone: what an origin needs to compute the
+/// same signatures as every edge cache of the deployment, without any
+/// cache's encryption key.
+#[derive(Zeroize, ZeroizeOnDrop)]
+pub struct SignatureKey([u8; 32]);
+
+impl SignatureKey {
+    /// Derives the deployment's dedup key from the master key, exactly as
+    /// [`Keys::derive`] does.
+    pub fn derive(master: &[u8; 32]) -> Self {
+        Self(blake3::derive_key(DEDUP_KEY_CONTEXT, master))
+    }
+
+    /// The content signature of `plaintext` (equal to [`Keys::signature`]
+    /// for keys derived from the same master).
+    pub fn signature(&self, plaintext: &[u8]) -> Signature {
+        Signature(*blake3::keyed_hash(&self.0, plaintext).as_bytes())
+    }
+}
+
+impl fmt::Debug for SignatureKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignatureKey").finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for Keys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Keys").finish_non_exhaustive()
@@ -1350,5 +1376,19 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn signature_key_matches_every_cache_of_the_deployment() {
+        let master = [5u8; 32];
+        let pt = data(4096, 9);
+        let sk = SignatureKey::derive(&master);
+        for id in [[0u8; 16], [1u8; 16]] {
+            assert_eq!(Keys::derive(&master, &id).signature(&pt), sk.signature(&pt));
+        }
+        assert_ne!(
+            SignatureKey::derive(&[6u8; 32]).signature(&pt),
+            sk.signature(&pt)
+        );
     }
 }

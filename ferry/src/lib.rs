@@ -4,4 +4,6 @@
 
 pub mod config;
 pub mod demo;
+pub mod edge;
+pub mod origin;
 pub mod serve;

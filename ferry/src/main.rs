@@ -36,6 +36,96 @@ enum Command {
     /// Work with a cache directory.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Serve images to edges over the replication link.
+    Origin(OriginCliArgs),
+    /// Serve a volume of an origin over NBD, with a local cache and a
+    /// write-behind journal; `flush` and `status` talk to a running edge.
+    Edge(EdgeCmd),
+}
+
+#[derive(Args, Debug)]
+struct OriginCliArgs {
+    /// Address to listen on for edges, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// A volume to serve, as NAME=PATH (repeatable).
+    #[arg(long = "export", value_name = "NAME=PATH", value_parser = parse_export_arg, required = true)]
+    exports: Vec<(String, PathBuf)>,
+    /// Directory for the origin's state (apply journals, volume epochs, the
+    /// deployment key handed to edges).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Pre-shared key (32 bytes, raw or hex) edges must prove they hold.
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Run the link without TLS (required today: TLS is not implemented).
+    #[arg(long)]
+    no_tls: bool,
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    engine: Engine,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct EdgeCmd {
+    #[command(subcommand)]
+    action: Option<EdgeAction>,
+    #[command(flatten)]
+    run: EdgeRunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum EdgeAction {
+    /// Ship every journaled write to the origin and wait until applied.
+    Flush(EdgeControlArgs),
+    /// Print the edge's link, cache and journal state.
+    Status(EdgeControlArgs),
+}
+
+#[derive(Args, Debug)]
+struct EdgeControlArgs {
+    /// The edge's control socket.
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct EdgeRunArgs {
+    /// The origin, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    origin: Option<String>,
+    /// The volume to attach.
+    #[arg(long)]
+    volume: Option<String>,
+    /// Directory for the cache and the journal.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Cache capacity.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    cache_size: ByteSize,
+    /// Write journal capacity; writes wait when it is full.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    journal_size: ByteSize,
+    /// Recovery point objective in seconds: writes older than this are
+    /// shipped even without a FLUSH.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    rpo: f64,
+    /// How long a read of uncached data waits for an unreachable origin
+    /// before failing with EIO, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    request_timeout: f64,
+    /// NBD listen address (repeatable; default 127.0.0.1:10809).
+    #[arg(long, value_name = "ADDR")]
+    nbd: Vec<ListenAddr>,
+    /// Pre-shared key file (as given to the origin).
+    #[arg(long, value_name = "FILE")]
+    psk_file: Option<PathBuf>,
+    /// Run the link without TLS (required today: TLS is not implemented).
+    #[arg(long)]
+    no_tls: bool,
+    /// Control socket (default: DIR/edge-VOLUME.sock).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -192,6 +282,58 @@ fn print_listening(addr: &str) {
     let _ = out.flush();
 }
 
+async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        Some(EdgeAction::Flush(c)) => {
+            ferry::edge::control(&c.control, "flush").await?;
+            println!("flushed: every journaled write is applied at the origin");
+            Ok(())
+        }
+        Some(EdgeAction::Status(c)) => {
+            print!("{}", ferry::edge::control(&c.control, "status").await?);
+            Ok(())
+        }
+        None => {
+            let r = cmd.run;
+            let (Some(origin), Some(volume), Some(cache_dir)) = (r.origin, r.volume, r.cache_dir)
+            else {
+                anyhow::bail!("ferry edge needs --origin, --volume and --cache-dir");
+            };
+            let secs = |v: f64, what: &str| {
+                std::time::Duration::try_from_secs_f64(v).map_err(|_| {
+                    anyhow::anyhow!("--{what} must be a non-negative number of seconds")
+                })
+            };
+            let args = ferry::edge::EdgeArgs {
+                origin,
+                volume,
+                cache_dir,
+                cache_size: r.cache_size.0,
+                journal_size: r.journal_size.0,
+                rpo: secs(r.rpo, "rpo")?,
+                nbd: r.nbd,
+                psk_file: r.psk_file,
+                no_tls: r.no_tls,
+                control: r.control,
+                request_timeout: secs(r.request_timeout, "request-timeout")?,
+                edge_id: None,
+            };
+            let running = ferry::edge::start(&args).await?;
+            for l in &running.listeners {
+                print_listening(l);
+            }
+            print_listening_as("control", &running.control.display().to_string());
+            running.run_until_signal().await
+        }
+    }
+}
+
+fn print_listening_as(what: &str, addr: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening {what} {addr}");
+    let _ = out.flush();
+}
+
 async fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
     let key = args.key_file.as_deref().map(read_key_file).transpose()?;
     let dir = args.dir.clone();
@@ -234,6 +376,18 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => ferry::demo::run(args.dir, args.size_mib, args.nbd).await,
             Command::Cache(CacheCommand::Inspect(args)) => inspect(&args).await,
+            Command::Origin(a) => {
+                let args = ferry::origin::OriginArgs {
+                    listen: a.listen,
+                    exports: a.exports,
+                    state_dir: a.state_dir,
+                    psk_file: a.psk_file,
+                    no_tls: a.no_tls,
+                    engine: a.engine,
+                };
+                ferry::origin::run(args, |addr| print_listening_as("origin", addr)).await
+            }
+            Command::Edge(cmd) => edge(cmd).await,
         }
     });
     match result {

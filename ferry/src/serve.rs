@@ -237,7 +237,7 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
     outcome
 }
 
-async fn shutdown_signal() -> anyhow::Result<&'static str> {
+pub(crate) async fn shutdown_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -404,3 +404,44 @@ fn prefetch_fills_the_cache() {
         assert_eq!(dev.stats().bytes_from_inner, fetched);
     });
 }
+
+#[test]
+fn offers_are_kept_only_for_untouched_whole_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let cache = cache_in(dir.path(), 64);
+        let content = pattern(8, 16 * 4096);
+        let dev = CachedDevice::new(
+            MemDevice::from_bytes(&content),
+            cache,
+            "v",
+            WriteMode::Around,
+        )
+        .unwrap();
+        // Chunks 0..8 requested; chunk 3 is written before the data
+        // arrives, and the offer starts mid-chunk 0.
+        let since = dev.snapshot(0, 8 * 4096);
+        dev.write(
+            3 * 4096 + 10,
+            Bytes::from_static(b"new"),
+            WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+        dev.offer(100, Bytes::copy_from_slice(&content[100..8 * 4096]), &since)
+            .await;
+        dev.settle().await;
+        let cached: Vec<u64> = (0..8)
+            .filter(|&c| dev.cache().get(dev.volume(), c).unwrap().is_some())
+            .collect();
+        assert_eq!(cached, vec![1, 2, 4, 5, 6, 7]);
+        // invalidate drops chunks like a write would.
+        dev.invalidate(4096, 2 * 4096).await.unwrap();
+        assert!(dev.cache().get(dev.volume(), 1).unwrap().is_none());
+        assert!(dev.cache().get(dev.volume(), 2).unwrap().is_none());
+        assert!(dev.cache().get(dev.volume(), 4).unwrap().is_some());
+        let mut expect = content.clone();
+        expect[3 * 4096 + 10..3 * 4096 + 13].copy_from_slice(b"new");
+        assert_eq!(dev.read(0, expect.len()).await.unwrap(), expect);
+    });
+}

@@ -1,0 +1,300 @@
+//! `ferry edge`: attach to a volume of an origin and serve it over NBD,
+//! reading through the local cache and absorbing writes in the journal.
+//! `ferry edge flush` / `ferry edge status` talk to a running edge through
+//! its control socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use blockcore::{BlockDevice, Stats};
+use cache::{Cache, CacheConfig};
+use nbd_server::{Export, Server, ServerConfig};
+use replication::edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient};
+use replication::journal::{Journal, JournalOptions};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+
+use crate::config::{read_key_file, ListenAddr, DEFAULT_NBD_ADDR};
+
+/// What `ferry edge` was asked to do.
+#[derive(Debug, Clone)]
+pub struct EdgeArgs {
+    pub origin: String,
+    pub volume: String,
+    pub cache_dir: PathBuf,
+    pub cache_size: u64,
+    pub journal_size: u64,
+    pub rpo: Duration,
+    pub nbd: Vec<ListenAddr>,
+    pub psk_file: Option<PathBuf>,
+    pub no_tls: bool,
+    pub control: Option<PathBuf>,
+    pub request_timeout: Duration,
+    pub edge_id: Option<String>,
+}
+
+/// The control socket's default path for a volume.
+pub fn default_control(cache_dir: &Path, volume: &str) -> PathBuf {
+    cache_dir.join(format!("edge-{volume}.sock"))
+}
+
+/// A running edge: the device, its NBD server, its control socket.
+pub struct RunningEdge {
+    pub device: Arc<EdgeDevice>,
+    pub server: Server,
+    pub listeners: Vec<String>,
+    pub control: PathBuf,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+/// Attaches and starts serving; returns once listening.
+pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
+    if !args.no_tls {
+        bail!(
+            "the link has no TLS yet: pass --no-tls on both ends (with --psk-file to \
+             authenticate the edge) on a trusted network"
+        );
+    }
+    let psk = args
+        .psk_file
+        .as_deref()
+        .map(read_key_file)
+        .transpose()?
+        .map(|k| *k);
+    let mut link = EdgeLinkConfig::new(&args.origin, &args.volume);
+    link.psk = psk;
+    link.request_timeout = args.request_timeout;
+    if let Some(id) = &args.edge_id {
+        link.edge_id.clone_from(id);
+    } else {
+        // Stable across restarts of this edge, so the origin lets it take
+        // its volume back after a crash.
+        link.edge_id = stable_edge_id(&args.cache_dir)?;
+    }
+    let (client, pushes) = LinkClient::connect(link)
+        .await
+        .with_context(|| format!("attaching volume {} at {}", args.volume, args.origin))?;
+    let a = client.attachment().clone();
+    tracing::info!(volume = %args.volume, size = a.size, next_seq = a.next_seq, "attached");
+
+    let cache_dir = args.cache_dir.clone();
+    let cache_config = CacheConfig {
+        chunk_size: a.chunk_size,
+        capacity: args.cache_size,
+        ..CacheConfig::default()
+    };
+    let key = a.cache_key.clone();
+    let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir, &key, &cache_config))
+        .await?
+        .with_context(|| format!("opening the cache in {}", args.cache_dir.display()))?;
+    let journal_dir = args.cache_dir.join("journals").join(&args.volume);
+    let journal_opts = JournalOptions {
+        capacity: args.journal_size,
+        ..JournalOptions::default()
+    };
+    let journal = tokio::task::spawn_blocking(move || Journal::open(&journal_dir, journal_opts))
+        .await?
+        .context("opening the write journal")?;
+    let device = Arc::new(
+        EdgeDevice::start(
+            client,
+            pushes,
+            Arc::new(cache),
+            journal,
+            EdgeConfig {
+                rpo: args.rpo,
+                ..EdgeConfig::default()
+            },
+        )
+        .context("starting the edge device")?,
+    );
+    let stats = Arc::new(Stats::new(device.clone() as Arc<dyn BlockDevice>));
+    let server = Server::new(
+        vec![Export {
+            name: args.volume.clone(),
+            description: format!("{} from {}", args.volume, args.origin),
+            device: stats,
+        }],
+        ServerConfig::default(),
+    )?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut listeners = Vec::new();
+    let listen = if args.nbd.is_empty() {
+        vec![ListenAddr::Tcp(DEFAULT_NBD_ADDR.into())]
+    } else {
+        args.nbd.clone()
+    };
+    for addr in &listen {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("listening on {a}"))?;
+                listeners.push(l.local_addr()?.to_string());
+                let server = server.clone();
+                tasks.spawn(async move { Ok(server.serve_tcp(l).await?) });
+            }
+            ListenAddr::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = UnixListener::bind(p)
+                    .with_context(|| format!("listening on unix:{}", p.display()))?;
+                listeners.push(format!("unix:{}", p.display()));
+                let server = server.clone();
+                tasks.spawn(async move { Ok(server.serve_unix(l).await?) });
+            }
+        }
+    }
+    let control = args
+        .control
+        .clone()
+        .unwrap_or_else(|| default_control(&args.cache_dir, &args.volume));
+    let _ = std::fs::remove_file(&control);
+    let control_listener = UnixListener::bind(&control)
+        .with_context(|| format!("control socket {}", control.display()))?;
+    let dev = device.clone();
+    tasks.spawn(async move { serve_control(control_listener, dev).await });
+    Ok(RunningEdge {
+        device,
+        server,
+        listeners,
+        control,
+        tasks,
+    })
+}
+
+fn stable_edge_id(cache_dir: &Path) -> anyhow::Result<String> {
+    std::fs::create_dir_all(cache_dir)?;
+    let path = cache_dir.join("edge-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = format!(
+                "edge-{:016x}",
+                u64::from_be_bytes(replication::link::random())
+            );
+            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+    }
+}
+
+impl std::fmt::Debug for RunningEdge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningEdge")
+            .field("listeners", &self.listeners)
+            .field("control", &self.control)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningEdge {
+    /// Serves until a signal, then drains NBD clients, flushes the journal
+    /// (durably: unshipped writes stay in it for the next start) and exits.
+    pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
+        let outcome = tokio::select! {
+            s = crate::serve::shutdown_signal() => {
+                tracing::info!(signal = s?, "edge shutting down");
+                Ok(())
+            }
+            Some(done) = self.tasks.join_next() => match done {
+                Ok(r) => r,
+                Err(e) => Err(e.into()),
+            },
+        };
+        self.server.shutdown();
+        let drained = self.server.drain(Duration::from_secs(30)).await;
+        let _ = std::fs::remove_file(&self.control);
+        let status = self.device.status();
+        tracing::info!("edge status at exit:\n{}", format_status(&status));
+        drained.context("flushing the journal at shutdown")?;
+        outcome
+    }
+}
+
+async fn serve_control(listener: UnixListener, dev: Arc<EdgeDevice>) -> anyhow::Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let dev = dev.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match line.trim() {
+                    "flush" => match dev.drain().await {
+                        Ok(()) => "ok\n".to_owned(),
+                        Err(e) => format!("error {e}\n"),
+                    },
+                    "status" => format!("{}ok\n", format_status(&dev.status())),
+                    other => format!("error unknown command {other:?}\n"),
+                };
+                if w.write_all(reply.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+/// The status as `key: value` lines.
+pub fn format_status(s: &EdgeStatus) -> String {
+    let age = s
+        .journal
+        .oldest_unshipped_age
+        .map_or_else(|| "none".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+    format!(
+        "link: {}\n\
+         link_connects: {}\n\
+         bytes_fetched: {}\n\
+         bytes_pushed: {}\n\
+         cache_hits: {}\n\
+         cache_misses: {}\n\
+         cache_hit_ratio: {:.3}\n\
+         cache_fill_rate: {:.3}\n\
+         journal_unshipped_bytes: {}\n\
+         journal_unshipped_records: {}\n\
+         journal_batches_in_flight: {}\n\
+         journal_oldest_unshipped_age: {age}\n\
+         journal_used_bytes: {}\n\
+         batches_shipped: {}\n\
+         bytes_shipped: {}\n",
+        if s.link.connected { "up" } else { "down" },
+        s.link.connects,
+        s.link.bytes_read,
+        s.link.bytes_pushed,
+        s.cache.hits,
+        s.cache.misses,
+        s.cache.hit_rate(),
+        s.cache.fill_rate(),
+        s.journal.unshipped_bytes,
+        s.journal.unshipped_records,
+        s.journal.batches_in_flight,
+        s.journal.used_bytes,
+        s.batches_shipped,
+        s.bytes_shipped,
+    )
+}
+
+/// Sends one control command to a running edge and returns its reply
+/// (without the final `ok`), failing on `error`.
+pub async fn control(path: &Path, command: &str) -> anyhow::Result<String> {
+    let stream = UnixStream::connect(path)
+        .await
+        .with_context(|| format!("connecting to the edge's control socket {}", path.display()))?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{command}\n").as_bytes()).await?;
+    let mut lines = BufReader::new(r).lines();
+    let mut out = String::new();
+    while let Some(line) = lines.next_line().await? {
+        if line == "ok" {
+            return Ok(out);
+        }
+        if let Some(e) = line.strip_prefix("error ") {
+            bail!("the edge says: {e}");
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    bail!("the edge closed the control socket without answering")
+}

@@ -1,0 +1,95 @@
+//! `ferry origin`: serve raw images to edges over the replication link.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use blockcore::{BlockDevice, FileDevice, OpenOptions};
+use replication::origin::{Origin, OriginConfig};
+use tokio::net::TcpListener;
+
+use crate::config::{read_key_file, Engine};
+
+/// What `ferry origin` was asked to do.
+#[derive(Debug, Clone)]
+pub struct OriginArgs {
+    pub listen: String,
+    pub exports: Vec<(String, PathBuf)>,
+    pub state_dir: PathBuf,
+    pub psk_file: Option<PathBuf>,
+    pub no_tls: bool,
+    pub engine: Engine,
+}
+
+/// Serves until SIGINT/SIGTERM. `on_listening` gets the bound address.
+pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::Result<()> {
+    if args.exports.is_empty() {
+        bail!("nothing to serve: give --export NAME=PATH");
+    }
+    if !args.no_tls {
+        bail!(
+            "the link has no TLS yet: pass --no-tls on both ends (with --psk-file to \
+             authenticate the edge) on a trusted network"
+        );
+    }
+    let psk = args
+        .psk_file
+        .as_deref()
+        .map(read_key_file)
+        .transpose()?
+        .map(|k| *k);
+    let mut volumes: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    for (name, path) in &args.exports {
+        let dev = FileDevice::open(
+            path,
+            &OpenOptions {
+                read_only: false,
+                engine: args.engine.into(),
+            },
+        )
+        .with_context(|| format!("opening {}", path.display()))?;
+        tracing::info!(volume = %name, path = %path.display(), size = dev.info().size, "volume ready");
+        volumes.push((name.clone(), Arc::new(dev)));
+    }
+    let origin = Arc::new(
+        Origin::open(
+            &args.state_dir,
+            volumes,
+            OriginConfig {
+                psk,
+                ..OriginConfig::default()
+            },
+        )
+        .await
+        .with_context(|| format!("opening the origin state in {}", args.state_dir.display()))?,
+    );
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let local = listener.local_addr()?.to_string();
+    tracing::info!(address = %local, "listening for edges");
+    on_listening(&local);
+    let accept = async {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let origin = origin.clone();
+            tokio::spawn(async move {
+                tracing::info!(%peer, "edge connected");
+                match origin.serve_connection(stream).await {
+                    Ok(()) => tracing::info!(%peer, "edge disconnected"),
+                    Err(e) => tracing::warn!(%peer, error = %e, "edge connection ended"),
+                }
+            });
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::select! {
+        r = accept => r.context("accepting edges")?,
+        s = crate::serve::shutdown_signal() => {
+            tracing::info!(signal = s?, "origin shutting down");
+        }
+    }
+    Ok(())
+}

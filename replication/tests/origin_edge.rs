@@ -1,0 +1,240 @@
+//! Origin and edge in one process, over loopback TCP through the WAN link
+//! emulator: reads, group pushes, write batches applied exactly once, and
+//! what an outage does to each.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockcore::{BlockDevice, MemDevice};
+use bytes::Bytes;
+use replication::edge::{EdgeLinkConfig, LinkClient, RemoteDevice};
+use replication::linkemu::{LinkConfig, LinkEmulator};
+use replication::origin::{Origin, OriginConfig};
+use replication::proto::WriteEntry;
+use tokio::net::TcpListener;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+struct Setup {
+    _state: tempfile::TempDir,
+    image: Arc<MemDevice>,
+    origin_addr: SocketAddr,
+    link: LinkEmulator,
+    server: tokio::task::JoinHandle<()>,
+}
+
+const SIZE: usize = 8 << 20;
+
+async fn setup(delay_ms: u64, psk: Option<[u8; 32]>) -> Setup {
+    let state = tempfile::tempdir().unwrap();
+    let image = Arc::new(MemDevice::from_bytes(&pattern(1, SIZE)));
+    let origin = Arc::new(
+        Origin::open(
+            state.path(),
+            vec![("vol".into(), image.clone() as Arc<dyn BlockDevice>)],
+            OriginConfig {
+                psk,
+                ..OriginConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let origin = origin.clone();
+            tokio::spawn(async move {
+                let _ = origin.serve_connection(s).await;
+            });
+        }
+    });
+    let link = LinkEmulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        origin_addr,
+        LinkConfig::new(Duration::from_millis(delay_ms)),
+    )
+    .await
+    .unwrap();
+    Setup {
+        _state: state,
+        image,
+        origin_addr,
+        link,
+        server,
+    }
+}
+
+fn edge_config(s: &Setup, psk: Option<[u8; 32]>) -> EdgeLinkConfig {
+    let mut cfg = EdgeLinkConfig::new(s.link.local_addr().to_string(), "vol");
+    cfg.psk = psk;
+    cfg.request_timeout = Duration::from_secs(5);
+    cfg.heartbeat = Duration::from_millis(200);
+    cfg.reconnect_min = Duration::from_millis(20);
+    cfg.reconnect_max = Duration::from_millis(200);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_match_the_origin_and_groups_are_pushed() {
+    let s = setup(5, None).await;
+    let (client, mut pushes) = LinkClient::connect(edge_config(&s, None)).await.unwrap();
+    let a = client.attachment();
+    assert_eq!(a.size, SIZE as u64);
+    assert_eq!(a.next_seq, 1);
+    let dev = RemoteDevice::new(client.clone());
+    let want = pattern(1, SIZE);
+    for (off, len) in [
+        (0usize, 4096usize),
+        (12345, 70_000),
+        (SIZE - 1, 1),
+        (0, SIZE),
+    ] {
+        let got = dev.read(off as u64, len).await.unwrap();
+        assert_eq!(got[..], want[off..off + len], "read at {off}+{len}");
+    }
+    // The first read (4 KiB at 0) made the origin push the rest of its
+    // 1 MiB group.
+    let mut pushed = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pushed < (1 << 20) - 4096 && Instant::now() < deadline {
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await {
+            let o = usize::try_from(p.offset).unwrap();
+            assert_eq!(p.data[..], want[o..o + p.data.len()]);
+            pushed += p.data.len();
+        }
+    }
+    assert!(pushed >= (1 << 20) - 4096, "pushed {pushed}");
+    // Out of range is an error, not a hang.
+    assert!(dev.read(SIZE as u64 - 10, 20).await.is_err());
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_apply_once_across_a_cut_link() {
+    let s = setup(2, Some([9; 32])).await;
+    let (client, _pushes) = LinkClient::connect(edge_config(&s, Some([9; 32])))
+        .await
+        .unwrap();
+    let dev = RemoteDevice::new(client.clone());
+    for seq in 1..=5u64 {
+        let entries = vec![
+            WriteEntry::Data {
+                offset: seq * 4096,
+                data: Bytes::from(vec![u8::try_from(seq).unwrap(); 4096]),
+            },
+            WriteEntry::Zero {
+                offset: (1 << 20) + seq * 8192,
+                len: 8192,
+            },
+        ];
+        if seq == 3 {
+            // Cut the link while the batch is on its way; it must still be
+            // applied exactly once after the client reconnects.
+            s.link.cut();
+            let ship = tokio::spawn({
+                let client = client.clone();
+                async move { client.ship_batch(seq, entries).await }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.link.restore();
+            tokio::time::timeout(Duration::from_secs(10), ship)
+                .await
+                .expect("batch 3 shipped after the link came back")
+                .unwrap()
+                .unwrap();
+        } else {
+            client.ship_batch(seq, entries).await.unwrap();
+        }
+        // Shipping the same batch again is a no-op.
+        client.ship_batch(seq, vec![]).await.unwrap();
+    }
+    for seq in 1..=5u64 {
+        let got = s.image.read(seq * 4096, 4096).await.unwrap();
+        assert!(got.iter().all(|&b| b == u8::try_from(seq).unwrap()));
+        let z = s.image.read((1 << 20) + seq * 8192, 8192).await.unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+    }
+    assert!(client.status().connects >= 2, "{:?}", client.status());
+    // Reads work on the new link too.
+    assert_eq!(dev.read(4096, 4096).await.unwrap()[0], 1);
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_reads_after_the_timeout_and_recovers() {
+    let s = setup(2, None).await;
+    let mut cfg = edge_config(&s, None);
+    cfg.request_timeout = Duration::from_millis(800);
+    let (client, _pushes) = LinkClient::connect(cfg).await.unwrap();
+    let dev = RemoteDevice::new(client.clone());
+    dev.read(0, 4096).await.unwrap();
+    // A short outage: the read waits and succeeds.
+    s.link.stall(true);
+    let read = tokio::spawn({
+        let dev = dev.clone();
+        async move { dev.read(65536, 4096).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.link.stall(false);
+    assert_eq!(
+        read.await.unwrap().unwrap()[..],
+        pattern(1, SIZE)[65536..65536 + 4096]
+    );
+    // An outage longer than the timeout: EIO, never zeroes, never a hang.
+    s.link.cut();
+    let t = Instant::now();
+    let err = dev.read(1 << 20, 4096).await.unwrap_err();
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(err.to_string().contains("origin"), "{err}");
+    s.link.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match dev.read(1 << 20, 4096).await {
+            Ok(d) => {
+                assert_eq!(d[..], pattern(1, SIZE)[1 << 20..(1 << 20) + 4096]);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+        }
+    }
+    let _ = s.origin_addr;
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_edge_is_refused_and_a_wrong_key_too() {
+    let s = setup(1, Some([1; 32])).await;
+    let (_first, _p) = LinkClient::connect(edge_config(&s, Some([1; 32])))
+        .await
+        .unwrap();
+    let err = LinkClient::connect(edge_config(&s, Some([1; 32])))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("attached by edge"), "{err}");
+    let err = LinkClient::connect(edge_config(&s, Some([2; 32])))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("key"), "{err}");
+    s.server.abort();
+}
