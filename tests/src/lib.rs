@@ -366,6 +366,7 @@ pub fn send_signal(pid: u32, sig: &str) {
 pub struct Ferry {
     child: Option<Child>,
     listeners: Vec<String>,
+    announced: Vec<(String, String)>,
     log_path: PathBuf,
     _log_dir: TempDir,
 }
@@ -385,6 +386,20 @@ impl Ferry {
             args.push("127.0.0.1:0".into());
             n_listeners = 1;
         }
+        let mut full = vec![OsString::from("serve")];
+        full.extend(args);
+        Ferry::spawn(full, &vec!["nbd"; n_listeners])
+    }
+
+    /// `ferry ARGS...` (any subcommand); waits until it has printed one
+    /// `listening KIND ADDR` line for each entry of `kinds`, in any order.
+    /// `nbd` listeners go to [`Ferry::listeners`], all to [`Ferry::announced`].
+    pub fn spawn<I, S>(args: I, kinds: &[&str]) -> Ferry
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         let log_dir = tempfile::Builder::new()
             .prefix("ferry-log-")
             .tempdir()
@@ -394,8 +409,7 @@ impl Ferry {
 
         let bin = ferry_bin();
         let mut c = Command::new(&bin);
-        c.arg("serve")
-            .args(&args)
+        c.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -410,12 +424,14 @@ impl Ferry {
         // Read stdout on a thread: forward `listening` lines, then keep
         // draining so ferry never blocks on a full pipe.
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
+        let (tx, rx) = mpsc::channel::<(String, String)>();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix("listening nbd ") {
-                    let _ = tx.send(rest.trim().to_string());
+                if let Some(rest) = line.strip_prefix("listening ") {
+                    if let Some((kind, addr)) = rest.trim().split_once(' ') {
+                        let _ = tx.send((kind.to_string(), addr.trim().to_string()));
+                    }
                 }
             }
         });
@@ -423,25 +439,40 @@ impl Ferry {
         let mut ferry = Ferry {
             child: Some(child),
             listeners: Vec::new(),
+            announced: Vec::new(),
             log_path,
             _log_dir: log_dir,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while ferry.listeners.len() < n_listeners {
+        while ferry.announced.len() < kinds.len() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
-                Ok(l) => ferry.listeners.push(l),
+                Ok((kind, addr)) => {
+                    if kind == "nbd" {
+                        ferry.listeners.push(addr.clone());
+                    }
+                    ferry.announced.push((kind, addr));
+                }
                 Err(e) => {
                     let status = ferry.child.as_mut().unwrap().try_wait().ok().flatten();
                     panic!(
-                        "ferry did not print {n_listeners} `listening nbd` line(s) ({e:?}; got {:?}; exit status {status:?})\ncommand: {cmdline}\n--- ferry stderr ---\n{}",
-                        ferry.listeners,
+                        "ferry did not print `listening` lines for {kinds:?} ({e:?}; got {:?}; exit status {status:?})\ncommand: {cmdline}\n--- ferry stderr ---\n{}",
+                        ferry.announced,
                         ferry.stderr()
                     );
                 }
             }
         }
         ferry
+    }
+
+    /// The address of the first `listening KIND ADDR` line of this kind.
+    pub fn announced(&self, kind: &str) -> &str {
+        self.announced
+            .iter()
+            .find(|(k, _)| k == kind)
+            .map(|(_, a)| a.as_str())
+            .unwrap_or_else(|| panic!("no `listening {kind}` line in {:?}", self.announced))
     }
 
     /// Everything ferry wrote to stderr so far.

@@ -1,0 +1,315 @@
+//! `ferry origin` and `ferry edge` joined by the WAN link emulator (25 ms
+//! each way, 100 Mbit/s), driven by real clients: qemu-img, fio with
+//! verification, nbdcopy; `ferry edge flush` then the origin's image
+//! compared byte for byte; the edge SIGKILLed in the middle of a write
+//! workload; the link cut during I/O.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_tests::nbd::Client;
+use ferry_tests::{
+    assert_files_equal, cmd, ferry_bin, random_image, run, tempdir, Ferry, TempDir, MIB,
+};
+use replication::linkemu::{LinkConfig, LinkEmulator};
+
+const SIZE: u64 = 64 * MIB;
+
+struct Wan {
+    rt: tokio::runtime::Runtime,
+    link: LinkEmulator,
+}
+
+impl Wan {
+    /// A relay in front of `origin`: 25 ms each way, 100 Mbit/s.
+    fn start(origin: &str) -> Wan {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let link = rt
+            .block_on(LinkEmulator::start(
+                "127.0.0.1:0".parse().unwrap(),
+                origin.parse().unwrap(),
+                LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
+            ))
+            .unwrap();
+        Wan { rt, link }
+    }
+
+    fn addr(&self) -> String {
+        self.link.local_addr().to_string()
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+    }
+}
+
+struct Site {
+    dir: TempDir,
+    image: PathBuf,
+    reference: PathBuf,
+}
+
+fn site() -> Site {
+    let dir = tempdir();
+    let image = random_image(dir.path(), "disk.img", SIZE);
+    let reference = dir.path().join("reference.img");
+    std::fs::copy(&image, &reference).unwrap();
+    Site {
+        dir,
+        image,
+        reference,
+    }
+}
+
+fn origin(s: &Site) -> Ferry {
+    Ferry::spawn(
+        [
+            "origin".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--export".as_ref(),
+            format!("vol={}", s.image.display()).as_ref(),
+            "--state-dir".as_ref(),
+            s.dir.path().join("origin-state").as_os_str(),
+            "--no-tls".as_ref(),
+        ],
+        &["origin"],
+    )
+}
+
+fn edge(s: &Site, origin_addr: &str, extra: &[&str]) -> Ferry {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "edge".into(),
+        "--origin".into(),
+        origin_addr.into(),
+        "--volume".into(),
+        "vol".into(),
+        "--cache-dir".into(),
+        s.dir.path().join("edge").into(),
+        "--cache-size".into(),
+        "32M".into(),
+        "--nbd".into(),
+        "127.0.0.1:0".into(),
+        "--no-tls".into(),
+    ];
+    args.extend(extra.iter().map(Into::into));
+    Ferry::spawn(args, &["nbd", "control"])
+}
+
+fn edge_ctl(e: &Ferry, what: &str) -> String {
+    run(std::process::Command::new(ferry_bin())
+        .args(["edge", what, "--control"])
+        .arg(e.announced("control")))
+}
+
+/// A counter from `ferry edge status`.
+fn stat(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn compare(uri: &str, image: &Path) {
+    run(cmd("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", uri])
+        .arg(image));
+}
+
+#[test]
+fn the_edge_serves_the_origin_volume_and_ships_writes_back() {
+    let s = site();
+    let o = origin(&s);
+    let wan = Wan::start(o.announced("origin"));
+    let e = edge(&s, &wan.addr(), &["--rpo", "1"]);
+    let uri = e.uri("vol");
+    // Cold, then partly cached.
+    compare(&uri, &s.reference);
+    compare(&uri, &s.reference);
+    // Random writes through the edge, verified as they go and again on a
+    // fresh connection.
+    for verify_only in [false, true] {
+        let mut c = cmd("fio");
+        c.args([
+            "--name=edge",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bs=4k,64k",
+            "--bsrange=4k-64k",
+            "--iodepth=16",
+            "--size=16M",
+            "--offset=4M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--randseed=11",
+            "--output-format=terse",
+        ])
+        .arg(format!("--uri={uri}"));
+        if verify_only {
+            c.arg("--verify_only=1");
+        }
+        let out = run(&mut c);
+        assert!(!out.to_lowercase().contains("bad header"), "{out}");
+    }
+    let status = edge_ctl(&e, "status");
+    assert!(status.contains("link: up"), "{status}");
+    edge_ctl(&e, "flush");
+    let status = edge_ctl(&e, "status");
+    assert!(status.contains("journal_unshipped_records: 0"), "{status}");
+    // The origin's image is now exactly what the edge serves.
+    let view = s.dir.path().join("edge-view.img");
+    run(cmd("nbdcopy").arg(&uri).arg(&view));
+    assert_files_equal(&view, &s.image);
+    assert_ne!(
+        std::fs::read(&s.image).unwrap(),
+        std::fs::read(&s.reference).unwrap()
+    );
+    e.stop_ok();
+    o.stop_ok();
+}
+
+/// Writes `seed`-stamped 4 KiB blocks at `blocks` through a raw NBD
+/// client, then FLUSHes; returns once the flush is answered.
+fn write_and_flush(c: &mut Client, blocks: &[u64], seed: u64) {
+    for &b in blocks {
+        let mut data = vec![0u8; 4096];
+        data[..8].copy_from_slice(&b.to_le_bytes());
+        data[8..16].copy_from_slice(&seed.to_le_bytes());
+        data[16..].fill(u8::try_from(seed % 251).unwrap());
+        let r = c.write(b * 4096, &data).unwrap();
+        assert_eq!(r.error, 0);
+    }
+    assert_eq!(c.flush().unwrap().error, 0);
+}
+
+#[test]
+fn killing_the_edge_loses_no_flushed_write() {
+    let s = site();
+    let o = origin(&s);
+    let wan = Wan::start(o.announced("origin"));
+    // What the guest was told is durable: block -> seed of its last
+    // flushed write.
+    let mut durable = std::collections::HashMap::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..5u64 {
+        // A long RPO: nothing ships on its own, so the journal alone holds
+        // the writes when the edge dies (except what the previous restart
+        // re-shipped).
+        let e = edge(&s, &wan.addr(), &["--rpo", "3600"]);
+        let mut c = Client::handshake(e.connect(), "vol").unwrap();
+        for step in 0..20u64 {
+            let seed = round * 1000 + step + 1;
+            let blocks: Vec<u64> = (0..8)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x % (SIZE / 4096)
+                })
+                .collect();
+            write_and_flush(&mut c, &blocks, seed);
+            for b in blocks {
+                durable.insert(b, seed);
+            }
+        }
+        // Unflushed writes in flight, then SIGKILL.
+        for i in 0..16u64 {
+            let _ = c.send(0, NBD_CMD_WRITE, i * 4096, 4096, &[0xee; 4096]);
+        }
+        e.stop_with("KILL");
+
+        let e = edge(&s, &wan.addr(), &["--rpo", "3600"]);
+        let mut c = Client::handshake(e.connect(), "vol").unwrap();
+        for (&b, &seed) in &durable {
+            let r = c.read(b * 4096, 4096).unwrap();
+            assert_eq!(r.error, 0);
+            let got_seed = u64::from_le_bytes(r.data[8..16].try_into().unwrap());
+            let got_block = u64::from_le_bytes(r.data[..8].try_into().unwrap());
+            assert_eq!((got_block, got_seed), (b, seed), "round {round}: block {b}");
+        }
+        drop(c);
+        if round == 4 {
+            edge_ctl(&e, "flush");
+            let view = s.dir.path().join("edge-view.img");
+            run(cmd("nbdcopy").arg(e.uri("vol")).arg(&view));
+            assert_files_equal(&view, &s.image);
+        }
+        e.stop_with("KILL");
+    }
+    o.stop_ok();
+}
+
+const NBD_CMD_WRITE: u16 = 1;
+
+#[test]
+fn a_cut_link_stalls_nothing_that_is_local() {
+    let s = site();
+    let o = origin(&s);
+    let wan = Wan::start(o.announced("origin"));
+    let e = edge(&s, &wan.addr(), &["--rpo", "1"]);
+    let uri = e.uri("vol");
+    // Warm the first 4 MiB: read it until a whole pass hits the cache
+    // (fills complete in the background).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let before = stat(&edge_ctl(&e, "status"), "cache_hits");
+        run(cmd("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4M"])
+            .arg(&uri));
+        let after = stat(&edge_ctl(&e, "status"), "cache_hits");
+        if after - before >= 64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache never warmed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wan.link.cut();
+    // Cached reads and writes keep working without the origin.
+    let t = std::time::Instant::now();
+    let out = ferry_tests::run_output(
+        cmd("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "read 0 4M",
+                "-c",
+                "write -P 0x5a 0 1M",
+                "-c",
+                "read -P 0x5a 0 1M",
+            ])
+            .arg(&uri),
+    );
+    assert!(
+        out.status.success() && !ferry_tests::combined(&out).contains("failed"),
+        "{}\n--- edge status ---\n{}\n--- edge log ---\n{}",
+        ferry_tests::combined(&out),
+        edge_ctl(&e, "status"),
+        e.stderr()
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    wan.link.restore();
+    edge_ctl(&e, "flush");
+    let view = s.dir.path().join("edge-view.img");
+    run(cmd("nbdcopy").arg(&uri).arg(&view));
+    assert_files_equal(&view, &s.image);
+    let status = edge_ctl(&e, "status");
+    assert!(stat(&status, "link_connects") >= 2, "{status}");
+    e.stop_ok();
+    o.stop_ok();
+}
