@@ -468,11 +468,10 @@ impl Ferry {
 
     /// The address of the first `listening KIND ADDR` line of this kind.
     pub fn announced(&self, kind: &str) -> &str {
-        self.announced
-            .iter()
-            .find(|(k, _)| k == kind)
-            .map(|(_, a)| a.as_str())
-            .unwrap_or_else(|| panic!("no `listening {kind}` line in {:?}", self.announced))
+        self.announced.iter().find(|(k, _)| k == kind).map_or_else(
+            || panic!("no `listening {kind}` line in {:?}", self.announced),
+            |(_, a)| a.as_str(),
+        )
     }
 
     /// Everything ferry wrote to stderr so far.
