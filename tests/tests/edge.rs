@@ -201,44 +201,44 @@ fn killing_the_edge_loses_no_flushed_write() {
     // What the guest was told is durable: block -> seed of its last
     // flushed write.
     let mut durable = std::collections::HashMap::new();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for round in 0..5u64 {
         // A long RPO: nothing ships on its own, so the journal alone holds
         // the writes when the edge dies (except what the previous restart
         // re-shipped).
         let e = edge(&s, &wan.addr(), &["--rpo", "3600"]);
-        let mut c = Client::handshake(e.connect(), "vol").unwrap();
+        let mut client = Client::handshake(e.connect(), "vol").unwrap();
         for step in 0..20u64 {
             let seed = round * 1000 + step + 1;
             let blocks: Vec<u64> = (0..8)
                 .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x % (SIZE / 4096)
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % (SIZE / 4096)
                 })
                 .collect();
-            write_and_flush(&mut c, &blocks, seed);
+            write_and_flush(&mut client, &blocks, seed);
             for b in blocks {
                 durable.insert(b, seed);
             }
         }
         // Unflushed writes in flight, then SIGKILL.
         for i in 0..16u64 {
-            let _ = c.send(0, NBD_CMD_WRITE, i * 4096, 4096, &[0xee; 4096]);
+            let _ = client.send(0, NBD_CMD_WRITE, i * 4096, 4096, &[0xee; 4096]);
         }
         e.stop_with("KILL");
 
         let e = edge(&s, &wan.addr(), &["--rpo", "3600"]);
-        let mut c = Client::handshake(e.connect(), "vol").unwrap();
+        let mut client = Client::handshake(e.connect(), "vol").unwrap();
         for (&b, &seed) in &durable {
-            let r = c.read(b * 4096, 4096).unwrap();
+            let r = client.read(b * 4096, 4096).unwrap();
             assert_eq!(r.error, 0);
             let got_seed = u64::from_le_bytes(r.data[8..16].try_into().unwrap());
             let got_block = u64::from_le_bytes(r.data[..8].try_into().unwrap());
             assert_eq!((got_block, got_seed), (b, seed), "round {round}: block {b}");
         }
-        drop(c);
+        drop(client);
         if round == 4 {
             edge_ctl(&e, "flush");
             let view = s.dir.path().join("edge-view.img");
