@@ -1,5 +1,7 @@
-//! `ferry demo`: make a small sparse demo disk and serve it, printing how to
-//! connect real clients to it.
+//! `ferry demo`: ferry's main job on one machine. It makes a sparse demo
+//! disk, serves it from an origin, joins an edge to it through an emulated
+//! WAN link (25 ms each way, 100 Mbit/s), exports the edge over NBD, prints
+//! how to connect, and shows the edge's live status until Ctrl-C.
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -7,9 +9,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::config::{
-    ByteSize, CacheSettings, CacheWriteMode, Engine, ExportConfig, ListenAddr, ServeConfig,
-};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockcore::{BlockDevice, FileDevice, OpenOptions};
+use replication::linkemu::{LinkConfig, LinkEmulator};
+use replication::origin::{Origin, OriginConfig};
+
+use crate::config::ListenAddr;
+use crate::edge::EdgeArgs;
 
 /// Builds a sparse image of `size_mib` MiB: a readable label in the first
 /// sector, a few patterned data extents, holes everywhere else, so `nbdinfo
@@ -37,87 +45,134 @@ pub fn make_demo_image(path: &Path, size_mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes a fresh random 32-byte key, readable by the owner only.
-fn write_random_key(path: &Path) -> anyhow::Result<()> {
-    use ring::rand::{SecureRandom, SystemRandom};
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut key = zeroize::Zeroizing::new([0u8; 32]);
-    SystemRandom::new()
-        .fill(&mut key[..])
-        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(&key[..]))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// Serves the demo image until Ctrl-C.
+/// Serves the demo until Ctrl-C.
 pub async fn run(
     dir: Option<PathBuf>,
     size_mib: u64,
     listen: Vec<ListenAddr>,
 ) -> anyhow::Result<()> {
     let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("ferry-demo"));
+    // Each run starts from scratch: a rebuilt image, a fresh origin state,
+    // cache and journal.
+    for sub in ["origin-state", "edge"] {
+        let p = dir.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let image = dir.join("demo.img");
     make_demo_image(&image, size_mib)?;
-    // The image was just rebuilt, so a cache from an earlier run (which may
-    // hold that run's writes) no longer matches it: start a fresh one, with
-    // a fresh key.
-    let cache_dir = dir.join("cache");
-    let key_file = dir.join("cache.key");
-    if cache_dir.exists() {
-        std::fs::remove_dir_all(&cache_dir)
-            .with_context(|| format!("removing the old demo cache {}", cache_dir.display()))?;
-    }
-    write_random_key(&key_file)?;
-    let config = ServeConfig {
-        listen,
-        tls: None,
-        cache: Some(CacheSettings {
-            dir: cache_dir.clone(),
-            size: ByteSize(256 << 20),
-            key_file: key_file.clone(),
-            chunk_size: ByteSize(64 << 10),
-            write_mode: CacheWriteMode::Through,
-        }),
-        exports: vec![ExportConfig {
-            name: "demo".into(),
-            path: image.clone(),
-            description: "ferry demo disk".into(),
-            read_only: false,
-            readahead: true,
-            engine: Engine::Auto,
-        }],
-    };
-    crate::serve::run(config, |addr| {
-        let uri = match addr.strip_prefix("unix:") {
-            Some(path) => format!("nbd+unix:///demo?socket={path}"),
-            None => format!("nbd://{addr}/demo"),
-        };
+
+    // The origin, on premises.
+    let device: Arc<dyn BlockDevice> = Arc::new(
+        FileDevice::open(&image, &OpenOptions::default())
+            .with_context(|| format!("opening {}", image.display()))?,
+    );
+    let origin = Arc::new(
+        Origin::open(
+            &dir.join("origin-state"),
+            vec![("demo".into(), device)],
+            OriginConfig::default(),
+        )
+        .await?,
+    );
+    let origin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let origin_addr = origin_listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = origin_listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let origin = origin.clone();
+            tokio::spawn(async move {
+                let _ = origin.serve_connection(stream).await;
+            });
+        }
+    });
+    // The WAN between them.
+    let wan = Arc::new(
+        LinkEmulator::start(
+            "127.0.0.1:0".parse().expect("address"),
+            origin_addr,
+            LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
+        )
+        .await?,
+    );
+    // The edge, in the cloud.
+    let edge = crate::edge::start(&EdgeArgs {
+        origin: wan.local_addr().to_string(),
+        volume: "demo".into(),
+        cache_dir: dir.join("edge"),
+        cache_size: 256 << 20,
+        journal_size: 256 << 20,
+        rpo: Duration::from_secs(5),
+        nbd: listen,
+        psk_file: None,
+        no_tls: true,
+        control: None,
+        request_timeout: Duration::from_secs(30),
+        edge_id: None,
+    })
+    .await?;
+    {
         let mut out = std::io::stdout().lock();
+        for l in &edge.listeners {
+            let _ = writeln!(out, "listening nbd {l}");
+        }
+        let uri = match edge.listeners[0].strip_prefix("unix:") {
+            Some(path) => format!("nbd+unix:///demo?socket={path}"),
+            None => format!("nbd://{}/demo", edge.listeners[0]),
+        };
         let _ = writeln!(
             out,
-            "listening nbd {addr}\n\n\
-             ferry demo: serving {image} ({size_mib} MiB, sparse) as export \"demo\"\n\
-             Try, from another terminal:\n  \
+            "\nferry demo: {image} ({size_mib} MiB, sparse) is served by an origin; an edge\n\
+             reaches it through an emulated WAN (25 ms each way, 100 Mbit/s) and exports it\n\
+             as \"demo\", reading through an encrypted cache and journaling writes\n\
+             (shipped back every 5 s). Try, from another terminal:\n  \
                nbdinfo {uri}\n  \
-               nbdinfo --map {uri}\n  \
                qemu-io -f raw -c 'read -v 0 128' {uri}\n  \
                qemu-img convert -p -O qcow2 {uri} /tmp/demo-copy.qcow2\n  \
+               qemu-io -f raw -c 'write -P 0x5a 0 1M' {uri}\n  \
+               ferry edge status --control {control}\n  \
+               ferry edge flush --control {control}\n  \
                qemu-system-x86_64 -drive file={uri},format=raw,if=virtio ...\n\
-             Reads go through an encrypted 256 MiB cache in {cache}.\n\
-             Ctrl-C stops the server (in-flight requests finish, data is flushed); then\n  \
-               ferry cache inspect {cache} --verify --key-file {key}",
+             Ctrl-C stops it; the status line below refreshes every 5 s.",
             image = image.display(),
-            cache = cache_dir.display(),
-            key = key_file.display(),
+            control = edge.control.display(),
         );
         let _ = out.flush();
-    })
-    .await
+    }
+    let device = edge.device.clone();
+    let shown = wan.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            let s = device.status();
+            let l = shown.stats();
+            let age = s
+                .journal
+                .oldest_unshipped_age
+                .map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+            println!(
+                "status: cache hit ratio {:.2} ({} hits), WAN {:.1} MiB to the edge / {:.1} MiB to the origin, \
+                 journal {} writes unshipped (oldest {age}), {} batches shipped",
+                s.cache.hit_rate(),
+                s.cache.hits,
+                mib(l.bytes_to_client),
+                mib(l.bytes_to_target),
+                s.journal.unshipped_records,
+                s.batches_shipped,
+            );
+        }
+    });
+    let result = edge.run_until_signal().await;
+    ticker.abort();
+    drop(wan);
+    result
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
 }
