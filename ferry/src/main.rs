@@ -41,6 +41,26 @@ enum Command {
     /// Serve a volume of an origin over NBD, with a local cache and a
     /// write-behind journal; `flush` and `status` talk to a running edge.
     Edge(EdgeCmd),
+    /// Relay TCP connections to TARGET like a WAN link (one-way delay,
+    /// bandwidth cap), for tests and benchmarks on one machine.
+    LinkEmulator(LinkEmuArgs),
+}
+
+#[derive(Args, Debug)]
+struct LinkEmuArgs {
+    /// Where to listen, HOST:PORT (port 0 picks one; printed as
+    /// `listening link ADDR`).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Where to relay to, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    target: String,
+    /// One-way delay in milliseconds.
+    #[arg(long, default_value_t = 25.0)]
+    delay_ms: f64,
+    /// Bandwidth cap in Mbit/s each way (0: none).
+    #[arg(long, default_value_t = 100.0)]
+    mbit: f64,
 }
 
 #[derive(Args, Debug)]
@@ -282,6 +302,38 @@ fn print_listening(addr: &str) {
     let _ = out.flush();
 }
 
+async fn link_emulator(a: LinkEmuArgs) -> anyhow::Result<()> {
+    use replication::linkemu::{LinkConfig, LinkEmulator};
+    let listen = tokio::net::lookup_host(&a.listen)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", a.listen))?;
+    let target = tokio::net::lookup_host(&a.target)
+        .await?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", a.target))?;
+    let delay = std::time::Duration::try_from_secs_f64(a.delay_ms / 1000.0)
+        .map_err(|_| anyhow::anyhow!("--delay-ms must be a non-negative number"))?;
+    let mut cfg = LinkConfig::new(delay);
+    if a.mbit > 0.0 {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let bytes = (a.mbit * 1e6 / 8.0) as u64;
+        cfg = cfg.with_bandwidth(bytes);
+    }
+    let emu = LinkEmulator::start(listen, target, cfg).await?;
+    print_listening_as("link", &emu.local_addr().to_string());
+    let signal = ferry::serve::shutdown_signal().await?;
+    let st = emu.stats();
+    tracing::info!(
+        signal,
+        bytes_to_target = st.bytes_to_target,
+        bytes_to_client = st.bytes_to_client,
+        connections = st.connections_accepted,
+        "link emulator stopped"
+    );
+    Ok(())
+}
+
 async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
     match cmd.action {
         Some(EdgeAction::Flush(c)) => {
@@ -388,6 +440,7 @@ fn main() -> ExitCode {
                 ferry::origin::run(args, |addr| print_listening_as("origin", addr)).await
             }
             Command::Edge(cmd) => edge(cmd).await,
+            Command::LinkEmulator(a) => link_emulator(a).await,
         }
     });
     match result {

@@ -237,7 +237,8 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
     outcome
 }
 
-pub(crate) async fn shutdown_signal() -> anyhow::Result<&'static str> {
+/// Resolves on the first SIGTERM or SIGINT, naming it.
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
