@@ -313,3 +313,81 @@ fn a_cut_link_stalls_nothing_that_is_local() {
     e.stop_ok();
     o.stop_ok();
 }
+
+#[test]
+fn killing_the_origin_while_it_applies_batches_loses_nothing() {
+    let s = site();
+    // A fixed port, so the restarted origin is where the link points.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let origin_at = |s: &Site| {
+        Ferry::spawn(
+            [
+                "origin".as_ref(),
+                "--listen".as_ref(),
+                format!("127.0.0.1:{port}").as_ref(),
+                "--export".as_ref(),
+                format!("vol={}", s.image.display()).as_ref(),
+                "--state-dir".as_ref(),
+                s.dir.path().join("origin-state").as_os_str(),
+                "--no-tls".as_ref(),
+            ],
+            &["origin"],
+        )
+    };
+    let mut o = origin_at(&s);
+    let wan = Wan::start(&format!("127.0.0.1:{port}"));
+    // Ship as fast as batches are cut, so the origin is usually applying
+    // one when it dies.
+    let e = edge(&s, &wan.addr(), &["--rpo", "0.05"]);
+    let mut client = Client::handshake(e.connect(), "vol").unwrap();
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..4u64 {
+        for step in 0..30u64 {
+            let blocks: Vec<u64> = (0..16)
+                .map(|_| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % (SIZE / 4096)
+                })
+                .collect();
+            write_and_flush(&mut client, &blocks, round * 100 + step + 1);
+        }
+        // Kill it once shipping is under way (batches go one at a time, so
+        // one is usually being applied), then wait for the edge to be back.
+        let wait_for = |key: &str, above: u64| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let v = stat(&edge_ctl(&e, "status"), key);
+                if v > above {
+                    return v;
+                }
+                assert!(std::time::Instant::now() < deadline, "{key} stuck at {v}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let shipped = stat(&edge_ctl(&e, "status"), "batches_shipped");
+        wait_for("batches_shipped", shipped);
+        let connects = stat(&edge_ctl(&e, "status"), "link_connects");
+        o.stop_with("KILL");
+        o = origin_at(&s);
+        wait_for("link_connects", connects);
+    }
+    drop(client);
+    edge_ctl(&e, "flush");
+    let view = s.dir.path().join("edge-view.img");
+    run(cmd("nbdcopy").arg(e.uri("vol")).arg(&view));
+    assert_files_equal(&view, &s.image);
+    let status = edge_ctl(&e, "status");
+    assert!(
+        stat(&status, "link_connects") >= 5,
+        "{status}\n{}",
+        e.stderr()
+    );
+    e.stop_ok();
+    o.stop_ok();
+}
