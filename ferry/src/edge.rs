@@ -30,6 +30,10 @@ pub struct EdgeArgs {
     pub nbd: Vec<ListenAddr>,
     pub psk_file: Option<PathBuf>,
     pub no_tls: bool,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_server_name: Option<String>,
     pub control: Option<PathBuf>,
     pub request_timeout: Duration,
     pub edge_id: Option<String>,
@@ -51,12 +55,32 @@ pub struct RunningEdge {
 
 /// Attaches and starts serving; returns once listening.
 pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
-    if !args.no_tls {
-        bail!(
-            "the link has no TLS yet: pass --no-tls on both ends (with --psk-file to \
-             authenticate the edge) on a trusted network"
-        );
-    }
+    let tls = match (&args.tls_ca, args.no_tls) {
+        (Some(ca), false) => {
+            let identity = match (&args.tls_cert, &args.tls_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                (None, None) => None,
+                _ => bail!("--tls-cert and --tls-key go together"),
+            };
+            let config = replication::tls::client_config(ca, identity)?;
+            let host = args.tls_server_name.clone().unwrap_or_else(|| {
+                args.origin
+                    .rsplit_once(':')
+                    .map_or(args.origin.as_str(), |(h, _)| h)
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .to_owned()
+            });
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| anyhow::anyhow!("{host:?} is not a valid TLS server name"))?;
+            Some((config, name))
+        }
+        (None, true) => None,
+        (Some(_), true) => bail!("--no-tls conflicts with --tls-ca"),
+        (None, false) => bail!(
+            "the link needs TLS: give --tls-ca (the CA of the origin's certificate), or \
+             --no-tls on both ends for a trusted network"
+        ),
+    };
     let psk = args
         .psk_file
         .as_deref()
@@ -65,6 +89,7 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         .map(|k| *k);
     let mut link = EdgeLinkConfig::new(&args.origin, &args.volume);
     link.psk = psk;
+    link.tls = tls;
     link.request_timeout = args.request_timeout;
     if let Some(id) = &args.edge_id {
         link.edge_id.clone_from(id);

@@ -78,9 +78,18 @@ struct OriginCliArgs {
     /// Pre-shared key (32 bytes, raw or hex) edges must prove they hold.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
-    /// Run the link without TLS (required today: TLS is not implemented).
+    /// Run the link without TLS, on a trusted network.
     #[arg(long)]
     no_tls: bool,
+    /// The origin's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The origin's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require edge certificates signed by this CA (mutual TLS).
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
 }
@@ -140,9 +149,22 @@ struct EdgeRunArgs {
     /// Pre-shared key file (as given to the origin).
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
-    /// Run the link without TLS (required today: TLS is not implemented).
+    /// Run the link without TLS, on a trusted network.
     #[arg(long)]
     no_tls: bool,
+    /// CA certificate (PEM) the origin's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This edge's certificate chain, for origins that require one.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// This edge's private key.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The name to expect in the origin's certificate (default: the host
+    /// part of --origin).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
     /// Control socket (default: DIR/edge-VOLUME.sock).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
@@ -366,6 +388,10 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
                 nbd: r.nbd,
                 psk_file: r.psk_file,
                 no_tls: r.no_tls,
+                tls_ca: r.tls_ca,
+                tls_cert: r.tls_cert,
+                tls_key: r.tls_key,
+                tls_server_name: r.tls_server_name,
                 control: r.control,
                 request_timeout: secs(r.request_timeout, "request-timeout")?,
                 edge_id: None,
@@ -435,6 +461,9 @@ fn main() -> ExitCode {
                     state_dir: a.state_dir,
                     psk_file: a.psk_file,
                     no_tls: a.no_tls,
+                    tls_cert: a.tls_cert,
+                    tls_key: a.tls_key,
+                    tls_client_ca: a.tls_client_ca,
                     engine: a.engine,
                 };
                 ferry::origin::run(args, |addr| print_listening_as("origin", addr)).await

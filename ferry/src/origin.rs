@@ -18,6 +18,9 @@ pub struct OriginArgs {
     pub state_dir: PathBuf,
     pub psk_file: Option<PathBuf>,
     pub no_tls: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
     pub engine: Engine,
 }
 
@@ -26,12 +29,25 @@ pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::R
     if args.exports.is_empty() {
         bail!("nothing to serve: give --export NAME=PATH");
     }
-    if !args.no_tls {
-        bail!(
-            "the link has no TLS yet: pass --no-tls on both ends (with --psk-file to \
-             authenticate the edge) on a trusted network"
-        );
-    }
+    let tls = match (&args.tls_cert, &args.tls_key, args.no_tls) {
+        (Some(cert), Some(key), false) => {
+            if args.tls_client_ca.is_none() && args.psk_file.is_none() {
+                bail!(
+                    "edges must authenticate: give --tls-client-ca (edge certificates) or \
+                     --psk-file (a pre-shared key)"
+                );
+            }
+            Some(tokio_rustls::TlsAcceptor::from(
+                replication::tls::server_config(cert, key, args.tls_client_ca.as_deref())?,
+            ))
+        }
+        (None, None, true) => None,
+        (_, _, true) => bail!("--no-tls conflicts with the TLS options"),
+        _ => bail!(
+            "the link needs TLS: give --tls-cert and --tls-key (and --tls-client-ca or \
+             --psk-file), or --no-tls on both ends for a trusted network"
+        ),
+    };
     let psk = args
         .psk_file
         .as_deref()
@@ -74,9 +90,31 @@ pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::R
             let (stream, peer) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             let origin = origin.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
                 tracing::info!(%peer, "edge connected");
-                match origin.serve_connection(stream).await {
+                let result = match tls {
+                    Some(acceptor) => {
+                        match tokio::time::timeout(
+                            replication::link::HANDSHAKE_TIMEOUT,
+                            acceptor.accept(stream),
+                        )
+                        .await
+                        {
+                            Ok(Ok(s)) => origin.serve_connection(s).await,
+                            Ok(Err(e)) => {
+                                tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(%peer, "TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                    None => origin.serve_connection(stream).await,
+                };
+                match result {
                     Ok(()) => tracing::info!(%peer, "edge disconnected"),
                     Err(e) => tracing::warn!(%peer, error = %e, "edge connection ended"),
                 }

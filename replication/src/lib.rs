@@ -14,3 +14,4 @@ pub mod link;
 pub mod linkemu;
 pub mod origin;
 pub mod proto;
+pub mod tls;

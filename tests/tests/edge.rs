@@ -391,3 +391,124 @@ fn killing_the_origin_while_it_applies_batches_loses_nothing() {
     e.stop_ok();
     o.stop_ok();
 }
+
+#[test]
+fn the_link_runs_over_tls_with_a_pre_shared_key() {
+    let s = site();
+    let (ca, cert, key) = ca_and_leaf(s.dir.path());
+    let psk = s.dir.path().join("psk");
+    std::fs::write(&psk, "ab".repeat(32)).unwrap();
+    let o = Ferry::spawn(
+        [
+            "origin".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--export".as_ref(),
+            format!("vol={}", s.image.display()).as_ref(),
+            "--state-dir".as_ref(),
+            s.dir.path().join("origin-state").as_os_str(),
+            "--tls-cert".as_ref(),
+            cert.as_os_str(),
+            "--tls-key".as_ref(),
+            key.as_os_str(),
+            "--psk-file".as_ref(),
+            psk.as_os_str(),
+        ],
+        &["origin"],
+    );
+    let wan = Wan::start(o.announced("origin"));
+    let tls_edge = |extra: &[&std::ffi::OsStr]| {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "edge".into(),
+            "--origin".into(),
+            wan.addr().into(),
+            "--volume".into(),
+            "vol".into(),
+            "--cache-dir".into(),
+            s.dir.path().join("edge").into(),
+            "--nbd".into(),
+            "127.0.0.1:0".into(),
+            "--tls-ca".into(),
+            ca.clone().into(),
+            "--tls-server-name".into(),
+            "localhost".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_os_string()));
+        args
+    };
+    // Without the key the origin refuses the edge.
+    let out = ferry_tests::run_output(std::process::Command::new(ferry_bin()).args(tls_edge(&[])));
+    assert!(!out.status.success());
+    let e = Ferry::spawn(
+        tls_edge(&["--psk-file".as_ref(), psk.as_os_str()]),
+        &["nbd", "control"],
+    );
+    let uri = e.uri("vol");
+    compare(&uri, &s.reference);
+    run(cmd("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 2M 1M", &uri]));
+    edge_ctl(&e, "flush");
+    let view = s.dir.path().join("edge-view.img");
+    run(cmd("nbdcopy").arg(&uri).arg(&view));
+    assert_files_equal(&view, &s.image);
+    e.stop_ok();
+    o.stop_ok();
+    // Neither TLS nor --no-tls: refused with a clear message.
+    let out = ferry_tests::run_output(
+        std::process::Command::new(ferry_bin())
+            .args(["origin", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(s.dir.path().join("x"))
+            .arg("--export")
+            .arg(format!("vol={}", s.image.display())),
+    );
+    assert!(!out.status.success());
+    assert!(
+        ferry_tests::combined(&out).contains("--no-tls"),
+        "{}",
+        ferry_tests::combined(&out)
+    );
+}
+
+/// A CA and a leaf certificate for `localhost` / 127.0.0.1 signed by it
+/// (rustls, unlike GnuTLS, refuses a self-signed CA as the server's own
+/// certificate). Returns (ca cert, leaf cert, leaf key).
+fn ca_and_leaf(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    run(cmd("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=ferry test CA", "-keyout"])
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem")));
+    run(cmd("openssl")
+        .args([
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+        ])
+        .arg(p("leaf.key"))
+        .arg("-out")
+        .arg(p("leaf.csr")));
+    std::fs::write(
+        p("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(cmd("openssl")
+        .args(["x509", "-req", "-days", "2", "-in"])
+        .arg(p("leaf.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .args(["-CAcreateserial", "-extfile"])
+        .arg(p("ext.cnf"))
+        .arg("-out")
+        .arg(p("leaf.pem")));
+    (p("ca.pem"), p("leaf.pem"), p("leaf.key"))
+}

@@ -61,6 +61,12 @@ pub struct EdgeLinkConfig {
     pub scheduler: SchedulerConfig,
     /// Background credit granted to the origin (pushes in flight).
     pub window: u64,
+    /// TLS to the origin: the client configuration and the name the
+    /// origin's certificate must carry. `None`: plaintext.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
 }
 
 impl EdgeLinkConfig {
@@ -76,6 +82,7 @@ impl EdgeLinkConfig {
             reconnect_max: Duration::from_secs(5),
             scheduler: SchedulerConfig::default(),
             window: 8 << 20,
+            tls: None,
         }
     }
 }
@@ -203,7 +210,20 @@ async fn connect_once(
         .await
         .map_err(|_| LinkError::Timeout(link::HANDSHAKE_TIMEOUT))??;
     let _ = stream.set_nodelay(true);
-    let (tx, mut rx) = link::spawn(stream, cfg.scheduler, cfg.window);
+    let (tx, mut rx) = match &cfg.tls {
+        Some((config, name)) => {
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let tls = tokio::time::timeout(
+                link::HANDSHAKE_TIMEOUT,
+                connector.connect(name.clone(), stream),
+            )
+            .await
+            .map_err(|_| LinkError::Timeout(link::HANDSHAKE_TIMEOUT))?
+            .map_err(|e| LinkError::Handshake(format!("TLS: {e}")))?;
+            link::spawn(tls, cfg.scheduler, cfg.window)
+        }
+        None => link::spawn(stream, cfg.scheduler, cfg.window),
+    };
     let attach = async {
         link::handshake(&tx, &mut rx, Role::Edge, cfg.psk.as_ref()).await?;
         tx.send(
