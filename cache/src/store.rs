@@ -90,6 +90,10 @@ pub struct CacheConfig {
     /// a process crash; a power loss may forget the last fills (they become
     /// misses), never point at wrong data. Evictions are always synchronous.
     pub fill_durability: Durability,
+    /// Bytes of decrypted chunks kept in memory (0: none). A hit there
+    /// costs a hash lookup instead of a pread and an AES-GCM open of the
+    /// whole chunk, which matters most for small random reads.
+    pub memory: u64,
 }
 
 impl Default for CacheConfig {
@@ -99,6 +103,7 @@ impl Default for CacheConfig {
             capacity: 1 << 30,
             index: IndexOptions::default(),
             fill_durability: Durability::Async,
+            memory: 64 << 20,
         }
     }
 }
@@ -174,6 +179,8 @@ pub enum PutOutcome {
 /// Counters since the cache was opened, and its current occupancy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Hits (counted in `hits` too) served from decrypted chunks in memory.
+    pub memory_hits: u64,
     pub hits: u64,
     pub misses: u64,
     /// Bytes returned by hits.
@@ -220,8 +227,39 @@ impl CacheStats {
     }
 }
 
+/// Decrypted chunks in memory, by signature, with their own S3-FIFO. A
+/// signature always names the same bytes, so nothing here can go stale:
+/// remapping, invalidating or evicting a chunk on disk never makes a memory
+/// entry wrong, only possibly unused until it ages out.
+struct HotTier {
+    policy: S3Fifo<Signature>,
+    data: std::collections::HashMap<Signature, Bytes>,
+}
+
+impl HotTier {
+    fn get(&mut self, sig: &Signature) -> Option<Bytes> {
+        let d = self.data.get(sig)?.clone();
+        self.policy.access(*sig);
+        Some(d)
+    }
+
+    fn insert(&mut self, sig: Signature, data: Bytes) {
+        if self.data.contains_key(&sig) {
+            return;
+        }
+        let evicted = self.policy.insert(sig);
+        for e in evicted {
+            self.data.remove(&e);
+        }
+        if self.policy.contains(&sig) {
+            self.data.insert(sig, data);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
+    memory_hits: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     hit_bytes: AtomicU64,
@@ -270,6 +308,7 @@ pub struct Cache {
     resizing: RwLock<()>,
     counters: Counters,
     fill_durability: Durability,
+    hot: Option<Mutex<HotTier>>,
 }
 
 impl fmt::Debug for Cache {
@@ -381,6 +420,15 @@ impl Cache {
             resizing: RwLock::new(()),
             counters: Counters::default(),
             fill_durability: config.fill_durability,
+            hot: {
+                let entries = usize::try_from(config.memory / u64::from(cs)).unwrap_or(usize::MAX);
+                (entries > 0).then(|| {
+                    Mutex::new(HotTier {
+                        policy: S3Fifo::new(entries.min(crate::policy::MAX_CAPACITY)),
+                        data: std::collections::HashMap::new(),
+                    })
+                })
+            },
         };
         cache.resize(config.capacity)?;
         Ok(cache)
@@ -473,7 +521,22 @@ impl Cache {
         self.read_signature(sig)
     }
 
+    fn remember(&self, sig: &Signature, data: &Bytes) {
+        if let Some(hot) = &self.hot {
+            lock(hot).insert(*sig, data.clone());
+        }
+    }
+
     fn read_signature(&self, sig: &Signature) -> Result<Option<Bytes>, CacheError> {
+        if let Some(hot) = &self.hot {
+            if let Some(data) = lock(hot).get(sig) {
+                bump(&self.counters.memory_hits, 1);
+                if let Ok(mut st) = self.state.try_lock() {
+                    st.policy.access(*sig);
+                }
+                return Ok(Some(data));
+            }
+        }
         let Some(loc) = self.index.lookup_signature(sig.as_bytes())? else {
             return Ok(None);
         };
@@ -482,6 +545,7 @@ impl Cache {
                 if let Ok(mut st) = self.state.try_lock() {
                     st.policy.access(*sig);
                 }
+                self.remember(sig, &data);
                 Ok(Some(data))
             }
             Err(e) => {
@@ -608,6 +672,7 @@ impl Cache {
         match result {
             Ok(PutOutcome::Stored) => {
                 bump(&self.counters.stores, 1);
+                self.remember(sig, &Bytes::copy_from_slice(data));
                 if !st.policy.contains(sig) {
                     // Chosen as a victim while its data was being written
                     // (the policy saw it, the index did not yet): enter it
@@ -949,6 +1014,7 @@ impl Cache {
         let st = lock(&self.state);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
+            memory_hits: load(&c.memory_hits),
             hits: load(&c.hits),
             misses: load(&c.misses),
             hit_bytes: load(&c.hit_bytes),

@@ -103,6 +103,7 @@ pub async fn run(
         volume: "demo".into(),
         cache_dir: dir.join("edge"),
         cache_size: 256 << 20,
+        cache_memory: 64 << 20,
         journal_size: 256 << 20,
         rpo: Duration::from_secs(5),
         nbd: listen,

@@ -25,6 +25,7 @@ pub struct EdgeArgs {
     pub volume: String,
     pub cache_dir: PathBuf,
     pub cache_size: u64,
+    pub cache_memory: u64,
     pub journal_size: u64,
     pub rpo: Duration,
     pub nbd: Vec<ListenAddr>,
@@ -108,6 +109,7 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
     let cache_config = CacheConfig {
         chunk_size: a.chunk_size,
         capacity: args.cache_size,
+        memory: args.cache_memory,
         ..CacheConfig::default()
     };
     let key = a.cache_key.clone();

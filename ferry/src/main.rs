@@ -132,6 +132,9 @@ struct EdgeRunArgs {
     /// Cache capacity.
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     cache_size: ByteSize,
+    /// Decrypted chunks kept in memory (hot data served without decrypting).
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    cache_memory: ByteSize,
     /// Write journal capacity; writes wait when it is full.
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     journal_size: ByteSize,
@@ -383,6 +386,7 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
                 volume,
                 cache_dir,
                 cache_size: r.cache_size.0,
+                cache_memory: r.cache_memory.0,
                 journal_size: r.journal_size.0,
                 rpo: secs(r.rpo, "rpo")?,
                 nbd: r.nbd,

@@ -23,6 +23,7 @@ fn cache_in(dir: &Path, chunks: u64) -> Arc<Cache> {
             ..IndexOptions::default()
         },
         fill_durability: Durability::Async,
+        memory: 0,
     };
     Arc::new(Cache::open(dir, &MASTER, &config).unwrap())
 }

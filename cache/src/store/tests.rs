@@ -22,6 +22,9 @@ fn config(chunks: u64) -> CacheConfig {
             ..IndexOptions::default()
         },
         fill_durability: Durability::Async,
+        // The disk path is what these tests check; the memory tier has its
+        // own test.
+        memory: 0,
     }
 }
 
@@ -388,6 +391,42 @@ fn a_flipped_byte_is_an_integrity_error_for_that_chunk_only() {
         content(3, CHUNK as usize)
     );
     assert!(cache.verify().unwrap().damaged.is_empty());
+}
+
+#[test]
+fn the_memory_tier_serves_hot_chunks_without_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CacheConfig {
+        memory: 4 * u64::from(CHUNK),
+        ..config(16)
+    };
+    let cache = Cache::open(dir.path(), &MASTER, &cfg).unwrap();
+    let vol = cache.volume("v", 8 * u64::from(CHUNK)).unwrap();
+    for c in 0..8 {
+        cache
+            .put(vol, c, &content(c, CHUNK as usize), &always)
+            .unwrap();
+    }
+    // Damage every slot on disk: what the memory tier holds still reads
+    // right (by signature, it cannot be stale), the rest fails on disk.
+    let f = data_file(dir.path());
+    for slot in 0..8 {
+        f.write_all_at(&[0xff; 64], cache.data.slot_offset(slot) + 100)
+            .unwrap();
+    }
+    let mut from_memory = 0;
+    for c in 0..8 {
+        match cache.get(vol, c) {
+            Ok(Some(d)) => {
+                assert_eq!(d, content(c, CHUNK as usize));
+                from_memory += 1;
+            }
+            Err(CacheError::Integrity { .. }) => {}
+            other => panic!("chunk {c}: {other:?}"),
+        }
+    }
+    assert!((1..=4).contains(&from_memory), "{from_memory} from memory");
+    assert_eq!(cache.stats().memory_hits, from_memory);
 }
 
 #[test]
