@@ -277,11 +277,26 @@ impl<D: BlockDevice + 'static> CachedDevice<D> {
 
     /// Looks chunks up in the cache (one blocking task for all of them).
     async fn lookup(&self, chunks: std::ops::RangeInclusive<u64>) -> Vec<Option<Bytes>> {
+        // Hot chunks are answered here, on the async thread, when neither
+        // the index nor the data file has to be read (as the file backend
+        // serves page-cache hits inline): a hop to the blocking pool costs
+        // more than such a hit.
+        let mut inline = Vec::new();
+        for c in chunks.clone() {
+            match self.cache.get_from_memory(self.volume, c) {
+                Some(d) => inline.push(Some(d)),
+                None => break,
+            }
+        }
+        if inline.len() == chunks.clone().count() {
+            return inline;
+        }
+        let chunks = *chunks.start() + inline.len() as u64..=*chunks.end();
         let cache = self.cache.clone();
         let volume = self.volume;
         let counters = self.counters.clone();
         let n = chunks.clone().count();
-        tokio::task::spawn_blocking(move || {
+        let rest: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || {
             chunks
                 .map(|c| match cache.get(volume, c) {
                     Ok(hit) => hit,
@@ -297,7 +312,9 @@ impl<D: BlockDevice + 'static> CachedDevice<D> {
                 .collect()
         })
         .await
-        .unwrap_or_else(|_| vec![None; n])
+        .unwrap_or_else(|_| vec![None; n]);
+        inline.extend(rest);
+        inline
     }
 
     /// Reads chunks `first..=last` (all misses) from the inner device in one

@@ -510,6 +510,23 @@ impl Cache {
         Ok(found)
     }
 
+    /// A hit from the memory tier, found without blocking (no disk read of
+    /// the index or the data file); `None` if that cannot be answered
+    /// without I/O or is not in memory. Counts only hits: on `None` the
+    /// caller goes on with [`Cache::get`].
+    pub fn get_from_memory(&self, volume: Volume, chunk: u64) -> Option<Bytes> {
+        let hot = self.hot.as_ref()?;
+        let sig = Signature::from_bytes(self.index.get_mapping_cached(volume.id, chunk)??);
+        let data = lock(hot).get(&sig)?;
+        bump(&self.counters.memory_hits, 1);
+        bump(&self.counters.hits, 1);
+        bump(&self.counters.hit_bytes, data.len() as u64);
+        if let Ok(mut st) = self.state.try_lock() {
+            st.policy.access(sig);
+        }
+        Some(data)
+    }
+
     /// Whether content with this signature is resident (the dedup question,
     /// e.g. when the origin answers a read with a signature).
     pub fn contains(&self, sig: &Signature) -> Result<bool, CacheError> {

@@ -675,6 +675,21 @@ impl Index {
             .transpose()
     }
 
+    /// [`Index::get_mapping`] without blocking on I/O: answered from the
+    /// memtables and the block cache only, `None` when that would need a
+    /// read from disk (the caller then asks again off the async thread).
+    pub fn get_mapping_cached(&self, volume: u32, chunk: u64) -> Option<Option<Sig>> {
+        let k = map_key(volume, chunk);
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_read_tier(rocksdb::ReadTier::BlockCache);
+        match self.db.get_pinned_cf_opt(self.cf(CF_MAP), k, &ro) {
+            Ok(v) => v
+                .map(|v| decode_sig(CF_MAP, &k, &v).ok())
+                .map_or(Some(None), |s| s.map(Some)),
+            Err(_) => None,
+        }
+    }
+
     /// A volume's registration, if any.
     pub fn volume(&self, name: &str) -> Result<Option<VolumeMeta>, IndexError> {
         let k = vol_key(name);
