@@ -276,6 +276,7 @@ pub fn format_status(s: &EdgeStatus) -> String {
          bytes_fetched: {}\n\
          bytes_pushed: {}\n\
          cache_hits: {}\n\
+         cache_memory_hits: {}\n\
          cache_misses: {}\n\
          cache_hit_ratio: {:.3}\n\
          cache_fill_rate: {:.3}\n\
@@ -291,6 +292,7 @@ pub fn format_status(s: &EdgeStatus) -> String {
         s.link.bytes_read,
         s.link.bytes_pushed,
         s.cache.hits,
+        s.cache.memory_hits,
         s.cache.misses,
         s.cache.hit_rate(),
         s.cache.fill_rate(),
