@@ -5,6 +5,9 @@
 //! - `pread_64k`: the baseline, a page-cache-resident file.
 //! - `hit_64k`: `Cache::get` of a resident chunk: mapping lookup, signature
 //!   lookup, pread of the record, authenticate and decrypt.
+//! - `hit_64k_memory`, `hit_64k_memory_inline`: the same from the memory
+//!   tier of decrypted chunks (`Cache::get`, and the non-blocking
+//!   `Cache::get_from_memory` that `CachedDevice` tries first).
 //! - `lookup_signature_{hit,miss}`: `Cache::contains`, the dedup question,
 //!   against an index of 200 000 signatures flushed to SST files.
 //! - `put_new_64k`: a fill of new content: signature, seal, pwrite,
@@ -99,6 +102,38 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             n = (n + 1) % RESIDENT;
             black_box(cache.get(vol, n).expect("get").expect("hit"))
+        });
+    });
+    // The same hits with the memory tier on: decrypted chunks by
+    // signature, what a hot working set gets.
+    let mem_dir = tempfile::tempdir().expect("tempdir");
+    let mem_cache = Cache::open(
+        mem_dir.path(),
+        &[9; 32],
+        &CacheConfig {
+            memory: 64 << 20,
+            ..config.clone()
+        },
+    )
+    .expect("open cache");
+    let mem_vol = mem_cache
+        .volume("bench", RESIDENT * CHUNK as u64)
+        .expect("volume");
+    for chunk in 0..RESIDENT {
+        mem_cache
+            .put(mem_vol, chunk, &content(chunk), &always)
+            .expect("fill");
+    }
+    g.bench_function("hit_64k_memory", |b| {
+        b.iter(|| {
+            n = (n + 1) % RESIDENT;
+            black_box(mem_cache.get(mem_vol, n).expect("get").expect("hit"))
+        });
+    });
+    g.bench_function("hit_64k_memory_inline", |b| {
+        b.iter(|| {
+            n = (n + 1) % RESIDENT;
+            black_box(mem_cache.get_from_memory(mem_vol, n).expect("hit"))
         });
     });
     g.throughput(Throughput::Elements(1));
