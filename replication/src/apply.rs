@@ -33,16 +33,11 @@ use std::path::{Path, PathBuf};
 use blockcore::{BlockDevice, BlockError, WriteFlags, ZeroFlags};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::proto::WriteEntry;
+
 const LOG_FILE: &str = "apply.log";
 const APPLIED_FILE: &str = "applied";
 const MAGIC: [u8; 4] = *b"FRYA";
-
-/// One change of a batch: an absolute overwrite of a range.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ApplyEntry {
-    Data { offset: u64, data: Bytes },
-    Zero { offset: u64, len: u64 },
-}
 
 /// Errors of the apply journal.
 #[derive(Debug, thiserror::Error)]
@@ -93,19 +88,19 @@ pub enum Applied {
 // `applied` holds the last applied sequence number as 8 bytes big-endian
 // (absent: 0, nothing applied).
 
-fn encode(seq: u64, entries: &[ApplyEntry]) -> BytesMut {
+fn encode(seq: u64, entries: &[WriteEntry]) -> BytesMut {
     let mut body = BytesMut::new();
     body.put_u64(seq);
     body.put_u32(u32::try_from(entries.len()).expect("entries fit u32"));
     for e in entries {
         match e {
-            ApplyEntry::Data { offset, data } => {
+            WriteEntry::Data { offset, data } => {
                 body.put_u8(1);
                 body.put_u64(*offset);
                 body.put_u64(data.len() as u64);
                 body.put_slice(data);
             }
-            ApplyEntry::Zero { offset, len } => {
+            WriteEntry::Zero { offset, len } => {
                 body.put_u8(2);
                 body.put_u64(*offset);
                 body.put_u64(*len);
@@ -125,7 +120,7 @@ fn encode(seq: u64, entries: &[ApplyEntry]) -> BytesMut {
 
 /// Decodes a record; `None` if absent, torn or corrupt (never applied by
 /// anyone, so safe to drop: the edge resends unacknowledged batches).
-fn decode(buf: &[u8]) -> Option<(u64, Vec<ApplyEntry>)> {
+fn decode(buf: &[u8]) -> Option<(u64, Vec<WriteEntry>)> {
     if buf.len() < 16 || buf[..4] != MAGIC {
         return None;
     }
@@ -158,13 +153,13 @@ fn decode(buf: &[u8]) -> Option<(u64, Vec<ApplyEntry>)> {
                 if b.remaining() < len {
                     return None;
                 }
-                entries.push(ApplyEntry::Data {
+                entries.push(WriteEntry::Data {
                     offset,
                     data: Bytes::copy_from_slice(&b[..len]),
                 });
                 b.advance(len);
             }
-            2 => entries.push(ApplyEntry::Zero { offset, len }),
+            2 => entries.push(WriteEntry::Zero { offset, len }),
             _ => return None,
         }
     }
@@ -235,7 +230,7 @@ impl ApplyJournal {
     pub async fn apply(
         &mut self,
         seq: u64,
-        entries: &[ApplyEntry],
+        entries: &[WriteEntry],
         device: &dyn BlockDevice,
     ) -> Result<Applied, ApplyError> {
         if seq <= self.applied {
@@ -267,17 +262,17 @@ impl ApplyJournal {
     async fn write_entries(
         &self,
         seq: u64,
-        entries: &[ApplyEntry],
+        entries: &[WriteEntry],
         device: &dyn BlockDevice,
     ) -> Result<(), ApplyError> {
         let dev_err = |source| ApplyError::Device { seq, source };
         for e in entries {
             match e {
-                ApplyEntry::Data { offset, data } => device
+                WriteEntry::Data { offset, data } => device
                     .write(*offset, data.clone(), WriteFlags::default())
                     .await
                     .map_err(dev_err)?,
-                ApplyEntry::Zero { offset, len } => device
+                WriteEntry::Zero { offset, len } => device
                     .write_zeroes(
                         *offset,
                         *len,
@@ -338,11 +333,11 @@ mod tests {
     #[test]
     fn records_round_trip_and_torn_ones_are_dropped() {
         let entries = vec![
-            ApplyEntry::Data {
+            WriteEntry::Data {
                 offset: 4096,
                 data: data(1, 5000),
             },
-            ApplyEntry::Zero {
+            WriteEntry::Zero {
                 offset: 1 << 20,
                 len: 65536,
             },
@@ -365,7 +360,7 @@ mod tests {
         let dev = MemDevice::new(1 << 20);
         let mut j = ApplyJournal::open(dir.path(), &dev).await.unwrap();
         assert_eq!(j.applied(), 0);
-        let b1 = [ApplyEntry::Data {
+        let b1 = [WriteEntry::Data {
             offset: 0,
             data: data(1, 100),
         }];
@@ -393,15 +388,15 @@ mod tests {
         // As if the origin crashed after (1): the record is durable, the
         // image has only part of it, `applied` is still 0.
         let entries = vec![
-            ApplyEntry::Data {
+            WriteEntry::Data {
                 offset: 0,
                 data: data(3, 4096),
             },
-            ApplyEntry::Data {
+            WriteEntry::Data {
                 offset: 8192,
                 data: data(4, 4096),
             },
-            ApplyEntry::Zero {
+            WriteEntry::Zero {
                 offset: 65536,
                 len: 4096,
             },
@@ -432,7 +427,7 @@ mod tests {
     const IMAGE: u64 = 1 << 20;
 
     /// Batch `seq`'s entries: a few writes and a zero, all derived from seq.
-    fn batch(seq: u64) -> Vec<ApplyEntry> {
+    fn batch(seq: u64) -> Vec<WriteEntry> {
         let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         let mut next = || {
             x ^= x << 13;
@@ -445,13 +440,13 @@ mod tests {
             let len = 1 + next() % 40_000;
             let offset = next() % (IMAGE - len);
             #[allow(clippy::cast_possible_truncation)]
-            v.push(ApplyEntry::Data {
+            v.push(WriteEntry::Data {
                 offset,
                 data: data(seq as u8, len as usize),
             });
         }
         let len = 1 + next() % 20_000;
-        v.push(ApplyEntry::Zero {
+        v.push(WriteEntry::Zero {
             offset: next() % (IMAGE - len),
             len,
         });
@@ -463,11 +458,11 @@ mod tests {
         for seq in 1..=upto {
             for e in batch(seq) {
                 match e {
-                    ApplyEntry::Data { offset, data } => {
+                    WriteEntry::Data { offset, data } => {
                         let o = usize::try_from(offset).unwrap();
                         img[o..o + data.len()].copy_from_slice(&data);
                     }
-                    ApplyEntry::Zero { offset, len } => {
+                    WriteEntry::Zero { offset, len } => {
                         let o = usize::try_from(offset).unwrap();
                         img[o..o + usize::try_from(len).unwrap()].fill(0);
                     }

@@ -48,6 +48,8 @@ pub enum LinkError {
     Closed,
     #[error("link handshake: {0}")]
     Handshake(String),
+    #[error("the peer answered out of protocol: {0}")]
+    Unexpected(String),
     #[error("the peer refused: {code:?}: {message}")]
     Refused { code: ErrorCode, message: String },
     #[error("timed out after {0:?}")]

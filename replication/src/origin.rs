@@ -35,7 +35,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
 
-use crate::apply::{ApplyEntry, ApplyError, ApplyJournal};
+use crate::apply::{ApplyError, ApplyJournal};
 use crate::link::{self, LinkError, LinkSender};
 use crate::proto::{Class, ErrorCode, Message, Role, SchedulerConfig, WriteEntry};
 
@@ -243,7 +243,7 @@ impl PushedGroups {
 struct PendingBatch {
     seq: u64,
     next_part: u32,
-    entries: Vec<ApplyEntry>,
+    entries: Vec<WriteEntry>,
 }
 
 struct Session {
@@ -454,10 +454,7 @@ impl Session {
         };
         let mut pending = pending;
         pending.next_part += 1;
-        pending.entries.extend(entries.into_iter().map(|e| match e {
-            WriteEntry::Data { offset, data } => ApplyEntry::Data { offset, data },
-            WriteEntry::Zero { offset, len } => ApplyEntry::Zero { offset, len },
-        }));
+        pending.entries.extend(entries);
         if !last {
             self.batch = Some(pending);
             return Ok(());

@@ -380,12 +380,12 @@ impl LinkClient {
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 Ok(data)
             }
-            Message::ReadData { data, .. } => Err(LinkError::Handshake(format!(
+            Message::ReadData { data, .. } => Err(LinkError::Unexpected(format!(
                 "asked for {len} bytes, the origin sent {}",
                 data.len()
             ))),
             Message::Error { code, message } => Err(LinkError::Refused { code, message }),
-            other => Err(LinkError::Handshake(format!(
+            other => Err(LinkError::Unexpected(format!(
                 "unexpected reply {:?} to a read",
                 other.kind()
             ))),
@@ -428,7 +428,7 @@ impl LinkClient {
         match reply {
             Message::PrefetchDone => Ok(()),
             Message::Error { code, message } => Err(LinkError::Refused { code, message }),
-            other => Err(LinkError::Handshake(format!(
+            other => Err(LinkError::Unexpected(format!(
                 "unexpected reply {:?} to a prefetch",
                 other.kind()
             ))),
@@ -469,7 +469,7 @@ impl LinkClient {
             reply = request => match reply?.1 {
                 Message::BatchAck { seq: s } if s == seq => Ok(()),
                 Message::Error { code, message } => Err(LinkError::Refused { code, message }),
-                other => Err(LinkError::Handshake(format!(
+                other => Err(LinkError::Unexpected(format!(
                     "unexpected reply {:?} to batch {seq}",
                     other.kind()
                 ))),
