@@ -1,1 +1,17 @@
-//! iSCSI target over `blockcore` devices (RFC 7143). Not yet built: see the iSCSI issue.
+//! iSCSI target over `blockcore` devices (RFC 7143).
+//!
+//! Sans-IO layers, each fed bytes or parsed values and returning what to
+//! send, with the tokio shell in [`server`] kept thin:
+//!
+//! ```text
+//!   TCP ──► pdu (BHS/AHS/data, CRC32C digests)
+//!            ├─► login (security + operational negotiation, CHAP) ─► text
+//!            └─► session (CmdSN window, R2T, Data-In/Out, TMF, NOP)
+//!                   └─► scsi (CDB decode, SBC/SPC commands, sense,
+//!                             reservations) ─► blockcore::BlockDevice
+//! ```
+
+pub mod scsi;
+pub mod chap;
+pub mod login;
+pub mod text;
