@@ -23,13 +23,22 @@ declare -A TOOLS=(
   # runs bindgen, which asks clang for the system include paths.
   [g++]=g++
   [clang]=clang
+  # iSCSI: libiscsi's conformance suite and tools, and tgt as the
+  # benchmark peer.
+  [iscsi-test-cu]=libiscsi-bin
+  [iscsi-ls]=libiscsi-bin
+  [iscsi-perf]=libiscsi-bin
+  [tgtd]=tgt
+  [tgtadm]=tgt
 )
 
 # Debian packages with no command of their own, checked with dpkg.
 # libclang-dev: the libclang.so that bindgen loads at run time
 # (librocksdb-sys's `bindgen-runtime`), with clang's builtin headers.
+# qemu-block-extra: qemu's iSCSI driver (iscsi:// URLs in qemu-img/qemu-io).
 LIB_PKGS=(
   libclang-dev
+  qemu-block-extra
 )
 
 pkg_installed() {
@@ -60,6 +69,11 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends "${pkgs[@]}"
+  # qemu-block-extra can pull in a qemu-utils of another build; the
+  # modules only load into the qemu-img/qemu-io of the same version.
+  if printf '%s\n' "${pkgs[@]}" | grep -qx qemu-block-extra; then
+    $SUDO apt-get install -y -q --no-install-recommends qemu-utils
+  fi
 fi
 
 # Verify: every tool must be there now.
@@ -81,6 +95,11 @@ done
 if ! PATH="/usr/bin:$PATH" nbdsh -c 'pass' >/dev/null 2>&1; then
   echo "install-deps: ERROR: nbdsh cannot start (python3-libnbd broken?)" >&2
   PATH="/usr/bin:$PATH" nbdsh -c 'pass' >&2 || true
+  exit 1
+fi
+# qemu-img must load the iSCSI driver (same build as qemu-block-extra).
+if ! qemu-img --help 2>/dev/null | grep -q ' iscsi'; then
+  echo "install-deps: ERROR: qemu-img has no iscsi driver (qemu-utils and qemu-block-extra versions differ?)" >&2
   exit 1
 fi
 # fio must have its NBD engine (libnbd-backed).

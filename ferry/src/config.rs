@@ -23,6 +23,15 @@
 //! key_file = "/etc/ferry/cache.key"   # 32 bytes, raw or as 64 hex digits
 //! chunk_size = "64K"        # fixed when the cache is created
 //! write_mode = "through"    # or "around"
+//!
+//! [iscsi]                   # optional: also serve every export over iSCSI,
+//! listen = ["0.0.0.0:3260"] # as LUN 0 of target iqn.2026-11.dev.ferry:<name>
+//! allowed_initiators = ["iqn.1993-08.org.debian:01:web1"]  # empty: everyone
+//! chap_user = "web"          # one-way CHAP (the initiator proves itself)
+//! chap_secret_file = "/etc/ferry/iscsi.secret"
+//! mutual_user = "ferry"      # mutual CHAP (the target proves itself too)
+//! mutual_secret_file = "/etc/ferry/iscsi-mutual.secret"
+//! discovery_chap = true      # also ask discovery sessions for CHAP
 //! ```
 
 use std::fmt;
@@ -33,6 +42,12 @@ use serde::Deserialize;
 
 /// Default NBD listen address (IANA port 10809).
 pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
+
+/// Default iSCSI portal (IANA port 3260).
+pub const DEFAULT_ISCSI_ADDR: &str = "127.0.0.1:3260";
+
+/// The prefix of every target name: `iqn.2026-11.dev.ferry:<export>`.
+pub const IQN_PREFIX: &str = "iqn.2026-11.dev.ferry";
 
 /// Where to listen.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,6 +221,27 @@ fn default_chunk_size() -> ByteSize {
     ByteSize(64 * 1024)
 }
 
+/// Serving the exports over iSCSI.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IscsiSettings {
+    /// Portals (`HOST:PORT`; the iSCSI port is 3260).
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Initiator names allowed to log in to the targets; empty allows all.
+    #[serde(default)]
+    pub allowed_initiators: Vec<String>,
+    /// CHAP name the initiator must present, with `chap_secret_file`.
+    pub chap_user: Option<String>,
+    pub chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the name and secret the target answers with.
+    pub mutual_user: Option<String>,
+    pub mutual_secret_file: Option<PathBuf>,
+    /// Ask discovery sessions for CHAP too.
+    #[serde(default)]
+    pub discovery_chap: bool,
+}
+
 /// The whole `serve` configuration.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -214,6 +250,7 @@ pub struct ServeConfig {
     pub listen: Vec<ListenAddr>,
     pub tls: Option<TlsConfig>,
     pub cache: Option<CacheSettings>,
+    pub iscsi: Option<IscsiSettings>,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportConfig>,
 }
@@ -244,6 +281,8 @@ pub enum ConfigError {
     NameWithNul(String),
     #[error("cache key file {path}: {why}")]
     CacheKey { path: String, why: String },
+    #[error("iSCSI: {0}")]
+    Iscsi(String),
 }
 
 /// Reads a 32-byte cache master key: 32 raw bytes, or 64 hex digits
@@ -303,7 +342,63 @@ impl ServeConfig {
                 return Err(ConfigError::DuplicateExport(e.name.clone()));
             }
         }
+        if let Some(iscsi) = &self.iscsi {
+            iscsi.validate(&self.exports)?;
+        }
         Ok(())
+    }
+}
+
+impl IscsiSettings {
+    fn validate(&self, exports: &[ExportConfig]) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError::Iscsi(m));
+        if self.chap_user.is_some() != self.chap_secret_file.is_some() {
+            return err("chap_user and chap_secret_file go together".into());
+        }
+        if self.mutual_user.is_some() != self.mutual_secret_file.is_some() {
+            return err("mutual_user and mutual_secret_file go together".into());
+        }
+        if self.mutual_user.is_some() && self.chap_user.is_none() {
+            return err("mutual CHAP needs one-way CHAP (chap_user) as well".into());
+        }
+        if self.discovery_chap && self.chap_user.is_none() {
+            return err("discovery_chap needs chap_user".into());
+        }
+        for e in exports {
+            // RFC 7143 §4.2.7.2: iSCSI names are lower case letters,
+            // digits, '-', '.' and ':' (after stringprep).
+            if e.name.is_empty()
+                || !e
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b))
+            {
+                return err(format!(
+                    "export {:?} cannot be part of an iSCSI name: use lower-case letters, digits, '-', '.' and ':'",
+                    e.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a CHAP secret: the file's bytes without a trailing newline.
+    /// RFC 7143 §12.1.3 asks for at least 12 bytes (96 bits).
+    pub fn read_secret(path: &Path) -> Result<Vec<u8>, ConfigError> {
+        let mut raw = std::fs::read(path).map_err(|e| {
+            ConfigError::Iscsi(format!("reading CHAP secret {}: {e}", path.display()))
+        })?;
+        while raw.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            raw.pop();
+        }
+        if raw.len() < 12 {
+            return Err(ConfigError::Iscsi(format!(
+                "CHAP secret {} is {} bytes: at least 12 are needed",
+                path.display(),
+                raw.len()
+            )));
+        }
+        Ok(raw)
     }
 }
 

@@ -245,6 +245,29 @@ struct ServeArgs {
     /// Whether writes store whole chunks in the cache or only drop them.
     #[arg(long, value_enum, default_value_t = CacheWriteMode::Through)]
     cache_write_mode: CacheWriteMode,
+    /// Also serve every export over iSCSI on this portal, HOST:PORT
+    /// (repeatable), as LUN 0 of target iqn.2026-11.dev.ferry:NAME. With
+    /// --iscsi and no --nbd, NBD is not served.
+    #[arg(long, value_name = "ADDR")]
+    iscsi: Vec<String>,
+    /// Only these initiator names may log in (repeatable; default: all).
+    #[arg(long, value_name = "IQN", requires = "iscsi")]
+    iscsi_allow: Vec<String>,
+    /// Require CHAP with this user name (secret in --iscsi-chap-secret-file).
+    #[arg(long, value_name = "NAME", requires_all = ["iscsi", "iscsi_chap_secret_file"])]
+    iscsi_chap_user: Option<String>,
+    /// The CHAP secret (at least 12 bytes; a trailing newline is ignored).
+    #[arg(long, value_name = "FILE", requires = "iscsi_chap_user")]
+    iscsi_chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the name the target answers with.
+    #[arg(long, value_name = "NAME", requires_all = ["iscsi_chap_user", "iscsi_mutual_secret_file"])]
+    iscsi_mutual_user: Option<String>,
+    /// Mutual CHAP: the target's secret.
+    #[arg(long, value_name = "FILE", requires = "iscsi_mutual_user")]
+    iscsi_mutual_secret_file: Option<PathBuf>,
+    /// Ask discovery sessions for CHAP too.
+    #[arg(long, requires = "iscsi_chap_user")]
+    iscsi_discovery_chap: bool,
 }
 
 #[derive(Args, Debug)]
@@ -298,6 +321,20 @@ impl ServeArgs {
             }
         }
         cfg.listen.extend(self.nbd);
+        if !self.iscsi.is_empty() {
+            let iscsi = cfg.iscsi.get_or_insert_with(Default::default);
+            iscsi.listen.extend(self.iscsi);
+            iscsi.allowed_initiators.extend(self.iscsi_allow);
+            if self.iscsi_chap_user.is_some() {
+                iscsi.chap_user = self.iscsi_chap_user;
+                iscsi.chap_secret_file = self.iscsi_chap_secret_file;
+            }
+            if self.iscsi_mutual_user.is_some() {
+                iscsi.mutual_user = self.iscsi_mutual_user;
+                iscsi.mutual_secret_file = self.iscsi_mutual_secret_file;
+            }
+            iscsi.discovery_chap |= self.iscsi_discovery_chap;
+        }
         if let (Some(dir), Some(size), Some(key_file)) =
             (self.cache_dir, self.cache_size, self.cache_key_file)
         {
@@ -454,7 +491,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => {
-                ferry::serve::run((*args).into_config()?, print_listening).await
+                ferry::serve::run((*args).into_config()?, print_listening_as).await
             }
             Command::Demo(args) => ferry::demo::run(args.dir, args.size_mib, args.nbd).await,
             Command::Cache(CacheCommand::Inspect(args)) => inspect(&args).await,

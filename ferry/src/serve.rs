@@ -1,4 +1,7 @@
-//! `ferry serve`: export raw images over NBD until SIGINT/SIGTERM.
+//! `ferry serve`: export raw images over NBD and iSCSI until SIGINT/SIGTERM.
+//!
+//! Both front ends serve the very same device stack of each export, so a
+//! write through one is read back through the other.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,8 +15,8 @@ use tokio::net::{TcpListener, UnixListener};
 use cache::{Cache, CacheConfig, CachedDevice, WriteMode};
 
 use crate::config::{
-    read_key_file, CacheSettings, CacheWriteMode, ExportConfig, ListenAddr, ServeConfig, TlsPolicy,
-    DEFAULT_NBD_ADDR,
+    read_key_file, CacheSettings, CacheWriteMode, ExportConfig, IscsiSettings, ListenAddr,
+    ServeConfig, TlsPolicy, DEFAULT_NBD_ADDR, IQN_PREFIX,
 };
 
 /// How long shutdown waits for in-flight requests before flushing anyway.
@@ -147,9 +150,71 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The iSCSI target name of an export.
+pub fn target_name(export: &str) -> String {
+    format!("{IQN_PREFIX}:{export}")
+}
+
+/// Builds the iSCSI portal configuration: one target per export, each with
+/// the export as LUN 0.
+pub fn iscsi_server(
+    settings: &IscsiSettings,
+    exports: &[Export],
+) -> anyhow::Result<iscsi_target::server::Server> {
+    use iscsi_target::login::{ChapConfig, LoginConfig, TargetConfig};
+    use iscsi_target::scsi::{Lun, LunIdentity, LunMap};
+    let chap = match (&settings.chap_user, &settings.chap_secret_file) {
+        (Some(user), Some(file)) => Some(ChapConfig {
+            user: user.clone(),
+            secret: IscsiSettings::read_secret(file)?,
+            mutual: match (&settings.mutual_user, &settings.mutual_secret_file) {
+                (Some(name), Some(file)) => Some((name.clone(), IscsiSettings::read_secret(file)?)),
+                _ => None,
+            },
+        }),
+        _ => None,
+    };
+    let mut targets = Vec::new();
+    let mut luns = std::collections::HashMap::new();
+    for e in exports {
+        let name = target_name(&e.name);
+        let lun = Lun::new(
+            Arc::clone(&e.device),
+            LunIdentity {
+                volume_name: e.name.clone(),
+                vendor: "FERRY".into(),
+                product: "ferry disk".into(),
+                revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
+            },
+        );
+        luns.insert(
+            name.clone(),
+            Arc::new(LunMap::new(vec![(0, Arc::new(lun))])),
+        );
+        targets.push(TargetConfig {
+            name,
+            alias: Some(e.name.clone()),
+            allowed_initiators: settings.allowed_initiators.clone(),
+            chap: chap.clone(),
+        });
+    }
+    let login = LoginConfig {
+        targets,
+        discovery_chap: if settings.discovery_chap { chap } else { None },
+        ..LoginConfig::default()
+    };
+    Ok(iscsi_target::server::Server::new(
+        iscsi_target::server::ServerConfig { login, luns },
+    ))
+}
+
 /// Serves `config` until SIGINT or SIGTERM, then drains and flushes.
-/// `on_listening` is told each bound address (`IP:PORT` or `unix:PATH`).
-pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> anyhow::Result<()> {
+/// `on_listening` is told each bound address with its protocol (`nbd`
+/// with `IP:PORT` or `unix:PATH`, `iscsi` with `IP:PORT`).
+pub async fn run(
+    config: ServeConfig,
+    mut on_listening: impl FnMut(&str, &str),
+) -> anyhow::Result<()> {
     config.validate()?;
     let cache = config.cache.as_ref().map(open_cache).transpose()?;
     let mut exports = Vec::new();
@@ -167,9 +232,16 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
             TlsPolicy::Require => TlsMode::Require,
         };
     }
+    let iscsi = config
+        .iscsi
+        .as_ref()
+        .map(|settings| iscsi_server(settings, &exports))
+        .transpose()?;
     let server = Server::new(exports, server_config)?;
 
-    let listen = if config.listen.is_empty() {
+    // NBD listens on its default address unless only iSCSI was asked for.
+    let iscsi_only = config.iscsi.as_ref().is_some_and(|i| !i.listen.is_empty());
+    let listen = if config.listen.is_empty() && !iscsi_only {
         vec![ListenAddr::Tcp(DEFAULT_NBD_ADDR.to_owned())]
     } else {
         config.listen.clone()
@@ -179,7 +251,7 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
     for addr in &listen {
         let (bound, shown) = bind(addr).await?;
         tracing::info!(address = %shown, "listening for NBD clients");
-        on_listening(&shown);
+        on_listening("nbd", &shown);
         let server = server.clone();
         match bound {
             Bound::Tcp(l) => tasks.spawn(async move { server.serve_tcp(l).await }),
@@ -188,6 +260,25 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
                 tasks.spawn(async move { server.serve_unix(l).await })
             }
         };
+    }
+
+    let mut iscsi_tasks = tokio::task::JoinSet::new();
+    if let (Some(target), Some(settings)) = (&iscsi, &config.iscsi) {
+        let listen = if settings.listen.is_empty() {
+            vec![crate::config::DEFAULT_ISCSI_ADDR.to_owned()]
+        } else {
+            settings.listen.clone()
+        };
+        for addr in &listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for iSCSI on {addr}"))?;
+            let shown = l.local_addr()?.to_string();
+            tracing::info!(address = %shown, "listening for iSCSI initiators");
+            on_listening("iscsi", &shown);
+            let target = target.clone();
+            iscsi_tasks.spawn(async move { target.serve(l).await });
+        }
     }
 
     let outcome = tokio::select! {
@@ -208,7 +299,20 @@ pub async fn run(config: ServeConfig, mut on_listening: impl FnMut(&str)) -> any
             Ok(Err(e)) => Err(anyhow::Error::from(e)),
             Err(e) => Err(anyhow::Error::from(e)),
         },
+        Some(done) = iscsi_tasks.join_next() => match done {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::from(e).context("iSCSI portal")),
+            Err(e) => Err(anyhow::Error::from(e)),
+        },
     };
+    if let Some(target) = &iscsi {
+        // Sessions end first so their in-flight commands finish before
+        // the final flush below.
+        target.shutdown();
+        if !target.drain(DRAIN_TIMEOUT).await {
+            tracing::warn!("iSCSI sessions still busy at shutdown");
+        }
+    }
     server.shutdown();
     let drained = server.drain(DRAIN_TIMEOUT).await;
     for path in &sockets {

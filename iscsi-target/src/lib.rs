@@ -11,7 +11,10 @@
 //!                             reservations) ─► blockcore::BlockDevice
 //! ```
 
-pub mod scsi;
 pub mod chap;
 pub mod login;
+pub mod pdu;
+pub mod scsi;
+pub mod server;
+pub mod session;
 pub mod text;

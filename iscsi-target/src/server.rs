@@ -1,0 +1,611 @@
+//! The tokio shell: accepts connections, runs login, then pumps PDUs
+//! between the socket and a [`session::Connection`], executing SCSI
+//! commands concurrently on the targets' [`LunMap`]s.
+//!
+//! One task per connection reads and decodes PDUs and drives the state
+//! machine; each command executes in its own task; a writer task owns the
+//! socket's write half so a slow reader never stalls command intake.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::login::{
+    Login, LoginConfig, LoginRequest, LoginResponse, LoginStep, SessionKind, SessionParams,
+};
+use crate::pdu::{self, Framing, InitiatorPdu, PduError, SeqNums, TargetPdu};
+use crate::scsi::{LunMap, Nexus, Outcome};
+use crate::session::{Action, CloseReason, Connection, Limits, Planner, QUEUE_DEPTH};
+
+/// How often the connection loop looks at the clock (keepalive).
+const TICK: Duration = Duration::from_secs(1);
+/// How long a reinstated session's old connection gets to go away.
+const REINSTATE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Login status codes the shell itself decides (RFC 7143 §11.13.5).
+const STATUS_TOO_MANY_CONNECTIONS: (u8, u8) = (0x02, 0x06);
+const STATUS_SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
+const STATUS_OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
+
+/// Errors of the shell.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed PDU: {0}")]
+    Pdu(#[from] PduError),
+    #[error("the initiator closed the connection")]
+    Eof,
+    #[error("login failed with status {class:#04x}/{detail:#04x}")]
+    LoginFailed { class: u8, detail: u8 },
+    #[error("a {0:#04x} PDU arrived during login")]
+    NotLogin(u8),
+}
+
+/// A session's identity: the I_T nexus plus the target (RFC 7143 §4.4.3:
+/// sessions are identified by initiator name, ISID and target portal group).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SessionKey {
+    initiator: String,
+    isid: [u8; 6],
+    target: String,
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    tsih: u16,
+    /// Cancelled to end the session (reinstatement, shutdown).
+    stop: CancellationToken,
+    /// Closed when the session's connection task has finished.
+    gone: tokio::sync::watch::Receiver<bool>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    login: LoginConfig,
+    luns: HashMap<String, Arc<LunMap>>,
+    sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
+    next_tsih: AtomicU16,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// An iSCSI portal serving a set of targets. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+/// The targets and their LUNs: the login configuration names each target,
+/// `luns` maps each target name to its logical units.
+#[derive(Debug)]
+pub struct ServerConfig {
+    pub login: LoginConfig,
+    pub luns: HashMap<String, Arc<LunMap>>,
+}
+
+impl Server {
+    pub fn new(config: ServerConfig) -> Server {
+        Server {
+            inner: Arc::new(Inner {
+                login: config.login,
+                luns: config.luns,
+                sessions: Mutex::new(HashMap::new()),
+                next_tsih: AtomicU16::new(1),
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Accepts connections until [`Server::shutdown`].
+    pub async fn serve(&self, listener: TcpListener) -> io::Result<()> {
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = self.inner.shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let inner = Arc::clone(&self.inner);
+            self.inner.tracker.spawn(async move {
+                match handle(&inner, stream, peer).await {
+                    Ok(()) | Err(ServerError::Eof) => {
+                        tracing::debug!(%peer, "iSCSI connection closed");
+                    }
+                    Err(e) => tracing::info!(%peer, error = %e, "iSCSI connection ended"),
+                }
+            });
+        }
+    }
+
+    /// Stops accepting and ends every session.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Waits up to `timeout` for connections to finish.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.inner.tracker.close();
+        tokio::time::timeout(timeout, self.inner.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// A SAM LUN field (8 bytes) to a LUN number (SAM-5 §4.7): peripheral
+/// device addressing (bus 0) and flat addressing; anything else maps to a
+/// LUN that never exists.
+pub fn decode_lun(raw: u64) -> u64 {
+    let b = raw.to_be_bytes();
+    match b[0] >> 6 {
+        0 if b[0].trailing_zeros() >= 6 => u64::from(b[1]),
+        1 => u64::from(u16::from_be_bytes([b[0] & 0x3f, b[1]])),
+        _ => u64::MAX,
+    }
+}
+
+struct LunPlanner<'a>(&'a LunMap);
+
+impl Planner for LunPlanner<'_> {
+    fn shape(&self, lun: u64, cdb: &[u8]) -> Result<crate::scsi::CommandShape, crate::scsi::Sense> {
+        self.0.shape(decode_lun(lun), cdb)
+    }
+}
+
+/// Reads until one PDU is complete.
+async fn read_pdu(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    framing: &Framing,
+) -> Result<pdu::RawPdu, ServerError> {
+    loop {
+        if let Some(raw) = pdu::decode(buf, framing)? {
+            return Ok(raw);
+        }
+        buf.reserve(64 * 1024);
+        if rd.read_buf(buf).await? == 0 {
+            return Err(ServerError::Eof);
+        }
+    }
+}
+
+/// Writes what the connection hands it, coalescing queued chunks.
+async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) -> io::Result<()> {
+    while let Some(first) = rx.recv().await {
+        wr.write_all(&first).await?;
+        while let Ok(more) = rx.try_recv() {
+            wr.write_all(&more).await?;
+        }
+    }
+    wr.shutdown().await
+}
+
+async fn handle(
+    inner: &Arc<Inner>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(), ServerError> {
+    stream.set_nodelay(true)?;
+    let local = stream.local_addr()?;
+    let (mut rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let writer = tokio::spawn(writer(wr, rx));
+    let result = run(inner, &mut rd, &tx, local, peer).await;
+    drop(tx);
+    // Let queued responses (a login reject, a logout response) go out.
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    result
+}
+
+fn login_response(r: &LoginResponse, seq: SeqNums) -> TargetPdu {
+    TargetPdu::LoginResponse {
+        transit: r.transit,
+        cont: r.cont,
+        csg: r.csg,
+        nsg: r.nsg,
+        version_max: r.version_max,
+        version_active: r.version_active,
+        isid: r.isid,
+        tsih: r.tsih,
+        itt: r.itt,
+        status_class: r.status_class,
+        status_detail: r.status_detail,
+        seq,
+        data: Bytes::copy_from_slice(&r.data),
+    }
+}
+
+fn send(tx: &mpsc::UnboundedSender<Bytes>, pdu: &TargetPdu, framing: Framing) {
+    let mut out = BytesMut::new();
+    pdu.encode(&framing, &mut out);
+    let _ = tx.send(out.freeze());
+}
+
+/// A registered session: removes itself from the registry when dropped.
+struct Registration<'a> {
+    inner: &'a Inner,
+    key: SessionKey,
+    tsih: u16,
+    _gone: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut sessions = self
+            .inner
+            .sessions
+            .lock()
+            .expect("session registry poisoned");
+        if sessions.get(&self.key).is_some_and(|e| e.tsih == self.tsih) {
+            sessions.remove(&self.key);
+        }
+    }
+}
+
+/// Assigns a TSIH to a new session, reinstating (ending) an older session
+/// of the same I_T nexus (§6.3.5). Returns the status to fail with, if any.
+async fn register<'a>(
+    inner: &'a Inner,
+    key: SessionKey,
+    requested_tsih: u16,
+    stop: &CancellationToken,
+) -> Result<Registration<'a>, (u8, u8)> {
+    if requested_tsih != 0 {
+        // Adding a connection to a live session: we negotiate
+        // MaxConnections=1, so that session has its one connection.
+        let sessions = inner.sessions.lock().expect("session registry poisoned");
+        return Err(if sessions.values().any(|e| e.tsih == requested_tsih) {
+            STATUS_TOO_MANY_CONNECTIONS
+        } else {
+            STATUS_SESSION_DOES_NOT_EXIST
+        });
+    }
+    let old = inner
+        .sessions
+        .lock()
+        .expect("session registry poisoned")
+        .remove(&key);
+    if let Some(old) = old {
+        tracing::info!(initiator = %key.initiator, target = %key.target, tsih = old.tsih, "reinstating session");
+        old.stop.cancel();
+        let mut gone = old.gone;
+        let _ = tokio::time::timeout(REINSTATE_TIMEOUT, gone.wait_for(|g| *g)).await;
+    }
+    let (gone_tx, gone_rx) = tokio::sync::watch::channel(false);
+    let mut sessions = inner.sessions.lock().expect("session registry poisoned");
+    let mut tsih = 0;
+    for _ in 0..=u16::MAX {
+        let t = inner.next_tsih.fetch_add(1, Ordering::Relaxed);
+        if t != 0 && !sessions.values().any(|e| e.tsih == t) {
+            tsih = t;
+            break;
+        }
+    }
+    if tsih == 0 {
+        return Err(STATUS_OUT_OF_RESOURCES);
+    }
+    sessions.insert(
+        key.clone(),
+        SessionEntry {
+            tsih,
+            stop: stop.clone(),
+            gone: gone_rx,
+        },
+    );
+    Ok(Registration {
+        inner,
+        key,
+        tsih,
+        _gone: gone_tx,
+    })
+}
+
+async fn run(
+    inner: &Arc<Inner>,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    tx: &mpsc::UnboundedSender<Bytes>,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(), ServerError> {
+    // SendTargets answers with the address this initiator reached us on.
+    let mut config = inner.login.clone();
+    config.portals = vec![format!("{local},{}", config.portal_group_tag)];
+    let config = Arc::new(config);
+    let mut login = Login::new(Arc::clone(&config));
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let stop = inner.shutdown.child_token();
+    let mut stat_sn: u32 = 1;
+
+    // Login phase: plain framing, one response per request.
+    let (session, registration, exp_cmd_sn) = loop {
+        let raw = tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            raw = read_pdu(rd, &mut buf, &Framing::LOGIN) => raw?,
+        };
+        let bhs = raw.bhs;
+        let InitiatorPdu::Login(req) = InitiatorPdu::parse(raw)? else {
+            return Err(ServerError::NotLogin(bhs[0] & 0x3f));
+        };
+        let window = |cmdsn: u32| SeqNums {
+            stat_sn,
+            exp_cmd_sn: cmdsn,
+            max_cmd_sn: cmdsn.wrapping_add(QUEUE_DEPTH - 1),
+        };
+        let request = LoginRequest {
+            transit: req.transit,
+            cont: req.cont,
+            csg: req.csg,
+            nsg: req.nsg,
+            version_max: req.version_max,
+            version_min: req.version_min,
+            isid: req.isid,
+            tsih: req.tsih,
+            itt: req.itt,
+            cid: req.cid,
+            cmdsn: req.cmdsn,
+            exp_statsn: req.exp_statsn,
+            data: &req.data,
+        };
+        match login.step(&request) {
+            LoginStep::Continue(r) => {
+                send(tx, &login_response(&r, window(req.cmdsn)), Framing::LOGIN);
+                stat_sn = stat_sn.wrapping_add(1);
+            }
+            LoginStep::Fail(r) => {
+                send(tx, &login_response(&r, window(req.cmdsn)), Framing::LOGIN);
+                tracing::info!(%peer, class = r.status_class, detail = r.status_detail, "login refused");
+                return Err(ServerError::LoginFailed {
+                    class: r.status_class,
+                    detail: r.status_detail,
+                });
+            }
+            LoginStep::Complete {
+                mut response,
+                session,
+            } => {
+                let target = match &session.kind {
+                    SessionKind::Discovery => String::new(),
+                    SessionKind::Normal { target } => target.clone(),
+                };
+                let key = SessionKey {
+                    initiator: session.initiator_name.clone(),
+                    isid: session.isid,
+                    target,
+                };
+                match register(inner, key, session.requested_tsih, &stop).await {
+                    Ok(reg) => {
+                        response.tsih = reg.tsih;
+                        send(
+                            tx,
+                            &login_response(&response, window(req.cmdsn)),
+                            Framing::LOGIN,
+                        );
+                        stat_sn = stat_sn.wrapping_add(1);
+                        break (session, reg, req.cmdsn);
+                    }
+                    Err((class, detail)) => {
+                        response.transit = false;
+                        response.status_class = class;
+                        response.status_detail = detail;
+                        response.data.clear();
+                        send(
+                            tx,
+                            &login_response(&response, window(req.cmdsn)),
+                            Framing::LOGIN,
+                        );
+                        return Err(ServerError::LoginFailed { class, detail });
+                    }
+                }
+            }
+        }
+    };
+    full_feature(
+        inner, rd, tx, buf, &config, session, stat_sn, exp_cmd_sn, &stop,
+    )
+    .await?;
+    drop(registration);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn full_feature(
+    inner: &Arc<Inner>,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    tx: &mpsc::UnboundedSender<Bytes>,
+    mut buf: BytesMut,
+    config: &Arc<LoginConfig>,
+    session: SessionParams,
+    stat_sn: u32,
+    exp_cmd_sn: u32,
+    stop: &CancellationToken,
+) -> Result<(), ServerError> {
+    let n = &session.negotiated;
+    let framing = Framing {
+        header_digest: n.header_digest,
+        data_digest: n.data_digest,
+        max_recv_data_segment: n.max_recv_data_segment,
+    };
+    let limits = Limits {
+        max_send_data_segment: n.max_send_data_segment,
+        max_recv_data_segment: n.max_recv_data_segment,
+        first_burst_length: n.first_burst_length,
+        max_burst_length: n.max_burst_length,
+        immediate_data: n.immediate_data,
+        initial_r2t: n.initial_r2t,
+        max_outstanding_r2t: n.max_outstanding_r2t,
+    };
+    let (luns, discovery) = match &session.kind {
+        SessionKind::Discovery => (Arc::new(LunMap::new(Vec::new())), true),
+        SessionKind::Normal { target } => (
+            inner
+                .luns
+                .get(target)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(LunMap::new(Vec::new()))),
+            false,
+        ),
+    };
+    let nexus = Arc::new(Nexus {
+        initiator_name: session.initiator_name.clone(),
+        isid: session.isid,
+        tpgt: config.portal_group_tag,
+    });
+    let text_config = Arc::clone(config);
+    let text_session = session.clone();
+    let responder =
+        Box::new(move |req: &[u8]| crate::text::answer_text(&text_config, &text_session, req));
+    let mut conn = Connection::new(
+        limits,
+        discovery,
+        stat_sn,
+        exp_cmd_sn,
+        responder,
+        Instant::now(),
+    );
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, Outcome)>();
+    let mut tick = tokio::time::interval(TICK);
+    let mut out = BytesMut::new();
+    let tracker = TaskTracker::new();
+
+    let outcome = 'session: loop {
+        tokio::select! {
+            () = stop.cancelled() => break 'session Ok(()),
+            read = rd.read_buf(&mut buf) => {
+                if read? == 0 {
+                    break 'session Err(ServerError::Eof);
+                }
+                loop {
+                    match pdu::decode(&mut buf, &framing) {
+                        Ok(Some(raw)) => {
+                            let bhs = raw.bhs;
+                            tracing::trace!(
+                                opcode = bhs[0] & 0x3f,
+                                flags = bhs[1],
+                                itt = u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]),
+                                data = raw.data.len(),
+                                "PDU"
+                            );
+                            match InitiatorPdu::parse(raw) {
+                                Ok(p) => conn.receive(p, &bhs, &LunPlanner(&luns), Instant::now()),
+                                Err(e) => {
+                                    conn.reject(pdu::reject_reason::PROTOCOL_ERROR, bhs);
+                                    drain_sends(&mut conn, &mut out, framing);
+                                    flush(tx, &mut out);
+                                    break 'session Err(e.into());
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(PduError::DataDigest { bhs, .. }) => {
+                            // §7.8: reject it; at error recovery level 0
+                            // the task cannot be recovered, so the
+                            // connection ends.
+                            conn.reject(pdu::reject_reason::DATA_DIGEST_ERROR, *bhs);
+                            drain_sends(&mut conn, &mut out, framing);
+                            flush(tx, &mut out);
+                            break 'session Err(PduError::DataDigest { opcode: bhs[0] & 0x3f, bhs }.into());
+                        }
+                        Err(e) => break 'session Err(e.into()),
+                    }
+                }
+            }
+            Some((itt, outcome)) = done_rx.recv() => {
+                conn.complete(itt, outcome);
+                while let Ok((itt, outcome)) = done_rx.try_recv() {
+                    conn.complete(itt, outcome);
+                }
+            }
+            _ = tick.tick() => conn.tick(Instant::now()),
+        }
+        while let Some(action) = conn.poll_action() {
+            match action {
+                Action::Send(pdu) => pdu.encode(&framing, &mut out),
+                Action::Execute {
+                    itt,
+                    lun,
+                    cdb,
+                    data_out,
+                } => {
+                    let luns = Arc::clone(&luns);
+                    let nexus = Arc::clone(&nexus);
+                    let done = done_tx.clone();
+                    tracker.spawn(async move {
+                        let outcome = luns.execute(&nexus, decode_lun(lun), &cdb, data_out).await;
+                        let _ = done.send((itt, outcome));
+                    });
+                }
+                Action::Reset { lun, kind } => luns.reset(lun.map(decode_lun), kind),
+                Action::Close(reason) => {
+                    flush(tx, &mut out);
+                    match reason {
+                        CloseReason::Logout | CloseReason::ColdReset => break 'session Ok(()),
+                        CloseReason::KeepaliveTimeout => {
+                            tracing::info!(initiator = %nexus.initiator_name, "no answer to NOP-In: closing");
+                            break 'session Ok(());
+                        }
+                        CloseReason::ProtocolError(why) => {
+                            tracing::info!(initiator = %nexus.initiator_name, %why, "protocol error: closing");
+                            break 'session Ok(());
+                        }
+                    }
+                }
+            }
+        }
+        flush(tx, &mut out);
+    };
+    // The nexus is gone: commands still executing finish (a write that
+    // reached the device is not torn), their answers go nowhere.
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+    if !discovery {
+        luns.nexus_lost(&nexus);
+    }
+    outcome
+}
+
+fn drain_sends(conn: &mut Connection, out: &mut BytesMut, framing: Framing) {
+    while let Some(action) = conn.poll_action() {
+        if let Action::Send(pdu) = action {
+            pdu.encode(&framing, out);
+        }
+    }
+}
+
+fn flush(tx: &mpsc::UnboundedSender<Bytes>, out: &mut BytesMut) {
+    if !out.is_empty() {
+        let _ = tx.send(out.split().freeze());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_lun;
+
+    #[test]
+    fn lun_addressing_methods() {
+        assert_eq!(decode_lun(0), 0);
+        assert_eq!(decode_lun(1 << 48), 1);
+        assert_eq!(decode_lun(0x4001_0000_0000_0000), 1);
+        assert_eq!(decode_lun(0x4101_0000_0000_0000), 0x101);
+        assert_eq!(decode_lun(0x0101_0000_0000_0000), u64::MAX);
+        assert_eq!(decode_lun(0xc000_0000_0000_0000), u64::MAX);
+    }
+}
