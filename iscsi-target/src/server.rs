@@ -26,7 +26,7 @@ use crate::login::{
 };
 use crate::pdu::{self, Framing, InitiatorPdu, PduError, SeqNums, TargetPdu};
 use crate::scsi::{LunMap, Nexus, Outcome};
-use crate::session::{Action, CloseReason, Connection, Limits, Planner, QUEUE_DEPTH};
+use crate::session::{Action, CloseReason, Connection, Limits, Planner, TextAnswer, QUEUE_DEPTH};
 
 /// How often the connection loop looks at the clock (keepalive).
 const TICK: Duration = Duration::from_secs(1);
@@ -469,9 +469,20 @@ async fn full_feature(
         tpgt: config.portal_group_tag,
     });
     let text_config = Arc::clone(config);
-    let text_session = session.clone();
-    let responder =
-        Box::new(move |req: &[u8]| crate::text::answer_text(&text_config, &text_session, req));
+    let mut text_session = session.clone();
+    let responder = Box::new(move |req: &[u8]| {
+        let before = text_session.negotiated.max_send_data_segment;
+        match crate::text::answer_text_update(&text_config, &mut text_session, req) {
+            Ok(data) => {
+                let after = text_session.negotiated.max_send_data_segment;
+                TextAnswer::Reply {
+                    data,
+                    max_send_data_segment: (after != before).then_some(after),
+                }
+            }
+            Err(_) => TextAnswer::Malformed,
+        }
+    });
     let mut conn = Connection::new(
         limits,
         discovery,

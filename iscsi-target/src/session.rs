@@ -163,7 +163,20 @@ struct PendingText {
 
 /// Answers Text Requests (`SendTargets` and friends); supplied by the
 /// shell, which knows the portal's configuration.
-pub type TextResponder = Box<dyn FnMut(&[u8]) -> Vec<u8> + Send>;
+pub type TextResponder = Box<dyn FnMut(&[u8]) -> TextAnswer + Send>;
+
+/// What a [`TextResponder`] makes of a Text Request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextAnswer {
+    /// The response text, and the initiator's MaxRecvDataSegmentLength if
+    /// the request declared a new one (it bounds our Data-In from now on).
+    Reply {
+        data: Vec<u8>,
+        max_send_data_segment: Option<u32>,
+    },
+    /// Not key=value text: the request is rejected.
+    Malformed,
+}
 
 /// One connection in full-feature phase.
 pub struct Connection {
@@ -894,9 +907,24 @@ impl Connection {
             return;
         }
         let request = std::mem::take(&mut self.text_request);
-        let answer = Bytes::from((self.text_responder)(&request));
-        let ttt = self.take_ttt();
-        self.send_text_piece(t.itt, t.lun, ttt, answer);
+        match (self.text_responder)(&request) {
+            TextAnswer::Reply {
+                data,
+                max_send_data_segment,
+            } => {
+                if let Some(max) = max_send_data_segment {
+                    self.limits.max_send_data_segment = max;
+                }
+                let ttt = self.take_ttt();
+                self.send_text_piece(t.itt, t.lun, ttt, Bytes::from(data));
+            }
+            TextAnswer::Malformed => {
+                let mut bhs = [0u8; BHS_LEN];
+                bhs[0] = crate::pdu::opcode::TEXT;
+                bhs[16..20].copy_from_slice(&t.itt.to_be_bytes());
+                self.reject(reject_reason::INVALID_PDU_FIELD, bhs);
+            }
+        }
     }
 
     fn take_ttt(&mut self) -> u32 {
@@ -1029,7 +1057,10 @@ mod tests {
             1,
             Box::new(|req: &[u8]| {
                 assert_eq!(req, b"SendTargets=All\0");
-                b"TargetName=iqn.x:y\0TargetAddress=1.2.3.4:3260,1\0".repeat(200)
+                TextAnswer::Reply {
+                    data: b"TargetName=iqn.x:y\0TargetAddress=1.2.3.4:3260,1\0".repeat(200),
+                    max_send_data_segment: None,
+                }
             }),
             Instant::now(),
         )

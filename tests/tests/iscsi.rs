@@ -82,6 +82,9 @@ fn iscsi_test_cu_all_families_pass() {
         cmd("iscsi-test-cu")
             // No --test: every family (ALL, SCSI, iSCSI, LINUX).
             .arg("--dataloss")
+            // A second path to the same LUN, so the MultipathIO tests run
+            // (two sessions, one device identifier) instead of skipping.
+            .arg(url(&ferry, "disk"))
             .arg(url(&ferry, "disk")),
     );
     let text = combined(&out);
@@ -95,6 +98,21 @@ fn iscsi_test_cu_all_families_pass() {
     assert!(passed > 598, "only {passed} passed (tgt: 598)\n{text}");
     let (_, _, _, asserts_failed) = cunit_totals(&text, "asserts");
     assert_eq!(asserts_failed, 0, "{text}");
+    ferry.stop_ok();
+
+    // The ReadOnly suite skips itself on a writable LUN: run it against a
+    // read-only export, where every medium write must fail WRITE PROTECTED.
+    let ferry = serve_iscsi(&[image.as_os_str(), "--read-only".as_ref()]);
+    let out = run_output(
+        cmd("iscsi-test-cu")
+            .args(["--dataloss", "--test", "SCSI.ReadOnly"])
+            .arg(url(&ferry, "disk")),
+    );
+    let text = combined(&out);
+    assert!(!text.contains("not write-protected"), "{text}");
+    let (_, ran, passed, failed) = cunit_totals(&text, "tests");
+    assert_eq!((ran, passed, failed), (1, 1, 0), "{text}");
+    assert_eq!(cunit_totals(&text, "asserts").3, 0, "{text}");
     ferry.stop_ok();
 }
 

@@ -739,6 +739,8 @@ impl Lun {
     ) -> Exec {
         let count_byte: u16 = if cdb.first() == Some(&0x41) { 7 } else { 10 };
         self.check_range(lba, u64::from(blocks), info)?;
+        // A write-protected medium says so before any field is judged.
+        Self::check_writable(info)?;
         // WSNZ: zero blocks ("to the end of the medium") is refused.
         if blocks == 0 || blocks > inquiry::MAX_WRITE_SAME_BLOCKS {
             return Err(Sense::INVALID_FIELD_IN_CDB.at_cdb(count_byte, None));
@@ -752,7 +754,6 @@ impl Lun {
         } else {
             return Err(Sense::INVALID_FIELD_IN_CDB.at_cdb(count_byte, None));
         };
-        Self::check_writable(info)?;
         let (offset, len) = self.byte_range(lba, u64::from(blocks));
         let fua = !lock(&self.mode).wce;
         let _shared = self.io_lock.read().await;
