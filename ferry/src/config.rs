@@ -365,19 +365,7 @@ impl IscsiSettings {
             return err("discovery_chap needs chap_user".into());
         }
         for e in exports {
-            // RFC 7143 §4.2.7.2: iSCSI names are lower case letters,
-            // digits, '-', '.' and ':' (after stringprep).
-            if e.name.is_empty()
-                || !e
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b))
-            {
-                return err(format!(
-                    "export {:?} cannot be part of an iSCSI name: use lower-case letters, digits, '-', '.' and ':'",
-                    e.name
-                ));
-            }
+            check_iscsi_name(&e.name)?;
         }
         Ok(())
     }
@@ -400,6 +388,22 @@ impl IscsiSettings {
         }
         Ok(raw)
     }
+}
+
+/// Checks that an export or volume name can end an iSCSI target name.
+/// RFC 7143 §4.2.7.2: iSCSI names are lower-case letters, digits, '-', '.'
+/// and ':' (after stringprep, which we do not do).
+pub fn check_iscsi_name(name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b))
+    {
+        return Err(ConfigError::Iscsi(format!(
+            "{name:?} cannot be part of an iSCSI name: use lower-case letters, digits, '-', '.' and ':'"
+        )));
+    }
+    Ok(())
 }
 
 /// Parses `NAME=PATH`.

@@ -107,6 +107,7 @@ pub async fn run(
         journal_size: 256 << 20,
         rpo: Duration::from_secs(5),
         nbd: listen,
+        iscsi: Vec::new(),
         psk_file: None,
         no_tls: true,
         tls_ca: None,

@@ -1,5 +1,6 @@
-//! `ferry edge`: attach to a volume of an origin and serve it over NBD,
-//! reading through the local cache and absorbing writes in the journal.
+//! `ferry edge`: attach to a volume of an origin and serve it over NBD
+//! and/or iSCSI, reading through the local cache and absorbing writes in
+//! the journal.
 //! `ferry edge flush` / `ferry edge status` talk to a running edge through
 //! its control socket.
 
@@ -29,6 +30,8 @@ pub struct EdgeArgs {
     pub journal_size: u64,
     pub rpo: Duration,
     pub nbd: Vec<ListenAddr>,
+    /// iSCSI portals; the volume is LUN 0 of `iqn.2026-11.dev.ferry:VOLUME`.
+    pub iscsi: Vec<String>,
     pub psk_file: Option<PathBuf>,
     pub no_tls: bool,
     pub tls_ca: Option<PathBuf>,
@@ -45,11 +48,14 @@ pub fn default_control(cache_dir: &Path, volume: &str) -> PathBuf {
     cache_dir.join(format!("edge-{volume}.sock"))
 }
 
-/// A running edge: the device, its NBD server, its control socket.
+/// A running edge: the device, its NBD and iSCSI servers, its control
+/// socket.
 pub struct RunningEdge {
     pub device: Arc<EdgeDevice>,
     pub server: Server,
     pub listeners: Vec<String>,
+    pub iscsi: Option<iscsi_target::server::Server>,
+    pub iscsi_listeners: Vec<String>,
     pub control: PathBuf,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
 }
@@ -138,17 +144,38 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         .context("starting the edge device")?,
     );
     let stats = Arc::new(Stats::new(device.clone() as Arc<dyn BlockDevice>));
-    let server = Server::new(
-        vec![Export {
-            name: args.volume.clone(),
-            description: format!("{} from {}", args.volume, args.origin),
-            device: stats,
-        }],
-        ServerConfig::default(),
-    )?;
+    let export = Export {
+        name: args.volume.clone(),
+        description: format!("{} from {}", args.volume, args.origin),
+        device: stats,
+    };
+    let server = Server::new(vec![export.clone()], ServerConfig::default())?;
     let mut tasks = tokio::task::JoinSet::new();
+    // Both front ends serve the same device: the journal orders their
+    // writes, and each reads the other's.
+    let mut iscsi_listeners = Vec::new();
+    let iscsi = if args.iscsi.is_empty() {
+        None
+    } else {
+        crate::config::check_iscsi_name(&args.volume)?;
+        let settings = crate::config::IscsiSettings {
+            listen: args.iscsi.clone(),
+            ..Default::default()
+        };
+        let target = crate::serve::iscsi_server(&settings, std::slice::from_ref(&export))?;
+        for a in &args.iscsi {
+            let l = TcpListener::bind(a)
+                .await
+                .with_context(|| format!("listening for iSCSI on {a}"))?;
+            iscsi_listeners.push(l.local_addr()?.to_string());
+            let target = target.clone();
+            tasks.spawn(async move { Ok(target.serve(l).await?) });
+        }
+        Some(target)
+    };
     let mut listeners = Vec::new();
-    let listen = if args.nbd.is_empty() {
+    // NBD listens on its default address unless only iSCSI was asked for.
+    let listen = if args.nbd.is_empty() && args.iscsi.is_empty() {
         vec![ListenAddr::Tcp(DEFAULT_NBD_ADDR.into())]
     } else {
         args.nbd.clone()
@@ -186,6 +213,8 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         device,
         server,
         listeners,
+        iscsi,
+        iscsi_listeners,
         control,
         tasks,
     })
@@ -217,7 +246,7 @@ impl std::fmt::Debug for RunningEdge {
 }
 
 impl RunningEdge {
-    /// Serves until a signal, then drains NBD clients, flushes the journal
+    /// Serves until a signal, then drains iSCSI and NBD clients, flushes the journal
     /// (durably: unshipped writes stay in it for the next start) and exits.
     pub async fn run_until_signal(mut self) -> anyhow::Result<()> {
         let outcome = tokio::select! {
@@ -230,6 +259,12 @@ impl RunningEdge {
                 Err(e) => Err(e.into()),
             },
         };
+        if let Some(target) = &self.iscsi {
+            target.shutdown();
+            if !target.drain(Duration::from_secs(30)).await {
+                tracing::warn!("iSCSI sessions still busy at shutdown");
+            }
+        }
         self.server.shutdown();
         let drained = self.server.drain(Duration::from_secs(30)).await;
         let _ = std::fs::remove_file(&self.control);

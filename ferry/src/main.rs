@@ -146,9 +146,14 @@ struct EdgeRunArgs {
     /// before failing with EIO, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     request_timeout: f64,
-    /// NBD listen address (repeatable; default 127.0.0.1:10809).
+    /// NBD listen address (repeatable; default 127.0.0.1:10809 unless
+    /// --iscsi is given).
     #[arg(long, value_name = "ADDR")]
     nbd: Vec<ListenAddr>,
+    /// iSCSI portal, HOST:PORT (repeatable): the volume is LUN 0 of target
+    /// iqn.2026-11.dev.ferry:VOLUME.
+    #[arg(long, value_name = "ADDR")]
+    iscsi: Vec<String>,
     /// Pre-shared key file (as given to the origin).
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
@@ -427,6 +432,7 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
                 journal_size: r.journal_size.0,
                 rpo: secs(r.rpo, "rpo")?,
                 nbd: r.nbd,
+                iscsi: r.iscsi,
                 psk_file: r.psk_file,
                 no_tls: r.no_tls,
                 tls_ca: r.tls_ca,
@@ -440,6 +446,9 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
             let running = ferry::edge::start(&args).await?;
             for l in &running.listeners {
                 print_listening(l);
+            }
+            for l in &running.iscsi_listeners {
+                print_listening_as("iscsi", l);
             }
             print_listening_as("control", &running.control.display().to_string());
             running.run_until_signal().await

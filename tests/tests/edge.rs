@@ -99,7 +99,11 @@ fn edge(s: &Site, origin_addr: &str, extra: &[&str]) -> Ferry {
         "--no-tls".into(),
     ];
     args.extend(extra.iter().map(Into::into));
-    Ferry::spawn(args, &["nbd", "control"])
+    if extra.contains(&"--iscsi") {
+        Ferry::spawn(args, &["nbd", "iscsi", "control"])
+    } else {
+        Ferry::spawn(args, &["nbd", "control"])
+    }
 }
 
 fn edge_ctl(e: &Ferry, what: &str) -> String {
@@ -175,6 +179,51 @@ fn the_edge_serves_the_origin_volume_and_ships_writes_back() {
         std::fs::read(&s.image).unwrap(),
         std::fs::read(&s.reference).unwrap()
     );
+    e.stop_ok();
+    o.stop_ok();
+}
+
+/// The same edge volume over iSCSI and NBD at once: qemu-img compares it
+/// (cold, through the WAN) over iSCSI, qemu-io writes through iSCSI and
+/// reads back through NBD, and after `ferry edge flush` the origin's image
+/// is what both serve.
+#[test]
+fn the_edge_serves_the_volume_over_iscsi_too() {
+    let s = site();
+    let o = origin(&s);
+    let wan = Wan::start(o.announced("origin"));
+    let e = edge(&s, &wan.addr(), &["--iscsi", "127.0.0.1:0"]);
+    let iscsi = format!(
+        "iscsi://{}/iqn.2026-11.dev.ferry:vol/0",
+        e.announced("iscsi")
+    );
+    let nbd = e.uri("vol");
+    compare(&iscsi, &s.reference);
+    run(cmd("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x3c 5M 1M",
+        "-c",
+        "write -z 9M 128K",
+        &iscsi,
+    ]));
+    let out = run(cmd("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x3c 5M 1M",
+        "-c",
+        "read -P 0 9M 128K",
+        &nbd,
+    ]));
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    edge_ctl(&e, "flush");
+    let status = edge_ctl(&e, "status");
+    assert!(status.contains("journal_unshipped_records: 0"), "{status}");
+    compare(&iscsi, &s.image);
+    ferry_tests::assert_range_filled(&s.image, 5 * MIB, MIB, 0x3c);
+    ferry_tests::assert_range_filled(&s.image, 9 * MIB, 128 * 1024, 0);
     e.stop_ok();
     o.stop_ok();
 }
