@@ -183,15 +183,15 @@ impl EdgeDevice {
         })
     }
 
-    /// Ships everything journaled and waits until the origin has applied
-    /// it: the step before moving a VM back or detaching. Returns once the
-    /// journal holds nothing unshipped, so with writes still arriving it
-    /// waits for a quiet moment.
+    /// Ships everything journaled before the call and waits until the
+    /// origin has applied it: the step before moving a VM back or
+    /// detaching. A barrier: writes that arrive meanwhile are shipped in
+    /// their turn but not waited for, so a busy volume cannot hold it up.
     pub async fn drain(&self) -> Result<(), JournalError> {
-        self.shared.journal.sync_all().await?;
+        let barrier = self.shared.journal.sync_all().await?;
         let mut shipped = self.shared.shipped.subscribe();
         loop {
-            if self.shared.journal.stats().unshipped_records == 0 {
+            if self.shared.journal.unshipped_through(barrier) == 0 {
                 return Ok(());
             }
             self.shared.drain.notify_one();

@@ -1077,6 +1077,18 @@ impl Journal {
         Ok(merge_ranges(ended))
     }
 
+    /// Data records at or before `lsn` that the origin has not yet
+    /// acknowledged: what a barrier taken at `lsn` still waits for.
+    pub fn unshipped_through(&self, lsn: Lsn) -> u64 {
+        let g = self.shared.lock();
+        let st = &g.st;
+        let acked = st.acked_last_lsn;
+        if lsn <= acked {
+            return 0;
+        }
+        st.cum_at(lsn).1.saturating_sub(st.cum_at(acked).1)
+    }
+
     /// A snapshot of the journal's counters.
     pub fn stats(&self) -> JournalStats {
         let g = self.shared.lock();

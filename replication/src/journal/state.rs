@@ -197,7 +197,7 @@ impl State {
     }
 
     /// Prefix sums up to and including `lsn`.
-    fn cum_at(&self, lsn: Lsn) -> (u64, u64) {
+    pub(crate) fn cum_at(&self, lsn: Lsn) -> (u64, u64) {
         match self.records.front() {
             Some(f) if lsn >= f.lsn => {
                 let i = usize::try_from(lsn - f.lsn)

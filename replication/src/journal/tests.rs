@@ -1861,3 +1861,35 @@ fn crash_sigkill_loop() {
         "the children did work"
     );
 }
+
+/// `unshipped_through` is a barrier: it counts only data records at or
+/// before the LSN it is given, so writes after it never hold it up.
+#[test]
+fn unshipped_through_counts_only_records_before_the_barrier() {
+    let rt = rt();
+    rt.block_on(async {
+        let storage = MemStorage::default();
+        let j = open_mem(&storage, &small_opts()).unwrap();
+        j.append_write(0, Bytes::from(pattern(1, 512)))
+            .await
+            .unwrap();
+        j.append_zero(4096, 512).await.unwrap();
+        let barrier = j.sync_all().await.unwrap();
+        assert_eq!(j.unshipped_through(barrier), 2);
+        // A write after the barrier: unshipped, but not the barrier's.
+        let batch = j
+            .cut_batch(u64::MAX, Duration::ZERO)
+            .await
+            .unwrap()
+            .unwrap();
+        j.append_write(8192, Bytes::from(pattern(2, 512)))
+            .await
+            .unwrap();
+        assert_eq!(j.unshipped_through(barrier), 2);
+        j.ack(batch.seq).await.unwrap();
+        assert_eq!(j.unshipped_through(barrier), 0);
+        assert_eq!(j.stats().unshipped_records, 1);
+        let later = j.sync_all().await.unwrap();
+        assert_eq!(j.unshipped_through(later), 1);
+    });
+}
