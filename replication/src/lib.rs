@@ -14,4 +14,5 @@ pub mod link;
 pub mod linkemu;
 pub mod origin;
 pub mod proto;
+pub mod signature;
 pub mod tls;

@@ -238,3 +238,123 @@ async fn a_second_edge_is_refused_and_a_wrong_key_too() {
     assert!(err.to_string().to_lowercase().contains("key"), "{err}");
     s.server.abort();
 }
+
+/// The cache, as far as signature replies care: content by signature.
+#[derive(Default)]
+struct MemStore {
+    chunks: std::sync::Mutex<std::collections::HashMap<[u8; 32], Bytes>>,
+}
+
+impl replication::edge::SignatureStore for MemStore {
+    fn get(&self, sig: &[u8; 32]) -> Option<Bytes> {
+        self.chunks.lock().unwrap().get(sig).cloned()
+    }
+}
+
+/// A clone read after its template crosses the link as signatures: the
+/// origin remembers what it sent this edge, names those chunks, and the
+/// edge serves them from its store. A store that lost them falls back to
+/// data, never to wrong bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_cross_the_link_as_signatures() {
+    const CHUNK: usize = 64 << 10;
+    let state = tempfile::tempdir().unwrap();
+    let content = pattern(7, SIZE);
+    let template = Arc::new(MemDevice::from_bytes(&content));
+    let clone = Arc::new(MemDevice::from_bytes(&content));
+    let origin = Arc::new(
+        Origin::open(
+            state.path(),
+            vec![
+                ("template".into(), template as Arc<dyn BlockDevice>),
+                ("clone".into(), clone.clone() as Arc<dyn BlockDevice>),
+            ],
+            OriginConfig {
+                // No group pushes: every chunk is asked for.
+                group_size: 0,
+                ..OriginConfig::default()
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = origin.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let origin = served.clone();
+            tokio::spawn(async move {
+                let _ = origin.serve_connection(s).await;
+            });
+        }
+    });
+    let config = |volume: &str| {
+        let mut cfg = EdgeLinkConfig::new(addr.to_string(), volume);
+        cfg.edge_id = "edge-1".into();
+        cfg.request_timeout = Duration::from_secs(5);
+        cfg
+    };
+    let store = Arc::new(MemStore::default());
+
+    // The template: all data, which the edge keeps by signature.
+    let (client, _pushes) = LinkClient::connect(config("template")).await.unwrap();
+    let key = replication::signature::SignatureKey::derive(&client.attachment().cache_key);
+    let dev = RemoteDevice::new(client.clone()).with_signatures(store.clone());
+    for off in (0..SIZE).step_by(CHUNK) {
+        let got = dev.read(off as u64, CHUNK).await.unwrap();
+        assert_eq!(got[..], content[off..off + CHUNK]);
+        store
+            .chunks
+            .lock()
+            .unwrap()
+            .insert(key.signature(&got), got);
+    }
+    assert_eq!(client.status().bytes_read, SIZE as u64);
+    assert_eq!(client.status().signature_hits, 0);
+    drop(dev);
+    drop(client);
+
+    // The clone: signatures only, served from the store.
+    let (client, _pushes) = LinkClient::connect(config("clone")).await.unwrap();
+    let dev = RemoteDevice::new(client.clone()).with_signatures(store.clone());
+    let got = dev.read(0, SIZE).await.unwrap();
+    assert_eq!(got[..], content[..]);
+    let st = client.status();
+    assert_eq!(st.bytes_read, 0, "{st:?}");
+    assert_eq!(st.signature_hits, (SIZE / CHUNK) as u64);
+    assert_eq!(
+        origin
+            .counters()
+            .signature_bytes_saved
+            .load(std::sync::atomic::Ordering::Relaxed),
+        SIZE as u64
+    );
+
+    // The clone diverges at one chunk, and the store forgets another: the
+    // first is new content (data), the second falls back to data.
+    let changed = vec![0xa5u8; CHUNK];
+    clone
+        .write(
+            3 * CHUNK as u64,
+            Bytes::from(changed.clone()),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    store
+        .chunks
+        .lock()
+        .unwrap()
+        .remove(&key.signature(&content[5 * CHUNK..6 * CHUNK]));
+    let got = dev.read(3 * CHUNK as u64, CHUNK).await.unwrap();
+    assert_eq!(got[..], changed[..]);
+    let got = dev.read(5 * CHUNK as u64, CHUNK).await.unwrap();
+    assert_eq!(got[..], content[5 * CHUNK..6 * CHUNK]);
+    let st = client.status();
+    assert_eq!(st.signature_misses, 1, "{st:?}");
+    assert_eq!(st.bytes_read, 2 * CHUNK as u64, "{st:?}");
+    // A read that is not whole chunks is always data.
+    let got = dev.read(100, 5000).await.unwrap();
+    assert_eq!(got[..], content[100..5100]);
+}

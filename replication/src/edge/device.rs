@@ -12,6 +12,11 @@
 //!                 predate an acknowledged batch)
 //! ```
 //!
+//! A miss may come back as signatures instead of data, when the origin
+//! already sent this edge those chunks (a clone of a volume seen before,
+//! repeated content): the chunks are then read from the cache by
+//! signature and mapped into this volume without crossing the link.
+//!
 //! Why the cache never serves data older than the edge's own writes: a
 //! chunk may be cached from the origin while a newer write sits in the
 //! journal, but reads consult the journal first, so that write masks it.
@@ -33,7 +38,7 @@ use bytes::{Bytes, BytesMut};
 use cache::{Cache, CachedDevice, WriteMode};
 use tokio::sync::Notify;
 
-use super::{LinkClient, LinkStatus, PushReceiver, RemoteDevice};
+use super::{LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore};
 use crate::journal::{Batch, BatchEntry, Journal, JournalError, JournalStats, PieceData};
 use crate::link::LinkError;
 use crate::proto::{ErrorCode, WriteEntry};
@@ -142,6 +147,24 @@ pub fn cache_volume_name(volume: &str, epoch: u64) -> String {
     format!("{volume}@{epoch:016x}")
 }
 
+/// The cache as the remote device's signature store.
+struct CacheSignatures(Arc<Cache>);
+
+impl SignatureStore for CacheSignatures {
+    fn get(&self, sig: &[u8; 32]) -> Option<Bytes> {
+        match self
+            .0
+            .get_by_signature(&cache::seal::Signature::from_bytes(*sig))
+        {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache lookup by signature failed");
+                None
+            }
+        }
+    }
+}
+
 impl EdgeDevice {
     /// Builds the edge's device over an attached `client`, a cache (opened
     /// with the attachment's key) and the journal, and starts the shipper
@@ -157,7 +180,8 @@ impl EdgeDevice {
         let a = client.attachment();
         let size = a.size;
         let name = cache_volume_name(&client.inner.cfg.volume, a.volume_epoch);
-        let remote = RemoteDevice::new(client.clone());
+        let remote = RemoteDevice::new(client.clone())
+            .with_signatures(Arc::new(CacheSignatures(cache.clone())));
         // Write-around: the layer never sees the edge's writes (they go to
         // the journal); its invalidations come from the shipper.
         let cached = CachedDevice::new(remote, cache, &name, WriteMode::Around)?;

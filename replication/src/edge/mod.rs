@@ -128,6 +128,10 @@ pub struct LinkStatus {
     pub bytes_read: u64,
     pub bytes_pushed: u64,
     pub pending: usize,
+    /// Chunks the origin named by signature that the cache held (served
+    /// without crossing the link), and those it no longer held (fetched).
+    pub signature_hits: u64,
+    pub signature_misses: u64,
 }
 
 struct Pending {
@@ -145,6 +149,8 @@ struct Inner {
     connects: AtomicU64,
     bytes_read: AtomicU64,
     bytes_pushed: AtomicU64,
+    signature_hits: AtomicU64,
+    signature_misses: AtomicU64,
     /// The origin's next expected batch after the latest attach.
     next_seq: watch::Sender<u64>,
     /// For each group read recently: the newest batch queued before the
@@ -285,6 +291,8 @@ impl LinkClient {
             next_id: AtomicU64::new(2),
             connects: AtomicU64::new(1),
             bytes_read: AtomicU64::new(0),
+            signature_hits: AtomicU64::new(0),
+            signature_misses: AtomicU64::new(0),
             bytes_pushed: AtomicU64::new(0),
             next_seq,
             groups: Mutex::new(GroupLog::default()),
@@ -307,6 +315,8 @@ impl LinkClient {
             bytes_read: self.inner.bytes_read.load(Ordering::Relaxed),
             bytes_pushed: self.inner.bytes_pushed.load(Ordering::Relaxed),
             pending: lock(&self.inner.pending).len(),
+            signature_hits: self.inner.signature_hits.load(Ordering::Relaxed),
+            signature_misses: self.inner.signature_misses.load(Ordering::Relaxed),
         }
     }
 
@@ -387,6 +397,45 @@ impl LinkClient {
             Message::Error { code, message } => Err(LinkError::Refused { code, message }),
             other => Err(LinkError::Unexpected(format!(
                 "unexpected reply {:?} to a read",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Reads `[offset, offset + len)`, letting the origin answer with the
+    /// signatures of chunks it already sent this edge.
+    pub async fn read_signed(&self, offset: u64, len: u32) -> Result<ReadReply, LinkError> {
+        let (_, reply) = self
+            .request(
+                Class::Demand,
+                Message::Read {
+                    offset,
+                    len,
+                    want_signatures: true,
+                },
+                Some(self.inner.cfg.request_timeout),
+            )
+            .await?;
+        match reply {
+            Message::ReadData { data, .. } if data.len() == len as usize => {
+                self.inner
+                    .bytes_read
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                Ok(ReadReply::Data(data))
+            }
+            Message::ReadSignatures {
+                offset: at,
+                chunk_size,
+                sigs,
+            } if at == offset
+                && chunk_size > 0
+                && u64::from(chunk_size) * sigs.len() as u64 == u64::from(len) =>
+            {
+                Ok(ReadReply::Signatures { chunk_size, sigs })
+            }
+            Message::Error { code, message } => Err(LinkError::Refused { code, message }),
+            other => Err(LinkError::Unexpected(format!(
+                "unexpected reply {:?} to a read of {len} bytes at {offset}",
                 other.kind()
             ))),
         }
@@ -589,18 +638,93 @@ async fn supervise(
     }
 }
 
+/// The answer to [`LinkClient::read_signed`].
+#[derive(Debug)]
+pub enum ReadReply {
+    Data(Bytes),
+    /// One signature per `chunk_size` bytes of the read, in order.
+    Signatures {
+        chunk_size: u32,
+        sigs: Vec<[u8; 32]>,
+    },
+}
+
+/// Where the edge looks up content by signature (its cache).
+pub trait SignatureStore: Send + Sync {
+    /// The plaintext stored under `sig`, if held and intact.
+    fn get(&self, sig: &[u8; 32]) -> Option<Bytes>;
+}
+
 /// The remote volume as a read-only block device: every read goes to the
 /// origin. Meant to sit under a [`cache::CachedDevice`]-style layer.
 #[derive(Clone, Debug)]
 pub struct RemoteDevice {
     client: LinkClient,
     size: u64,
+    /// With a store, reads accept signature replies.
+    signatures: Option<Arc<dyn SignatureStore>>,
+}
+
+impl fmt::Debug for dyn SignatureStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignatureStore")
+    }
 }
 
 impl RemoteDevice {
     pub fn new(client: LinkClient) -> Self {
         let size = client.attachment().size;
-        Self { client, size }
+        Self {
+            client,
+            size,
+            signatures: None,
+        }
+    }
+
+    /// Reads accept signature replies, served from `store` when it holds
+    /// the content (and fetched as data when it does not).
+    #[must_use]
+    pub fn with_signatures(mut self, store: Arc<dyn SignatureStore>) -> Self {
+        self.signatures = Some(store);
+        self
+    }
+
+    /// One read of at most `MAX_DATA_LEN`, through signatures when allowed.
+    async fn read_one(&self, offset: u64, len: u32) -> Result<Bytes, LinkError> {
+        let Some(store) = &self.signatures else {
+            return self.client.read(offset, len).await;
+        };
+        let (chunk_size, sigs) = match self.client.read_signed(offset, len).await? {
+            ReadReply::Data(data) => return Ok(data),
+            ReadReply::Signatures { chunk_size, sigs } => (chunk_size, sigs),
+        };
+        let store = store.clone();
+        let n = sigs.len() as u64;
+        // Cache lookups read and decrypt from disk: off the async threads.
+        let found = tokio::task::spawn_blocking(move || {
+            let mut out = BytesMut::with_capacity(chunk_size as usize * sigs.len());
+            for sig in &sigs {
+                match store.get(sig) {
+                    Some(d) if d.len() == chunk_size as usize => out.extend_from_slice(&d),
+                    _ => return None,
+                }
+            }
+            Some(out.freeze())
+        })
+        .await
+        .unwrap_or(None);
+        let inner = &self.client.inner;
+        match found {
+            Some(data) => {
+                inner.signature_hits.fetch_add(n, Ordering::Relaxed);
+                Ok(data)
+            }
+            None => {
+                // Evicted since the origin sent it: one more round trip.
+                inner.signature_misses.fetch_add(n, Ordering::Relaxed);
+                self.client.read(offset, len).await
+            }
+        }
     }
 
     pub fn client(&self) -> &LinkClient {
@@ -652,8 +776,7 @@ impl BlockDevice for RemoteDevice {
         if len <= MAX_DATA_LEN {
             let n = u32::try_from(len).expect("at most 16 MiB");
             return self
-                .client
-                .read(offset, n)
+                .read_one(offset, n)
                 .await
                 .map_err(|e| link_error(Op::Read, offset, e));
         }
