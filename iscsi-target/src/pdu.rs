@@ -809,20 +809,42 @@ impl TargetPdu {
 
     /// Appends the framed PDU to `out`.
     pub fn encode(&self, framing: &Framing, out: &mut BytesMut) {
+        self.encode_to(framing, out);
+    }
+
+    /// Hands the framed PDU to `out`: the header, digests and padding as
+    /// bytes to copy, the data segment as a buffer the sink may keep by
+    /// reference (a 1 MiB read then reaches the socket without a copy).
+    pub fn encode_to(&self, framing: &Framing, out: &mut impl PduSink) {
         let (bhs, data) = self.header_and_data();
         let pad = pad4(data.len());
-        out.reserve(BHS_LEN + 8 + data.len() + pad);
-        out.extend_from_slice(&bhs);
+        out.push_bytes(&bhs);
         if framing.header_digest {
-            out.put_u32_le(digest(&[&bhs]));
+            out.push_bytes(&digest(&[&bhs]).to_le_bytes());
         }
         if !data.is_empty() {
-            out.extend_from_slice(&data);
-            out.extend_from_slice(&[0u8; 3][..pad]);
+            out.push_data(&data);
+            out.push_bytes(&[0u8; 3][..pad]);
             if framing.data_digest {
-                out.put_u32_le(digest(&[&data, &[0u8; 3][..pad]]));
+                out.push_bytes(&digest(&[&data, &[0u8; 3][..pad]]).to_le_bytes());
             }
         }
+    }
+}
+
+/// Where encoded target PDUs go.
+pub trait PduSink {
+    /// Small parts: headers, digests, padding.
+    fn push_bytes(&mut self, bytes: &[u8]);
+    /// A data segment, which the sink may keep instead of copying.
+    fn push_data(&mut self, data: &Bytes) {
+        self.push_bytes(data);
+    }
+}
+
+impl PduSink for BytesMut {
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
     }
 }
 

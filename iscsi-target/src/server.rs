@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::login::{
     Login, LoginConfig, LoginRequest, LoginResponse, LoginStep, SessionKind, SessionParams,
 };
-use crate::pdu::{self, Framing, InitiatorPdu, PduError, SeqNums, TargetPdu};
+use crate::pdu::{self, Framing, InitiatorPdu, PduError, PduSink, SeqNums, TargetPdu};
 use crate::scsi::{LunMap, Nexus, Outcome};
 use crate::session::{Action, CloseReason, Connection, Limits, Planner, TextAnswer, QUEUE_DEPTH};
 
@@ -187,12 +187,84 @@ async fn read_pdu(
     }
 }
 
-/// Writes what the connection hands it, coalescing queued chunks.
-async fn writer(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) -> io::Result<()> {
+/// What one connection has encoded and not yet handed to its writer:
+/// headers and small segments copied together, large data segments kept
+/// by reference (the read's own buffer goes to `writev`).
+#[derive(Default)]
+struct Outgoing {
+    buf: BytesMut,
+    chunks: Vec<Bytes>,
+}
+
+impl Outgoing {
+    /// Below this a data segment is cheaper to copy than to queue.
+    const COPY_BELOW: usize = 8192;
+
+    fn take(&mut self) -> Vec<Bytes> {
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        std::mem::take(&mut self.chunks)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.chunks.is_empty()
+    }
+}
+
+impl PduSink for Outgoing {
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn push_data(&mut self, data: &Bytes) {
+        if data.len() < Self::COPY_BELOW {
+            self.buf.extend_from_slice(data);
+        } else {
+            if !self.buf.is_empty() {
+                self.chunks.push(self.buf.split().freeze());
+            }
+            self.chunks.push(data.clone());
+        }
+    }
+}
+
+/// Slices per `writev` (Linux's IOV_MAX is 1024).
+const MAX_IOVECS: usize = 256;
+
+/// Writes what the connection hands it: everything queued goes out in as
+/// few `writev` calls as the socket takes.
+async fn writer(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
+) -> io::Result<()> {
+    let mut queue: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
     while let Some(first) = rx.recv().await {
-        wr.write_all(&first).await?;
-        while let Ok(more) = rx.try_recv() {
-            wr.write_all(&more).await?;
+        queue.extend(first);
+        while !queue.is_empty() {
+            while let Ok(more) = rx.try_recv() {
+                queue.extend(more);
+            }
+            let slices: Vec<io::IoSlice<'_>> = queue
+                .iter()
+                .take(MAX_IOVECS)
+                .map(|b| io::IoSlice::new(b))
+                .collect();
+            let mut written = wr.write_vectored(&slices).await?;
+            drop(slices);
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let front = queue.front_mut().expect("written bytes were queued");
+                if written >= front.len() {
+                    written -= front.len();
+                    queue.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
         }
     }
     wr.shutdown().await
@@ -206,7 +278,7 @@ async fn handle(
     stream.set_nodelay(true)?;
     let local = stream.local_addr()?;
     let (mut rd, wr) = stream.into_split();
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
     let writer = tokio::spawn(writer(wr, rx));
     let result = run(inner, &mut rd, &tx, local, peer).await;
     drop(tx);
@@ -233,10 +305,10 @@ fn login_response(r: &LoginResponse, seq: SeqNums) -> TargetPdu {
     }
 }
 
-fn send(tx: &mpsc::UnboundedSender<Bytes>, pdu: &TargetPdu, framing: Framing) {
-    let mut out = BytesMut::new();
-    pdu.encode(&framing, &mut out);
-    let _ = tx.send(out.freeze());
+fn send(tx: &mpsc::UnboundedSender<Vec<Bytes>>, pdu: &TargetPdu, framing: Framing) {
+    let mut out = Outgoing::default();
+    pdu.encode_to(&framing, &mut out);
+    let _ = tx.send(out.take());
 }
 
 /// A registered session: removes itself from the registry when dropped.
@@ -321,7 +393,7 @@ async fn register<'a>(
 async fn run(
     inner: &Arc<Inner>,
     rd: &mut tokio::net::tcp::OwnedReadHalf,
-    tx: &mpsc::UnboundedSender<Bytes>,
+    tx: &mpsc::UnboundedSender<Vec<Bytes>>,
     local: SocketAddr,
     peer: SocketAddr,
 ) -> Result<(), ServerError> {
@@ -429,7 +501,7 @@ async fn run(
 async fn full_feature(
     inner: &Arc<Inner>,
     rd: &mut tokio::net::tcp::OwnedReadHalf,
-    tx: &mpsc::UnboundedSender<Bytes>,
+    tx: &mpsc::UnboundedSender<Vec<Bytes>>,
     mut buf: BytesMut,
     config: &Arc<LoginConfig>,
     session: SessionParams,
@@ -493,7 +565,7 @@ async fn full_feature(
     );
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, Outcome)>();
     let mut tick = tokio::time::interval(TICK);
-    let mut out = BytesMut::new();
+    let mut out = Outgoing::default();
     let tracker = TaskTracker::new();
 
     let outcome = 'session: loop {
@@ -548,7 +620,7 @@ async fn full_feature(
         }
         while let Some(action) = conn.poll_action() {
             match action {
-                Action::Send(pdu) => pdu.encode(&framing, &mut out),
+                Action::Send(pdu) => pdu.encode_to(&framing, &mut out),
                 Action::Execute {
                     itt,
                     lun,
@@ -592,17 +664,17 @@ async fn full_feature(
     outcome
 }
 
-fn drain_sends(conn: &mut Connection, out: &mut BytesMut, framing: Framing) {
+fn drain_sends(conn: &mut Connection, out: &mut Outgoing, framing: Framing) {
     while let Some(action) = conn.poll_action() {
         if let Action::Send(pdu) = action {
-            pdu.encode(&framing, out);
+            pdu.encode_to(&framing, out);
         }
     }
 }
 
-fn flush(tx: &mpsc::UnboundedSender<Bytes>, out: &mut BytesMut) {
+fn flush(tx: &mpsc::UnboundedSender<Vec<Bytes>>, out: &mut Outgoing) {
     if !out.is_empty() {
-        let _ = tx.send(out.split().freeze());
+        let _ = tx.send(out.take());
     }
 }
 

@@ -107,8 +107,11 @@ struct Task {
     read: bool,
     expected_length: u32,
     shape: CommandShape,
-    /// Write data received so far (in order).
-    data: BytesMut,
+    /// Write data received so far, in order, as received: a write whose
+    /// data came in one PDU is executed on that buffer, without a copy.
+    data: Vec<Bytes>,
+    /// Bytes in `data`.
+    received: u32,
     /// Bytes of Data-Out still expected in total.
     write_length: u32,
     /// The unsolicited sequence: where it ends, next DataSN and whether it
@@ -463,7 +466,10 @@ impl Connection {
             read: c.read,
             expected_length: c.expected_data_length,
             shape,
-            data: BytesMut::with_capacity(write_length as usize),
+            // Grows as data arrives: the EDTL is the initiator's word (up
+            // to 4 GiB), so reserve no more than one burst up front.
+            data: Vec::new(),
+            received: 0,
             write_length,
             unsolicited_end,
             unsolicited_open: unsolicited_end > immediate_len,
@@ -475,7 +481,10 @@ impl Connection {
             aborted: false,
             abort_waiters: Vec::new(),
         };
-        task.data.extend_from_slice(&c.data);
+        if !c.data.is_empty() {
+            task.received = immediate_len;
+            task.data.push(c.data);
+        }
         let itt = c.itt;
         self.tasks.insert(itt, task);
         self.solicit(itt);
@@ -557,7 +566,7 @@ impl Connection {
             return Err(None);
         }
         let len = u32::try_from(d.data.len()).unwrap_or(u32::MAX);
-        let at = u32::try_from(task.data.len()).unwrap_or(u32::MAX);
+        let at = task.received;
         if at.saturating_add(len) > task.write_length {
             let why = format!(
                 "{len} bytes at offset {at} exceed the expected {}",
@@ -616,7 +625,8 @@ impl Connection {
                 return Err(Some((Sense::DATA_PHASE_ERROR, why)));
             }
         }
-        task.data.extend_from_slice(&d.data);
+        task.received += len;
+        task.data.push(d.data.clone());
         Ok(())
     }
 
@@ -625,8 +635,7 @@ impl Connection {
         let Some(task) = self.tasks.get_mut(&itt) else {
             return;
         };
-        if task.executing || task.aborted || (task.data.len() as u64) < u64::from(task.write_length)
-        {
+        if task.executing || task.aborted || task.received < task.write_length {
             return;
         }
         // When the Expected Data Transfer Length and the CDB disagree, the
@@ -634,7 +643,17 @@ impl Connection {
         // writes the whole blocks both cover, COMPARE AND WRITE refuses; the
         // residual reports the gap either way.
         task.executing = true;
-        let data_out = std::mem::take(&mut task.data).freeze();
+        let data_out = match std::mem::take(&mut task.data).as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            parts => {
+                let mut all = BytesMut::with_capacity(task.received as usize);
+                for p in parts {
+                    all.extend_from_slice(p);
+                }
+                all.freeze()
+            }
+        };
         self.actions.push_back(Action::Execute {
             itt,
             lun: task.lun,
