@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -563,10 +566,13 @@ async fn full_feature(
         responder,
         Instant::now(),
     );
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u32, Outcome)>();
+    // Commands run as futures of this task, polled with the socket: a read
+    // the page cache answers completes on the spot and its reply joins the
+    // next write, with no task spawn or cross-thread wake-up per command
+    // (slow I/O still overlaps: the file engine is asynchronous).
+    let mut running: FuturesUnordered<BoxFuture<'static, (u32, Outcome)>> = FuturesUnordered::new();
     let mut tick = tokio::time::interval(TICK);
     let mut out = Outgoing::default();
-    let tracker = TaskTracker::new();
 
     let outcome = 'session: loop {
         tokio::select! {
@@ -610,9 +616,9 @@ async fn full_feature(
                     }
                 }
             }
-            Some((itt, outcome)) = done_rx.recv() => {
+            Some((itt, outcome)) = running.next(), if !running.is_empty() => {
                 conn.complete(itt, outcome);
-                while let Ok((itt, outcome)) = done_rx.try_recv() {
+                while let Some(Some((itt, outcome))) = running.next().now_or_never() {
                     conn.complete(itt, outcome);
                 }
             }
@@ -629,11 +635,10 @@ async fn full_feature(
                 } => {
                     let luns = Arc::clone(&luns);
                     let nexus = Arc::clone(&nexus);
-                    let done = done_tx.clone();
-                    tracker.spawn(async move {
+                    running.push(Box::pin(async move {
                         let outcome = luns.execute(&nexus, decode_lun(lun), &cdb, data_out).await;
-                        let _ = done.send((itt, outcome));
-                    });
+                        (itt, outcome)
+                    }));
                 }
                 Action::Reset { lun, kind } => luns.reset(lun.map(decode_lun), kind),
                 Action::Close(reason) => {
@@ -656,8 +661,10 @@ async fn full_feature(
     };
     // The nexus is gone: commands still executing finish (a write that
     // reached the device is not torn), their answers go nowhere.
-    tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while running.next().await.is_some() {}
+    })
+    .await;
     if !discovery {
         luns.nexus_lost(&nexus);
     }
