@@ -4,6 +4,9 @@
 # and fails loudly when something cannot be installed.
 set -euo pipefail
 
+# mkfs.ext4, debugfs, sfdisk... live in sbin, not on every user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
+
 # command -> Debian package that provides it
 declare -A TOOLS=(
   [qemu-io]=qemu-utils
@@ -30,15 +33,33 @@ declare -A TOOLS=(
   [iscsi-perf]=libiscsi-bin
   [tgtd]=tgt
   [tgtadm]=tgt
+  # The VM boot test (tests/tests/vm_boot.rs): qemu boots a Debian disk
+  # from the edge; scripts/make-vm-image.sh builds that disk without loop
+  # devices (debootstrap, mkfs.ext4 -d, a FAT boot partition with SYSLINUX
+  # installed through mtools), and the test reads the guest's writes back
+  # with debugfs/e2fsck.
+  [qemu-system-x86_64]=qemu-system-x86
+  [debootstrap]=debootstrap
+  [mkfs.ext4]=e2fsprogs
+  [debugfs]=e2fsprogs
+  [e2fsck]=e2fsprogs
+  [mkfs.vfat]=dosfstools
+  [mcopy]=mtools
+  [syslinux]=syslinux
+  [sfdisk]=fdisk
+  [flock]=util-linux
+  [timeout]=coreutils
 )
 
 # Debian packages with no command of their own, checked with dpkg.
 # libclang-dev: the libclang.so that bindgen loads at run time
 # (librocksdb-sys's `bindgen-runtime`), with clang's builtin headers.
 # qemu-block-extra: qemu's iSCSI driver (iscsi:// URLs in qemu-img/qemu-io).
+# syslinux-common: mbr.bin for the VM image's boot sector.
 LIB_PKGS=(
   libclang-dev
   qemu-block-extra
+  syslinux-common
 )
 
 pkg_installed() {
@@ -70,9 +91,10 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends "${pkgs[@]}"
   # qemu-block-extra can pull in a qemu-utils of another build; the
-  # modules only load into the qemu-img/qemu-io of the same version.
-  if printf '%s\n' "${pkgs[@]}" | grep -qx qemu-block-extra; then
-    $SUDO apt-get install -y -q --no-install-recommends qemu-utils
+  # modules only load into the qemu-img/qemu-io/qemu-system of the same
+  # version.
+  if printf '%s\n' "${pkgs[@]}" | grep -qxE 'qemu-block-extra|qemu-system-x86'; then
+    $SUDO apt-get install -y -q --no-install-recommends qemu-utils qemu-system-x86 qemu-block-extra
   fi
 fi
 
@@ -100,6 +122,10 @@ fi
 # qemu-img must load the iSCSI driver (same build as qemu-block-extra).
 if ! qemu-img --help 2>/dev/null | grep -q ' iscsi'; then
   echo "install-deps: ERROR: qemu-img has no iscsi driver (qemu-utils and qemu-block-extra versions differ?)" >&2
+  exit 1
+fi
+if ! qemu-system-x86_64 -drive format=help 2>/dev/null | grep -q ' iscsi'; then
+  echo "install-deps: ERROR: qemu-system-x86_64 has no iscsi driver (qemu-system-x86 and qemu-block-extra versions differ?)" >&2
   exit 1
 fi
 # fio must have its NBD engine (libnbd-backed).

@@ -872,3 +872,58 @@ pub mod nbd {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Cross-process locks
+// ---------------------------------------------------------------------------
+
+/// An exclusive lock on a file, shared with other test processes (nextest
+/// runs each test in its own process), held by a `flock(1)` child until
+/// dropped; released by the kernel if the test process dies.
+#[derive(Debug)]
+pub struct FileLock {
+    child: Option<Child>,
+}
+
+impl FileLock {
+    /// Take the lock on `path` (created if missing), waiting up to
+    /// `timeout`; panics if it cannot be taken in time.
+    pub fn acquire(path: &Path, timeout: Duration) -> FileLock {
+        let mut c = cmd("flock");
+        c.arg("-w")
+            .arg(timeout.as_secs().max(1).to_string())
+            .arg(path)
+            .args(["-c", "echo locked; exec cat >/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(&c)));
+        let mut line = String::new();
+        let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        if line.trim() != "locked" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("could not lock {} within {timeout:?}", path.display());
+        }
+        FileLock { child: Some(child) }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            drop(c.stdin.take()); // cat sees EOF, flock exits, the lock goes
+            let mut done = false;
+            wait_until(Duration::from_secs(5), || {
+                done = !matches!(c.try_wait(), Ok(None));
+                done
+            });
+            if !done {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}

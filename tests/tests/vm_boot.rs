@@ -1,0 +1,490 @@
+//! A real VM boots from ferry: a minimal Debian 12 disk
+//! (`scripts/make-vm-image.sh`: MBR, SYSLINUX, kernel and initramfs on a FAT
+//! partition, ext4 root) is served by `ferry origin`, reached through the
+//! WAN link emulator (25 ms each way, 100 Mbit/s) by `ferry edge`, and
+//! booted by `qemu-system-x86_64 -accel tcg` from the edge over NBD, and
+//! over iSCSI. The guest's one-shot init remounts its root read-write,
+//! writes a fresh random token to `/var/lib/ferry/boot-token`, syncs,
+//! remounts read-only and prints `FERRY-BOOT-OK image=ID token=TOKEN` on
+//! its serial console before powering off. After `ferry edge flush` the
+//! origin's image must hold that token (read with `debugfs`, no mount) and
+//! pass `e2fsck -fn`: reads and writes both went through ferry.
+//!
+//! Each test prints the boot time and how much crossed the WAN
+//! (`bytes_fetched`/`bytes_pushed` from `ferry edge status`, and the link's
+//! own byte count); run with `--no-capture` to see them.
+//!
+//! The image is built on first use (a few minutes, needs network access to
+//! deb.debian.org and root) and cached in `~/.cache/ferry/vm/`. The two
+//! boots take a shared lock so they do not compete for the CPU (the boot
+//! time is the figure being measured).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::{cmd, ferry_bin, run, tempdir, tool, wait_until, Ferry, FileLock, TempDir, MIB};
+use replication::linkemu::{LinkConfig, LinkEmulator, LinkStats};
+
+/// How long the guest may take from qemu's start to the marker.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long qemu may take to power off after printing the marker.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
+/// Building the image on a fresh machine (debootstrap over the network).
+const IMAGE_BUILD_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+/// Waiting for the other VM test's boot to finish.
+const BOOT_LOCK_TIMEOUT: Duration = Duration::from_secs(600);
+
+const VOLUME: &str = "vol";
+const TOKEN_PATH: &str = "/var/lib/ferry/boot-token";
+
+// ---------------------------------------------------------------------------
+// The image
+// ---------------------------------------------------------------------------
+
+struct VmImage {
+    path: PathBuf,
+    info: HashMap<String, String>,
+}
+
+impl VmImage {
+    fn info(&self, key: &str) -> &str {
+        self.info
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in the image's info file: {:?}", self.info))
+    }
+
+    fn root_offset(&self) -> u64 {
+        self.info("root_offset").parse().expect("root_offset")
+    }
+}
+
+/// The cached image, built by `scripts/make-vm-image.sh` if needed (the
+/// script serializes concurrent builds with a lock).
+fn vm_image() -> VmImage {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-vm-image.sh");
+    let start = Instant::now();
+    let out = run(cmd("timeout")
+        .arg("--kill-after=30")
+        .arg(IMAGE_BUILD_TIMEOUT.as_secs().to_string())
+        .arg(tool("bash"))
+        .arg(&script));
+    let path = PathBuf::from(
+        out.lines()
+            .last()
+            .unwrap_or_else(|| panic!("{} printed no path", script.display()))
+            .trim(),
+    );
+    assert!(path.is_file(), "{} is not a file", path.display());
+    let info_text =
+        std::fs::read_to_string(path.with_file_name("info")).expect("the image's info file");
+    let info = info_text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    eprintln!(
+        "vm image {} ready in {:.1}s",
+        path.display(),
+        start.elapsed().as_secs_f64()
+    );
+    VmImage { path, info }
+}
+
+// ---------------------------------------------------------------------------
+// Origin, WAN, edge
+// ---------------------------------------------------------------------------
+
+struct Wan {
+    rt: tokio::runtime::Runtime,
+    link: LinkEmulator,
+}
+
+impl Wan {
+    /// A relay in front of `origin`: 25 ms each way, 100 Mbit/s.
+    fn start(origin: &str) -> Wan {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let link = rt
+            .block_on(LinkEmulator::start(
+                "127.0.0.1:0".parse().unwrap(),
+                origin.parse().unwrap(),
+                LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
+            ))
+            .unwrap();
+        Wan { rt, link }
+    }
+
+    fn addr(&self) -> String {
+        self.link.local_addr().to_string()
+    }
+
+    fn stats(&self) -> LinkStats {
+        self.link.stats()
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        let _guard = self.rt.enter();
+    }
+}
+
+fn origin(dir: &Path, image: &Path) -> Ferry {
+    Ferry::spawn(
+        [
+            "origin".as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--export".as_ref(),
+            format!("{VOLUME}={}", image.display()).as_ref(),
+            "--state-dir".as_ref(),
+            dir.join("origin-state").as_os_str(),
+            "--no-tls".as_ref(),
+        ],
+        &["origin"],
+    )
+}
+
+fn edge(dir: &Path, origin_addr: &str, protocol: Protocol) -> Ferry {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "edge".into(),
+        "--origin".into(),
+        origin_addr.into(),
+        "--volume".into(),
+        VOLUME.into(),
+        "--cache-dir".into(),
+        dir.join("edge").into(),
+        "--cache-size".into(),
+        "512M".into(),
+        "--no-tls".into(),
+    ];
+    match protocol {
+        Protocol::Nbd => {
+            args.extend(["--nbd".into(), "127.0.0.1:0".into()]);
+            Ferry::spawn(args, &["nbd", "control"])
+        }
+        Protocol::Iscsi => {
+            args.extend(["--iscsi".into(), "127.0.0.1:0".into()]);
+            Ferry::spawn(args, &["iscsi", "control"])
+        }
+    }
+}
+
+fn edge_ctl(e: &Ferry, what: &str) -> String {
+    run(Command::new(ferry_bin())
+        .args(["edge", what, "--control"])
+        .arg(e.announced("control")))
+}
+
+/// A counter from `ferry edge status`.
+fn stat(status: &str, key: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}: ")))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{key} in {status}: {e}"))
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+// ---------------------------------------------------------------------------
+// qemu
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    Nbd,
+    Iscsi,
+}
+
+/// A running qemu, killed on drop.
+struct Qemu {
+    child: Child,
+    console: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Qemu {
+    fn start(dir: &Path, drive: &str) -> Qemu {
+        let console = dir.join("console.log");
+        let stderr = dir.join("qemu.stderr");
+        let child = cmd("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-m", "512", "-smp", "1"])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-drive")
+            .arg(format!("file={drive},format=raw,if=virtio"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.join("qemu.stdout")).unwrap(),
+            ))
+            .stderr(Stdio::from(std::fs::File::create(&stderr).unwrap()))
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        Qemu {
+            child,
+            console,
+            stderr,
+        }
+    }
+
+    fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    fn diagnostics(&self) -> String {
+        format!(
+            "--- guest console ---\n{}\n--- qemu stderr ---\n{}",
+            self.console(),
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (bounded) for the console's `FERRY-BOOT-OK` line and returns
+    /// it; panics with the console log on a failure marker, an early exit
+    /// or the timeout.
+    fn wait_for_marker(&mut self) -> String {
+        let start = Instant::now();
+        loop {
+            let console = self.console();
+            if let Some(line) = console.lines().find(|l| l.starts_with("FERRY-BOOT-OK ")) {
+                return line.trim().to_string();
+            }
+            assert!(
+                !console.contains("FERRY-BOOT-FAILED"),
+                "the guest's boot check failed\n{}",
+                self.diagnostics()
+            );
+            if self.exited() {
+                // One last look: the marker may have landed just before.
+                if let Some(line) = self
+                    .console()
+                    .lines()
+                    .find(|l| l.starts_with("FERRY-BOOT-OK "))
+                {
+                    return line.trim().to_string();
+                }
+                panic!(
+                    "qemu exited ({:?}) before the guest printed FERRY-BOOT-OK\n{}",
+                    self.child.try_wait(),
+                    self.diagnostics()
+                );
+            }
+            if start.elapsed() > BOOT_TIMEOUT {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "no FERRY-BOOT-OK within {BOOT_TIMEOUT:?}; qemu killed\n{}",
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (bounded) for the guest's power-off.
+    fn wait_poweroff(&mut self) {
+        let mut status = None;
+        wait_until(POWEROFF_TIMEOUT, || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        if status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "qemu did not exit within {POWEROFF_TIMEOUT:?} of the guest's power-off\n{}",
+                self.diagnostics()
+            );
+        }
+        assert!(
+            status.unwrap().success(),
+            "qemu exited with {status:?}\n{}",
+            self.diagnostics()
+        );
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if !self.exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checking the origin's image
+// ---------------------------------------------------------------------------
+
+/// `IMAGE?offset=N`: e2fsprogs' way to open a filesystem inside a disk.
+fn root_fs(image: &Path, vm: &VmImage) -> String {
+    format!("{}?offset={}", image.display(), vm.root_offset())
+}
+
+fn read_guest_file(image: &Path, vm: &VmImage, path: &str) -> String {
+    run(cmd("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(root_fs(image, vm)))
+}
+
+/// The kernel's clock (the last `[  seconds]` console stamp) when the
+/// marker was printed: the boot's time in the kernel and the guest's init,
+/// as opposed to firmware and SYSLINUX loading the kernel and initramfs.
+fn kernel_seconds(console: &str) -> Option<f64> {
+    console
+        .lines()
+        .take_while(|l| !l.starts_with("FERRY-BOOT-OK "))
+        .filter_map(|l| l.strip_prefix('[')?.split_once(']'))
+        .filter_map(|(t, _)| t.trim().parse::<f64>().ok())
+        .last()
+}
+
+fn marker_field<'a>(marker: &'a str, key: &str) -> &'a str {
+    marker
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {marker:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+struct Site {
+    dir: TempDir,
+    image: PathBuf,
+}
+
+fn boot(protocol: Protocol) {
+    let test_start = Instant::now();
+    let vm = vm_image();
+    let site = {
+        let dir = tempdir();
+        let image = dir.path().join("disk.img");
+        run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
+        Site { dir, image }
+    };
+    let dir = site.dir.path();
+    // The image must not hold a token yet.
+    let before = ferry_tests::run_output(
+        cmd("debugfs")
+            .arg("-R")
+            .arg(format!("cat {TOKEN_PATH}"))
+            .arg(root_fs(&site.image, &vm)),
+    );
+    assert!(
+        before.stdout.is_empty(),
+        "the fresh image already has a token: {}",
+        ferry_tests::combined(&before)
+    );
+
+    let o = origin(dir, &site.image);
+    let wan = Wan::start(o.announced("origin"));
+    let e = edge(dir, &wan.addr(), protocol);
+    let drive = match protocol {
+        Protocol::Nbd => e.uri(VOLUME),
+        Protocol::Iscsi => format!(
+            "iscsi://{}/iqn.2026-11.dev.ferry:{VOLUME}/0",
+            e.announced("iscsi")
+        ),
+    };
+
+    let lock_start = Instant::now();
+    let lock = FileLock::acquire(
+        &std::env::temp_dir().join("ferry-vm-boot.lock"),
+        BOOT_LOCK_TIMEOUT,
+    );
+    let lock_wait = lock_start.elapsed();
+    let boot_start = Instant::now();
+    let mut qemu = Qemu::start(dir, &drive);
+    let marker = qemu.wait_for_marker();
+    let boot_time = boot_start.elapsed();
+    let in_kernel = kernel_seconds(&qemu.console()).unwrap_or(f64::NAN);
+    qemu.wait_poweroff();
+    let run_time = boot_start.elapsed();
+    drop(lock);
+
+    // What booting cost over the WAN (before the flush ships writes back).
+    let status = edge_ctl(&e, "status");
+    assert!(status.contains("link: up"), "{status}");
+    let fetched = stat(&status, "bytes_fetched");
+    let pushed = stat(&status, "bytes_pushed");
+    let link = wan.stats();
+
+    assert_eq!(
+        marker_field(&marker, "image"),
+        vm.info("image_id"),
+        "the guest read another image id: {marker}"
+    );
+    let token = marker_field(&marker, "token").to_string();
+    assert_eq!(token.len(), 36, "bad token in {marker}");
+
+    // Ship the guest's writes to the origin.
+    edge_ctl(&e, "flush");
+    let after = edge_ctl(&e, "status");
+    assert_eq!(stat(&after, "journal_unshipped_records"), 0, "{after}");
+    let shipped = stat(&after, "bytes_shipped");
+    e.stop_ok();
+    o.stop_ok();
+
+    let on_origin = read_guest_file(&site.image, &vm, TOKEN_PATH);
+    assert_eq!(
+        on_origin.trim(),
+        token,
+        "the origin's image does not hold the token the guest wrote ({marker})"
+    );
+    run(cmd("e2fsck").arg("-fn").arg(root_fs(&site.image, &vm)));
+
+    println!(
+        "vm boot over {protocol:?} through a 25 ms / 100 Mbit/s WAN: marker after {:.1}s \
+         (firmware and SYSLINUX {:.1}s, kernel and init {in_kernel:.1}s; qemu exit after {:.1}s, waited {:.1}s for the boot lock); \
+         edge bytes_fetched {fetched} ({:.1} MiB), bytes_pushed {pushed} ({:.1} MiB); \
+         link origin->edge {} bytes ({:.1} MiB), edge->origin {} bytes ({:.1} MiB); \
+         writes shipped back {shipped} bytes; disk {} MiB ({:.0} MiB allocated); \
+         test {:.1}s",
+        boot_time.as_secs_f64(),
+        boot_time.as_secs_f64() - in_kernel,
+        run_time.as_secs_f64(),
+        lock_wait.as_secs_f64(),
+        mib(fetched),
+        mib(pushed),
+        link.bytes_to_client,
+        mib(link.bytes_to_client),
+        link.bytes_to_target,
+        mib(link.bytes_to_target),
+        std::fs::metadata(&site.image).unwrap().len() / MIB,
+        mib(ferry_tests::allocated_bytes(&vm.path)),
+        test_start.elapsed().as_secs_f64(),
+    );
+}
+
+#[test]
+fn a_debian_vm_boots_from_the_edge_over_nbd() {
+    boot(Protocol::Nbd);
+}
+
+#[test]
+fn a_debian_vm_boots_from_the_edge_over_iscsi() {
+    boot(Protocol::Iscsi);
+}
