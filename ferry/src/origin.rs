@@ -1,10 +1,12 @@
-//! `ferry origin`: serve raw images to edges over the replication link.
+//! `ferry origin`: serve raw images or existing NBD exports to edges over
+//! the replication link.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use blockcore::{BlockDevice, FileDevice, OpenOptions};
+use nbd_server::client::{NbdConfig, NbdDevice, NbdUri};
 use replication::origin::{Origin, OriginConfig};
 use tokio::net::TcpListener;
 
@@ -22,6 +24,27 @@ pub struct OriginArgs {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     pub engine: Engine,
+}
+
+/// A volume's backing device: an NBD export when `source` is an NBD URI
+/// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, e.g. a
+/// `qemu-nbd` serving a qcow2), else a raw image file.
+async fn open_volume(source: &Path, engine: Engine) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    if let Some(uri) = source.to_str().filter(|s| NbdUri::is_nbd_uri(s)) {
+        let dev = NbdDevice::connect(uri, NbdConfig::default())
+            .await
+            .with_context(|| format!("connecting to the NBD export {uri}"))?;
+        return Ok(Arc::new(dev));
+    }
+    let dev = FileDevice::open(
+        source,
+        &OpenOptions {
+            read_only: false,
+            engine: engine.into(),
+        },
+    )
+    .with_context(|| format!("opening {}", source.display()))?;
+    Ok(Arc::new(dev))
 }
 
 /// Serves until SIGINT/SIGTERM. `on_listening` gets the bound address.
@@ -56,16 +79,11 @@ pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::R
         .map(|k| *k);
     let mut volumes: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
     for (name, path) in &args.exports {
-        let dev = FileDevice::open(
-            path,
-            &OpenOptions {
-                read_only: false,
-                engine: args.engine.into(),
-            },
-        )
-        .with_context(|| format!("opening {}", path.display()))?;
-        tracing::info!(volume = %name, path = %path.display(), size = dev.info().size, "volume ready");
-        volumes.push((name.clone(), Arc::new(dev)));
+        let dev = open_volume(path, args.engine)
+            .await
+            .with_context(|| format!("opening volume {name}"))?;
+        tracing::info!(volume = %name, source = %path.display(), size = dev.info().size, "volume ready");
+        volumes.push((name.clone(), dev));
     }
     let origin = Arc::new(
         Origin::open(

@@ -39,7 +39,7 @@
 //! - R2Ts ask for 1..=MaxBurstLength bytes within the EDTL;
 //! - an Execute is for a command that was sent, plans successfully and
 //!   carries no more Data-Out than that command's EDTL;
-//! - Text Responses fit the initiator's MaxRecvDataSegmentLength.
+//! - no data segment exceeds the initiator's MaxRecvDataSegmentLength.
 #![no_main]
 
 use std::collections::HashMap;
@@ -210,6 +210,9 @@ impl Checker {
         }
         self.last_window = Some((seq.exp_cmd_sn, seq.max_cmd_sn));
         let max_send = self.max_send.load(Ordering::Relaxed);
+        // Nothing exceeds the initiator's MaxRecvDataSegmentLength (a
+        // NOP-In's echo is cut to it).
+        assert!(data_len(p) <= max_send as usize, "{p:?} over {max_send}");
         match p {
             TargetPdu::DataIn {
                 final_,
@@ -259,9 +262,6 @@ impl Checker {
                 let end = buffer_offset.checked_add(*desired_length).unwrap();
                 assert!(end <= self.max_edtl(*itt), "R2T beyond the EDTL");
             }
-            TargetPdu::TextResponse { data, .. } => {
-                assert!(data.len() <= max_send as usize);
-            }
             _ => {}
         }
     }
@@ -301,7 +301,12 @@ impl Harness {
                         .checker
                         .commands
                         .get(&itt)
-                        .and_then(|cmds| cmds.iter().filter(|(c, _)| *c == cdb).map(|(_, e)| *e).max())
+                        .and_then(|cmds| {
+                            cmds.iter()
+                                .filter(|(c, _)| *c == cdb)
+                                .map(|(_, e)| *e)
+                                .max()
+                        })
                         .unwrap_or_else(|| panic!("Execute of a command never sent: {itt:#x}"));
                     assert!(
                         data_out.len() <= edtl as usize,
@@ -321,7 +326,11 @@ impl Harness {
 
     /// Completes some executing commands, in any order.
     fn complete_some(&mut self, rng: &mut Rng, all: bool) {
-        let n = if all { self.pending.len() } else { (rng.next() % 3) as usize };
+        let n = if all {
+            self.pending.len()
+        } else {
+            (rng.next() % 3) as usize
+        };
         for _ in 0..n {
             if self.pending.is_empty() {
                 break;
@@ -334,7 +343,10 @@ impl Harness {
     }
 }
 
-fn text_responder(discovery: bool, max_send: Arc<AtomicU32>) -> Box<dyn FnMut(&[u8]) -> TextAnswer + Send> {
+fn text_responder(
+    discovery: bool,
+    max_send: Arc<AtomicU32>,
+) -> Box<dyn FnMut(&[u8]) -> TextAnswer + Send> {
     let config = LoginConfig {
         targets: vec![
             TargetConfig {
@@ -377,7 +389,10 @@ fn text_responder(discovery: bool, max_send: Arc<AtomicU32>) -> Box<dyn FnMut(&[
         match iscsi_target::text::answer_text_update(&config, &mut session, req) {
             Ok(data) => {
                 let after = session.negotiated.max_send_data_segment;
-                assert!((512..(1 << 24)).contains(&after), "MaxRecvDataSegmentLength {after}");
+                assert!(
+                    (512..(1 << 24)).contains(&after),
+                    "MaxRecvDataSegmentLength {after}"
+                );
                 max_send.store(after, Ordering::Relaxed);
                 TextAnswer::Reply {
                     data,
@@ -402,7 +417,12 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         max_send_data_segment: 512 + 256 * u32::from(data[2] & 0x1f),
         max_recv_data_segment: framing.max_recv_data_segment,
-        first_burst_length: if data[1] & 0x40 != 0 { max_burst / 2 } else { max_burst }.max(512),
+        first_burst_length: if data[1] & 0x40 != 0 {
+            max_burst / 2
+        } else {
+            max_burst
+        }
+        .max(512),
         max_burst_length: max_burst,
         immediate_data: data[1] & 1 != 0,
         initial_r2t: data[1] & 2 != 0,
@@ -499,13 +519,13 @@ fuzz_target!(|data: &[u8]| {
                     if let PduError::DataSegmentTooLong { len, max } = e {
                         assert!(len > max && max == framing.max_recv_data_segment);
                     }
+                    if matches!(e, PduError::HeaderDigest { .. }) {
+                        assert!(framing.header_digest);
+                    }
                     if let PduError::DataDigest { bhs, .. } = e {
                         assert!(framing.data_digest);
                         h.conn.reject(reject_reason::DATA_DIGEST_ERROR, *bhs);
                         h.drain(&mut rng);
-                    }
-                    if matches!(e, PduError::HeaderDigest { .. }) {
-                        assert!(framing.header_digest);
                     }
                     break 'stream;
                 }

@@ -374,7 +374,18 @@ impl Connection {
     fn sequenced(&mut self, immediate: bool, cmdsn: u32, held: Held, planner: &dyn Planner) {
         if immediate {
             // Immediate PDUs are delivered at once and do not advance the
-            // window (§3.2.2.1).
+            // window (§3.2.2.1). They escape the window's bound on commands
+            // in flight, so past twice the window they are refused
+            // (§11.17.1, "immediate command reject").
+            if matches!(held, Held::Command(_)) && self.tasks.len() >= 2 * QUEUE_DEPTH as usize {
+                if let Held::Command(c) = &held {
+                    let mut bhs = [0u8; BHS_LEN];
+                    bhs[0] = crate::pdu::opcode::SCSI_COMMAND | 0x40;
+                    bhs[16..20].copy_from_slice(&c.itt.to_be_bytes());
+                    self.reject(reject_reason::IMMEDIATE_COMMAND_REJECT, bhs);
+                }
+                return;
+            }
             self.deliver(held, planner);
             return;
         }
@@ -406,7 +417,11 @@ impl Connection {
             Held::Text(t) => self.text(&t),
             Held::Logout(l) => self.logout(l),
             Held::NopOut(n) => {
-                let (lun, itt, data) = (n.lun, n.itt, n.data);
+                // The echo may not exceed what the initiator accepts; RFC
+                // 7143 §11.18 lets the target truncate the ping data.
+                let max = self.limits.max_send_data_segment as usize;
+                let (lun, itt) = (n.lun, n.itt);
+                let data = n.data.slice(..n.data.len().min(max));
                 self.send(|seq| TargetPdu::NopIn {
                     lun,
                     itt,
@@ -466,8 +481,8 @@ impl Connection {
             read: c.read,
             expected_length: c.expected_data_length,
             shape,
-            // Grows as data arrives: the EDTL is the initiator's word (up
-            // to 4 GiB), so reserve no more than one burst up front.
+            // Grows as data arrives: nothing is reserved on the strength of
+            // the EDTL, which is the initiator's word (up to 4 GiB).
             data: Vec::new(),
             received: 0,
             write_length,

@@ -340,6 +340,18 @@ impl Negotiation {
         key: &str,
         value: &str,
     ) -> Result<Option<String>, NegotiationError> {
+        let answer = self.answer_key(key, value)?;
+        if answer.as_deref() == Some("Reject") {
+            // A rejected proposal leaves the key unnegotiated: our own
+            // offer for it (a lower limit) must still go out.
+            if let Some(i) = self.proposed.iter().rposition(|k| k == key) {
+                self.proposed.remove(i);
+            }
+        }
+        Ok(answer)
+    }
+
+    fn answer_key(&mut self, key: &str, value: &str) -> Result<Option<String>, NegotiationError> {
         if let Some(i) = self.offered.iter().position(|(k, _)| *k == key) {
             let (k, offer) = self.offered.remove(i);
             self.accept_answer(k, value, offer)?;

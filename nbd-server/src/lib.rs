@@ -5,7 +5,10 @@
 //!   fuzzed directly (see `fuzz/`).
 //! - [`Server`]: the thin tokio shell that accepts TCP, Unix and TLS clients
 //!   and runs requests against `blockcore` devices out of order.
+//! - [`client`]: the other side: a sans-IO client codec and
+//!   [`client::NbdDevice`], a `blockcore` device backed by a remote export.
 
+pub mod client;
 pub mod proto;
 mod server;
 mod tls;

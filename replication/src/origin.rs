@@ -575,7 +575,11 @@ impl Signer {
     /// whole chunks only).
     async fn sign(&self, offset: u64, data: &Bytes) -> Option<Vec<[u8; 32]>> {
         let chunk = self.origin.config.chunk_size as usize;
-        if chunk == 0 || data.is_empty() || offset % chunk as u64 != 0 || data.len() % chunk != 0 {
+        if chunk == 0
+            || data.is_empty()
+            || !offset.is_multiple_of(chunk as u64)
+            || !data.len().is_multiple_of(chunk)
+        {
             return None;
         }
         let origin = self.origin.clone();

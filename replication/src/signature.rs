@@ -102,7 +102,7 @@ mod tests {
         let data = vec![0x5au8; 65536];
         let ours = SignatureKey::derive(&master).signature(&data);
         let cache = cache::seal::SignatureKey::derive(&master).signature(&data);
-        assert_eq!(ours, cache.0);
+        assert_eq!(&ours, cache.as_bytes());
         assert_ne!(ours, SignatureKey::derive(&[8u8; 32]).signature(&data));
     }
 }

@@ -338,7 +338,7 @@ async fn clones_cross_the_link_as_signatures() {
         .write(
             3 * CHUNK as u64,
             Bytes::from(changed.clone()),
-            Default::default(),
+            blockcore::WriteFlags::default(),
         )
         .await
         .unwrap();

@@ -714,16 +714,13 @@ impl RemoteDevice {
         .await
         .unwrap_or(None);
         let inner = &self.client.inner;
-        match found {
-            Some(data) => {
-                inner.signature_hits.fetch_add(n, Ordering::Relaxed);
-                Ok(data)
-            }
-            None => {
-                // Evicted since the origin sent it: one more round trip.
-                inner.signature_misses.fetch_add(n, Ordering::Relaxed);
-                self.client.read(offset, len).await
-            }
+        if let Some(data) = found {
+            inner.signature_hits.fetch_add(n, Ordering::Relaxed);
+            Ok(data)
+        } else {
+            // Evicted since the origin sent it: one more round trip.
+            inner.signature_misses.fetch_add(n, Ordering::Relaxed);
+            self.client.read(offset, len).await
         }
     }
 
