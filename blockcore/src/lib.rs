@@ -7,7 +7,7 @@
 //!   edge / tools ┘      │                 └── MemDevice (sparse, in memory)
 //!                       │
 //!            layers wrap any device and are devices themselves:
-//!            ReadAhead<D>, Stats<D>, (later: cache, journal, overlay)
+//!            ReadAhead<D>, Stats<D>, LocalOverlay<D>
 //! ```
 //!
 //! Buffers are owned (`bytes::Bytes`): a read returns the bytes it produced,
@@ -35,6 +35,7 @@ pub use device::{
 };
 pub use error::{BlockError, Result};
 pub use file::{FileDevice, FileEngine, OpenOptions};
+pub use layers::overlay::{LocalOverlay, LocalRanges};
 pub use layers::readahead::{ReadAhead, ReadAheadConfig, ReadAheadStats};
 pub use layers::stats::{OpStats, Stats, StatsSnapshot};
 pub use mem::MemDevice;

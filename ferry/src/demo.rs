@@ -117,6 +117,7 @@ pub async fn run(
         control: None,
         request_timeout: Duration::from_secs(30),
         edge_id: None,
+        local_only: None,
     })
     .await?;
     {

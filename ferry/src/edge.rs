@@ -3,13 +3,19 @@
 //! the journal.
 //! `ferry edge flush` / `ferry edge status` talk to a running edge through
 //! its control socket.
+//!
+//! With local-only ranges (`--local-only`, `--isolated`) the stack is
+//! `Stats -> LocalOverlay -> EdgeDevice`: writes inside the ranges stay in
+//! `<cache-dir>/overlay-<volume>.img` and are never shipped; reads there
+//! come from the overlay where it was written, else the journal, cache and
+//! origin.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use blockcore::{BlockDevice, Stats};
+use blockcore::{BlockDevice, LocalOverlay, LocalRanges, Stats};
 use cache::{Cache, CacheConfig};
 use nbd_server::{Export, Server, ServerConfig};
 use replication::edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient};
@@ -32,6 +38,8 @@ pub struct EdgeArgs {
     pub nbd: Vec<ListenAddr>,
     /// iSCSI portals; the volume is LUN 0 of `iqn.2026-11.dev.ferry:VOLUME`.
     pub iscsi: Vec<String>,
+    /// Ranges whose writes stay in a local overlay, never shipped.
+    pub local_only: Option<LocalRanges>,
     pub psk_file: Option<PathBuf>,
     pub no_tls: bool,
     pub tls_ca: Option<PathBuf>,
@@ -48,10 +56,21 @@ pub fn default_control(cache_dir: &Path, volume: &str) -> PathBuf {
     cache_dir.join(format!("edge-{volume}.sock"))
 }
 
+/// The edge device with a local-only overlay in front.
+pub type EdgeOverlay = LocalOverlay<Arc<EdgeDevice>>;
+
+/// The overlay image of a volume; its metadata sits next to it
+/// (`overlay-VOLUME.meta`).
+pub fn overlay_path(cache_dir: &Path, volume: &str) -> PathBuf {
+    cache_dir.join(format!("overlay-{volume}.img"))
+}
+
 /// A running edge: the device, its NBD and iSCSI servers, its control
 /// socket.
 pub struct RunningEdge {
     pub device: Arc<EdgeDevice>,
+    /// The local-only overlay, when ranges were given.
+    pub overlay: Option<Arc<EdgeOverlay>>,
     pub server: Server,
     pub listeners: Vec<String>,
     pub iscsi: Option<iscsi_target::server::Server>,
@@ -60,7 +79,8 @@ pub struct RunningEdge {
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
 }
 
-/// Attaches and starts serving; returns once listening.
+/// Attaches and starts serving; returns once listening. Writes to
+/// `args.local_only` stay in a local overlay that is never shipped.
 pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
     let tls = match (&args.tls_ca, args.no_tls) {
         (Some(ca), false) => {
@@ -143,7 +163,32 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         )
         .context("starting the edge device")?,
     );
-    let stats = Arc::new(Stats::new(device.clone() as Arc<dyn BlockDevice>));
+    let overlay = match &args.local_only {
+        None => None,
+        Some(ranges) => {
+            let image = overlay_path(&args.cache_dir, &args.volume);
+            // Bound to the volume's epoch: a re-created volume never shows
+            // through an old overlay's local data.
+            let tag = format!("{}@{:016x}", args.volume, a.volume_epoch);
+            let (inner, ranges) = (device.clone(), ranges.clone());
+            let opened = tokio::task::spawn_blocking(move || {
+                LocalOverlay::open_tagged(inner, &image, &ranges, &tag)
+            })
+            .await?
+            .with_context(|| {
+                format!(
+                    "opening the local-only overlay in {}",
+                    args.cache_dir.display()
+                )
+            })?;
+            Some(Arc::new(opened))
+        }
+    };
+    let top: Arc<dyn BlockDevice> = match &overlay {
+        Some(o) => o.clone(),
+        None => device.clone(),
+    };
+    let stats = Arc::new(Stats::new(top));
     let export = Export {
         name: args.volume.clone(),
         description: format!("{} from {}", args.volume, args.origin),
@@ -208,9 +253,11 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
     let control_listener = UnixListener::bind(&control)
         .with_context(|| format!("control socket {}", control.display()))?;
     let dev = device.clone();
-    tasks.spawn(async move { serve_control(control_listener, dev).await });
+    let ov = overlay.clone();
+    tasks.spawn(async move { serve_control(control_listener, dev, ov).await });
     Ok(RunningEdge {
         device,
+        overlay,
         server,
         listeners,
         iscsi,
@@ -275,20 +322,29 @@ impl RunningEdge {
     }
 }
 
-async fn serve_control(listener: UnixListener, dev: Arc<EdgeDevice>) -> anyhow::Result<()> {
+async fn serve_control(
+    listener: UnixListener,
+    dev: Arc<EdgeDevice>,
+    overlay: Option<Arc<EdgeOverlay>>,
+) -> anyhow::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let dev = dev.clone();
+        let overlay = overlay.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut lines = BufReader::new(r).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match line.trim() {
-                    "flush" => match dev.drain().await {
+                    "flush" => match flush_all(&dev, overlay.as_deref()).await {
                         Ok(()) => "ok\n".to_owned(),
                         Err(e) => format!("error {e}\n"),
                     },
-                    "status" => format!("{}ok\n", format_status(&dev.status())),
+                    "status" => format!(
+                        "{}{}ok\n",
+                        format_status(&dev.status()),
+                        overlay.as_deref().map(format_overlay).unwrap_or_default()
+                    ),
                     other => format!("error unknown command {other:?}\n"),
                 };
                 if w.write_all(reply.as_bytes()).await.is_err() {
@@ -297,6 +353,25 @@ async fn serve_control(listener: UnixListener, dev: Arc<EdgeDevice>) -> anyhow::
             }
         });
     }
+}
+
+/// Ships every journaled write, and makes the local-only overlay durable
+/// (it is never shipped).
+async fn flush_all(dev: &EdgeDevice, overlay: Option<&EdgeOverlay>) -> anyhow::Result<()> {
+    dev.drain().await?;
+    if let Some(o) = overlay {
+        o.flush().await?;
+    }
+    Ok(())
+}
+
+/// The overlay's status lines.
+pub fn format_overlay(o: &EdgeOverlay) -> String {
+    let local: u64 = o.ranges().iter().map(|r| r.end - r.start).sum();
+    let allocated = o
+        .allocated_bytes()
+        .map_or_else(|e| format!("unknown ({e})"), |b| b.to_string());
+    format!("local_only_bytes: {local}\noverlay_allocated_bytes: {allocated}\n")
 }
 
 /// The status as `key: value` lines.
@@ -310,6 +385,8 @@ pub fn format_status(s: &EdgeStatus) -> String {
          link_connects: {}\n\
          bytes_fetched: {}\n\
          bytes_pushed: {}\n\
+         signature_hits: {}\n\
+         signature_misses: {}\n\
          cache_hits: {}\n\
          cache_memory_hits: {}\n\
          cache_misses: {}\n\
@@ -326,6 +403,8 @@ pub fn format_status(s: &EdgeStatus) -> String {
         s.link.connects,
         s.link.bytes_read,
         s.link.bytes_pushed,
+        s.link.signature_hits,
+        s.link.signature_misses,
         s.cache.hits,
         s.cache.memory_hits,
         s.cache.misses,

@@ -176,6 +176,31 @@ struct EdgeRunArgs {
     /// Control socket (default: DIR/edge-VOLUME.sock).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Keep writes to this byte range on this machine, never shipped to
+    /// the origin (swap, scratch space): START:LEN with K/M/G suffixes,
+    /// e.g. 1G:512M (repeatable). Kept in DIR/overlay-VOLUME.img; restart
+    /// with the same ranges.
+    #[arg(long, value_name = "START:LEN", value_parser = parse_local_range)]
+    local_only: Vec<std::ops::Range<u64>>,
+    /// Isolation mode: the whole volume is local-only, nothing is shipped;
+    /// blocks never written here are still read from the cache and origin.
+    #[arg(long, conflicts_with = "local_only")]
+    isolated: bool,
+}
+
+/// Parses `--local-only START:LEN`.
+fn parse_local_range(s: &str) -> Result<std::ops::Range<u64>, String> {
+    let (start, len) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not START:LEN (e.g. 1G:512M)"))?;
+    let (start, len) = (start.parse::<ByteSize>()?.0, len.parse::<ByteSize>()?.0);
+    if len == 0 {
+        return Err(format!("{s:?}: the range is empty"));
+    }
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    Ok(start..end)
 }
 
 #[derive(Subcommand, Debug)]
@@ -442,6 +467,13 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
                 control: r.control,
                 request_timeout: secs(r.request_timeout, "request-timeout")?,
                 edge_id: None,
+                local_only: if r.isolated {
+                    Some(blockcore::LocalRanges::Everything)
+                } else if r.local_only.is_empty() {
+                    None
+                } else {
+                    Some(blockcore::LocalRanges::Ranges(r.local_only))
+                },
             };
             let running = ferry::edge::start(&args).await?;
             for l in &running.listeners {

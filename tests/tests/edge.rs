@@ -561,3 +561,130 @@ fn ca_and_leaf(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         .arg(p("leaf.pem")));
     (p("ca.pem"), p("leaf.pem"), p("leaf.key"))
 }
+
+/// `--local-only` ranges: writes there stay on the edge (the origin's image
+/// does not get them after `ferry edge flush`), writes elsewhere ship, and
+/// the edge reads back both, also after a restart with the same flags; a
+/// restart with other ranges is refused.
+#[test]
+fn local_only_ranges_stay_on_the_edge() {
+    let s = site();
+    let o = origin(&s);
+    let wan = Wan::start(o.announced("origin"));
+    let flags = ["--local-only", "8M:4M", "--local-only", "40M:1M"];
+    let e = edge(&s, &wan.addr(), &flags);
+    let uri = e.uri("vol");
+    run(cmd("qemu-io").args([
+        "-f",
+        "raw",
+        // Inside, outside, straddling the end of 8M:4M, zeroes inside,
+        // and unaligned pieces outside and inside.
+        "-c",
+        "write -P 0x11 9M 1M",
+        "-c",
+        "write -P 0x22 20M 1M",
+        "-c",
+        "write -P 0x33 11776K 1M",
+        "-c",
+        "write -z 40M 64K",
+        "-c",
+        "write -P 0x44 41000 1000",
+        "-c",
+        "write -P 0x55 42045440 1000",
+        &uri,
+    ]));
+    edge_ctl(&e, "flush");
+    let status = edge_ctl(&e, "status");
+    assert!(status.contains("journal_unshipped_records: 0"), "{status}");
+    assert_eq!(stat(&status, "local_only_bytes"), 5 * MIB, "{status}");
+    // 1M + 256K + 64K + one 4K block, at least.
+    let allocated = stat(&status, "overlay_allocated_bytes");
+    assert!(allocated >= MIB + 324 * 1024, "{status}");
+
+    // The origin has what was written outside the ranges, nothing inside.
+    let mut expected = ferry_tests::read_at(&s.reference, 0, usize::try_from(SIZE).unwrap());
+    let mut fill = |off: u64, len: u64, byte: u8| {
+        let r = usize::try_from(off).unwrap()..usize::try_from(off + len).unwrap();
+        expected[r].fill(byte);
+    };
+    fill(20 * MIB, MIB, 0x22);
+    fill(12 * MIB, 512 * 1024, 0x33);
+    fill(41000, 1000, 0x44);
+    let origin_view = s.dir.path().join("origin-expected.img");
+    std::fs::write(&origin_view, &expected).unwrap();
+    assert_files_equal(&s.image, &origin_view);
+    // The edge serves the local writes on top.
+    let mut fill = |off: u64, len: u64, byte: u8| {
+        let r = usize::try_from(off).unwrap()..usize::try_from(off + len).unwrap();
+        expected[r].fill(byte);
+    };
+    fill(9 * MIB, MIB, 0x11);
+    fill(11776 * 1024, MIB, 0x33);
+    fill(40 * MIB, 64 * 1024, 0);
+    fill(42_045_440, 1000, 0x55);
+    let edge_expected = s.dir.path().join("edge-expected.img");
+    std::fs::write(&edge_expected, &expected).unwrap();
+    let view = s.dir.path().join("edge-view.img");
+    run(cmd("nbdcopy").arg(&uri).arg(&view));
+    assert_files_equal(&view, &edge_expected);
+    e.stop_ok();
+
+    // Other ranges would expose stale data: refused.
+    let (_, out) = ferry_tests::run_fail(
+        std::process::Command::new(ferry_bin())
+            .args([
+                "edge",
+                "--origin",
+                &wan.addr(),
+                "--volume",
+                "vol",
+                "--cache-dir",
+            ])
+            .arg(s.dir.path().join("edge"))
+            .args(["--nbd", "127.0.0.1:0", "--no-tls", "--local-only", "8M:8M"]),
+    );
+    assert!(out.contains("refusing"), "{out}");
+
+    // The same flags again: the local data is still there.
+    let e = edge(&s, &wan.addr(), &flags);
+    let view = s.dir.path().join("edge-view-2.img");
+    run(cmd("nbdcopy").arg(e.uri("vol")).arg(&view));
+    assert_files_equal(&view, &edge_expected);
+    e.stop_ok();
+    assert_files_equal(&s.image, &origin_view);
+    o.stop_ok();
+}
+
+/// `--isolated`: nothing is shipped, yet unwritten blocks still come from
+/// the origin.
+#[test]
+fn an_isolated_edge_ships_nothing() {
+    let s = site();
+    let o = origin(&s);
+    let wan = Wan::start(o.announced("origin"));
+    let e = edge(&s, &wan.addr(), &["--isolated"]);
+    let uri = e.uri("vol");
+    run(cmd("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 3M 1M",
+        "-c",
+        "write -P 0x5b 7000 100",
+        &uri,
+    ]));
+    edge_ctl(&e, "flush");
+    let status = edge_ctl(&e, "status");
+    assert_eq!(stat(&status, "batches_shipped"), 0, "{status}");
+    assert_files_equal(&s.image, &s.reference);
+    let mut expected = ferry_tests::read_at(&s.reference, 0, usize::try_from(SIZE).unwrap());
+    expected[3 * 1024 * 1024..4 * 1024 * 1024].fill(0x5a);
+    expected[7000..7100].fill(0x5b);
+    let want = s.dir.path().join("expected.img");
+    std::fs::write(&want, &expected).unwrap();
+    let view = s.dir.path().join("edge-view.img");
+    run(cmd("nbdcopy").arg(&uri).arg(&view));
+    assert_files_equal(&view, &want);
+    e.stop_ok();
+    o.stop_ok();
+}

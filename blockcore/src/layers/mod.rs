@@ -1,3 +1,4 @@
 //! Layers that wrap any [`BlockDevice`](crate::BlockDevice), in the spirit of nbdkit filters.
+pub mod overlay;
 pub mod readahead;
 pub mod stats;
