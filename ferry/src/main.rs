@@ -68,8 +68,10 @@ struct OriginCliArgs {
     /// Address to listen on for edges, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// A volume to serve, as NAME=PATH (repeatable).
-    #[arg(long = "export", value_name = "NAME=PATH", value_parser = parse_export_arg, required = true)]
+    /// A volume to serve, as NAME=PATH (repeatable). PATH may also be an
+    /// existing NBD export: nbd://HOST[:PORT]/EXPORT or
+    /// nbd+unix:///EXPORT?socket=SOCKET (e.g. qemu-nbd serving a qcow2).
+    #[arg(long = "export", value_name = "NAME=PATH|URI", value_parser = parse_export_arg, required = true)]
     exports: Vec<(String, PathBuf)>,
     /// Directory for the origin's state (apply journals, volume epochs, the
     /// deployment key handed to edges).
