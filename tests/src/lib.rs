@@ -927,3 +927,53 @@ impl Drop for FileLock {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The emulated WAN between an origin and an edge
+// ---------------------------------------------------------------------------
+
+/// ferry's link emulator in front of an origin, on its own runtime: 25 ms
+/// each way, 100 Mbit/s (the figures the streaming issue names).
+pub struct Wan {
+    rt: tokio::runtime::Runtime,
+    /// The relay, for cutting or restoring the link and its byte counts.
+    pub link: replication::linkemu::LinkEmulator,
+}
+
+impl Wan {
+    /// A relay in front of `origin` (`IP:PORT`).
+    pub fn start(origin: &str) -> Wan {
+        use replication::linkemu::{LinkConfig, LinkEmulator};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let link = rt
+            .block_on(LinkEmulator::start(
+                "127.0.0.1:0".parse().expect("address"),
+                origin.parse().expect("origin address"),
+                LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
+            ))
+            .expect("link emulator");
+        Wan { rt, link }
+    }
+
+    /// Where edges connect.
+    pub fn addr(&self) -> String {
+        self.link.local_addr().to_string()
+    }
+}
+
+impl std::fmt::Debug for Wan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wan").field("addr", &self.addr()).finish()
+    }
+}
+
+impl Drop for Wan {
+    fn drop(&mut self) {
+        // The relay's tasks are dropped with the runtime, inside it.
+        let _guard = self.rt.enter();
+    }
+}

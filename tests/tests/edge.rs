@@ -9,45 +9,10 @@ use std::time::Duration;
 
 use ferry_tests::nbd::Client;
 use ferry_tests::{
-    assert_files_equal, cmd, ferry_bin, random_image, run, tempdir, Ferry, TempDir, MIB,
+    assert_files_equal, cmd, ferry_bin, random_image, run, tempdir, Ferry, TempDir, Wan, MIB,
 };
-use replication::linkemu::{LinkConfig, LinkEmulator};
 
 const SIZE: u64 = 64 * MIB;
-
-struct Wan {
-    rt: tokio::runtime::Runtime,
-    link: LinkEmulator,
-}
-
-impl Wan {
-    /// A relay in front of `origin`: 25 ms each way, 100 Mbit/s.
-    fn start(origin: &str) -> Wan {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let link = rt
-            .block_on(LinkEmulator::start(
-                "127.0.0.1:0".parse().unwrap(),
-                origin.parse().unwrap(),
-                LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
-            ))
-            .unwrap();
-        Wan { rt, link }
-    }
-
-    fn addr(&self) -> String {
-        self.link.local_addr().to_string()
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        let _guard = self.rt.enter();
-    }
-}
 
 struct Site {
     dir: TempDir,

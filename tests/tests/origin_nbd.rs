@@ -10,43 +10,9 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use ferry_tests::{
-    assert_files_equal, cmd, ferry_bin, run, send_signal, tempdir, wait_until, write_at, Ferry, MIB,
+    assert_files_equal, cmd, ferry_bin, run, send_signal, tempdir, wait_until, write_at, Ferry,
+    Wan, MIB,
 };
-use replication::linkemu::{LinkConfig, LinkEmulator};
-
-/// The link emulator in front of the origin: 25 ms each way, 100 Mbit/s.
-struct Wan {
-    rt: tokio::runtime::Runtime,
-    link: LinkEmulator,
-}
-
-impl Wan {
-    fn start(origin: &str) -> Wan {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let link = rt
-            .block_on(LinkEmulator::start(
-                "127.0.0.1:0".parse().unwrap(),
-                origin.parse().unwrap(),
-                LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
-            ))
-            .unwrap();
-        Wan { rt, link }
-    }
-
-    fn addr(&self) -> String {
-        self.link.local_addr().to_string()
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        let _guard = self.rt.enter();
-    }
-}
 
 /// `qemu-nbd` serving `image` on `socket`; SIGTERM (a clean qcow2 close)
 /// on drop.

@@ -24,8 +24,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_tests::{cmd, ferry_bin, run, tempdir, tool, wait_until, Ferry, FileLock, TempDir, MIB};
-use replication::linkemu::{LinkConfig, LinkEmulator, LinkStats};
+use ferry_tests::{
+    cmd, ferry_bin, run, tempdir, tool, wait_until, Ferry, FileLock, TempDir, Wan, MIB,
+};
 
 /// How long the guest may take from qemu's start to the marker.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
@@ -95,44 +96,6 @@ fn vm_image() -> VmImage {
 // ---------------------------------------------------------------------------
 // Origin, WAN, edge
 // ---------------------------------------------------------------------------
-
-struct Wan {
-    rt: tokio::runtime::Runtime,
-    link: LinkEmulator,
-}
-
-impl Wan {
-    /// A relay in front of `origin`: 25 ms each way, 100 Mbit/s.
-    fn start(origin: &str) -> Wan {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let link = rt
-            .block_on(LinkEmulator::start(
-                "127.0.0.1:0".parse().unwrap(),
-                origin.parse().unwrap(),
-                LinkConfig::new(Duration::from_millis(25)).with_bandwidth(100_000_000 / 8),
-            ))
-            .unwrap();
-        Wan { rt, link }
-    }
-
-    fn addr(&self) -> String {
-        self.link.local_addr().to_string()
-    }
-
-    fn stats(&self) -> LinkStats {
-        self.link.stats()
-    }
-}
-
-impl Drop for Wan {
-    fn drop(&mut self) {
-        let _guard = self.rt.enter();
-    }
-}
 
 fn origin(dir: &Path, image: &Path) -> Ferry {
     Ferry::spawn(
@@ -430,7 +393,7 @@ fn boot(protocol: Protocol) {
     assert!(status.contains("link: up"), "{status}");
     let fetched = stat(&status, "bytes_fetched");
     let pushed = stat(&status, "bytes_pushed");
-    let link = wan.stats();
+    let link = wan.link.stats();
 
     assert_eq!(
         marker_field(&marker, "image"),
