@@ -244,7 +244,7 @@ fuzz_target!(|data: &[u8]| {
             cid: u16::from(h[4]),
             cmdsn,
             exp_statsn: 0,
-            data: body,
+            data: bytes::Bytes::copy_from_slice(body),
         };
         let finished_before = login.is_finished();
         match login.step(&req) {

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::chap::{self, ChapChallenge};
 use crate::text::{self as text_mod, Negotiation};
 pub use crate::text::{Limits, Negotiated};
@@ -47,23 +49,8 @@ impl Stage {
     }
 }
 
-/// The fields of a Login Request the login phase needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LoginRequest<'a> {
-    pub transit: bool,
-    pub cont: bool,
-    pub csg: u8,
-    pub nsg: u8,
-    pub version_max: u8,
-    pub version_min: u8,
-    pub isid: [u8; 6],
-    pub tsih: u16,
-    pub itt: u32,
-    pub cid: u16,
-    pub cmdsn: u32,
-    pub exp_statsn: u32,
-    pub data: &'a [u8],
-}
+/// A Login Request, as the PDU codec parses it.
+pub use crate::pdu::LoginPdu as LoginRequest;
 
 /// A Login Response, less StatSN/ExpCmdSN/MaxCmdSN which the connection
 /// fills in.
@@ -305,7 +292,7 @@ impl Login {
     /// Feeds one Login Request. Each PDU is fed as it arrives; text split
     /// with the C bit is accumulated and each partial PDU answered with an
     /// empty Continue response.
-    pub fn step(&mut self, req: &LoginRequest<'_>) -> LoginStep {
+    pub fn step(&mut self, req: &LoginRequest) -> LoginStep {
         if self.finished {
             return LoginStep::Fail(self.reject(req, status::INVALID_DURING_LOGIN));
         }
@@ -324,7 +311,7 @@ impl Login {
         }
     }
 
-    fn reject(&self, req: &LoginRequest<'_>, code: u16) -> LoginResponse {
+    fn reject(&self, req: &LoginRequest, code: u16) -> LoginResponse {
         let [class, detail] = code.to_be_bytes();
         LoginResponse {
             transit: false,
@@ -343,7 +330,7 @@ impl Login {
     }
 
     fn response(
-        req: &LoginRequest<'_>,
+        req: &LoginRequest,
         csg: Stage,
         next: Option<Stage>,
         data: Vec<u8>,
@@ -364,7 +351,7 @@ impl Login {
         }
     }
 
-    fn step_inner(&mut self, req: &LoginRequest<'_>) -> Result<LoginStep, u16> {
+    fn step_inner(&mut self, req: &LoginRequest) -> Result<LoginStep, u16> {
         use status::{AUTHENTICATION_FAILED, INITIATOR_ERROR, UNSUPPORTED_VERSION};
 
         self.pdus += 1;
@@ -405,7 +392,7 @@ impl Login {
         if self.text.len() + req.data.len() > self.config.limits.sanitized().max_login_text {
             return Err(INITIATOR_ERROR);
         }
-        self.text.extend_from_slice(req.data);
+        self.text.extend_from_slice(&req.data);
         if req.cont {
             return Ok(LoginStep::Continue(Self::response(
                 req,
@@ -791,7 +778,7 @@ pub fn fuzz_login(data: &[u8]) -> Vec<u16> {
             cid: u16::from(head[4]),
             cmdsn: 1,
             exp_statsn: 0,
-            data: body,
+            data: Bytes::copy_from_slice(body),
         };
         let finished_before = login.is_finished();
         let step = login.step(&req);
@@ -880,7 +867,7 @@ mod tests {
         )
     }
 
-    fn req(transit: bool, csg: Stage, nsg: Stage, data: &[u8]) -> LoginRequest<'_> {
+    fn req(transit: bool, csg: Stage, nsg: Stage, data: &[u8]) -> LoginRequest {
         LoginRequest {
             transit,
             cont: false,
@@ -894,7 +881,7 @@ mod tests {
             cid: 7,
             cmdsn: 42,
             exp_statsn: 0,
-            data,
+            data: Bytes::copy_from_slice(data),
         }
     }
 
@@ -1837,7 +1824,7 @@ mod tests {
                     cid: 0,
                     cmdsn: 0,
                     exp_statsn: 0,
-                    data: &data,
+                    data: Bytes::from(data),
                 };
                 let was_finished = l.is_finished();
                 match l.step(&r) {

@@ -24,9 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::login::{
-    Login, LoginConfig, LoginRequest, LoginResponse, LoginStep, SessionKind, SessionParams,
-};
+use crate::login::{Login, LoginConfig, LoginResponse, LoginStep, SessionKind, SessionParams};
 use crate::pdu::{self, Framing, InitiatorPdu, PduError, PduSink, SeqNums, TargetPdu};
 use crate::scsi::{LunMap, Nexus, Outcome};
 use crate::session::{Action, CloseReason, Connection, Limits, Planner, TextAnswer, QUEUE_DEPTH};
@@ -424,22 +422,7 @@ async fn run(
             exp_cmd_sn: cmdsn,
             max_cmd_sn: cmdsn.wrapping_add(QUEUE_DEPTH - 1),
         };
-        let request = LoginRequest {
-            transit: req.transit,
-            cont: req.cont,
-            csg: req.csg,
-            nsg: req.nsg,
-            version_max: req.version_max,
-            version_min: req.version_min,
-            isid: req.isid,
-            tsih: req.tsih,
-            itt: req.itt,
-            cid: req.cid,
-            cmdsn: req.cmdsn,
-            exp_statsn: req.exp_statsn,
-            data: &req.data,
-        };
-        match login.step(&request) {
+        match login.step(&req) {
             LoginStep::Continue(r) => {
                 send(tx, &login_response(&r, window(req.cmdsn)), Framing::LOGIN);
                 stat_sn = stat_sn.wrapping_add(1);
