@@ -255,13 +255,26 @@ impl Keys {
     /// - the dedup key from `master` alone: the same on every cache of the
     ///   deployment and at the origin, which computes the same signatures.
     pub fn derive(master: &[u8; 32], cache_id: &[u8; 16]) -> Self {
-        let mut encryption = blake3::Hasher::new_derive_key(ENCRYPTION_KEY_CONTEXT);
-        encryption.update(master);
-        encryption.update(cache_id);
-        Self::from_bytes(
-            *encryption.finalize().as_bytes(),
-            blake3::derive_key(DEDUP_KEY_CONTEXT, master),
+        Self::derive_with_dedup_key(
+            master,
+            &blake3::derive_key(DEDUP_KEY_CONTEXT, master),
+            cache_id,
         )
+    }
+
+    /// As [`Keys::derive`], with the dedup key given rather than derived
+    /// from the same master: an edge gets a cache master key of its own
+    /// from the origin and the deployment's dedup key beside it, so its key
+    /// opens no other edge's cache while signatures still match everywhere.
+    pub fn derive_with_dedup_key(
+        cache_master: &[u8; 32],
+        dedup_key: &[u8; 32],
+        cache_id: &[u8; 16],
+    ) -> Self {
+        let mut encryption = blake3::Hasher::new_derive_key(ENCRYPTION_KEY_CONTEXT);
+        encryption.update(cache_master);
+        encryption.update(cache_id);
+        Self::from_bytes(*encryption.finalize().as_bytes(), *dedup_key)
     }
 
     /// The content signature of `plaintext` under this deployment's dedup

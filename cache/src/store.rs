@@ -340,7 +340,29 @@ impl Cache {
         master_key: &[u8; 32],
         config: &CacheConfig,
     ) -> Result<Cache, CacheError> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_keyed(dir.as_ref(), config, |id| Keys::derive(master_key, id))
+    }
+
+    /// [`Cache::open`] with a cache master key and the deployment's dedup
+    /// key given apart (see [`Keys::derive_with_dedup_key`]): how an edge
+    /// opens its cache with what the origin hands it.
+    pub fn open_with_dedup_key(
+        dir: impl AsRef<Path>,
+        cache_key: &[u8; 32],
+        dedup_key: &[u8; 32],
+        config: &CacheConfig,
+    ) -> Result<Cache, CacheError> {
+        Self::open_keyed(dir.as_ref(), config, |id| {
+            Keys::derive_with_dedup_key(cache_key, dedup_key, id)
+        })
+    }
+
+    fn open_keyed(
+        dir: &Path,
+        config: &CacheConfig,
+        keys: impl FnOnce(&[u8; 16]) -> Keys,
+    ) -> Result<Cache, CacheError> {
+        let dir = dir.to_path_buf();
         let cs = config.chunk_size;
         if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
             return Err(CacheError::Config(format!(
@@ -364,7 +386,7 @@ impl Cache {
             // A new index (or one that lost its id): adopt the data file's.
             None => index.set_cache_id(data.cache_id())?,
         }
-        let keys = Keys::derive(master_key, &data.cache_id());
+        let keys = keys(&data.cache_id());
 
         let slots = data.slot_count().map_err(io_err("size data file"))?;
         let used = index.used_slots()?;

@@ -138,10 +138,12 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         memory: args.cache_memory,
         ..CacheConfig::default()
     };
-    let key = a.cache_key.clone();
-    let cache = tokio::task::spawn_blocking(move || Cache::open(&cache_dir, &key, &cache_config))
-        .await?
-        .with_context(|| format!("opening the cache in {}", args.cache_dir.display()))?;
+    let (key, dedup) = (a.cache_key.clone(), a.dedup_key.clone());
+    let cache = tokio::task::spawn_blocking(move || {
+        Cache::open_with_dedup_key(&cache_dir, &key, &dedup, &cache_config)
+    })
+    .await?
+    .with_context(|| format!("opening the cache in {}", args.cache_dir.display()))?;
     let journal_dir = args.cache_dir.join("journals").join(&args.volume);
     let journal_opts = JournalOptions {
         capacity: args.journal_size,

@@ -427,7 +427,7 @@ impl Session {
                 .known
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .entry(edge_id)
+                .entry(edge_id.clone())
                 .or_insert_with(|| {
                     Arc::new(Mutex::new(KnownSignatures::new(
                         self.origin.config.known_signatures,
@@ -441,7 +441,8 @@ impl Session {
                 size,
                 chunk_size: self.origin.config.chunk_size,
                 group_size: self.origin.config.group_size,
-                cache_key: *self.origin.master_key,
+                cache_key: *edge_cache_key(&self.origin.master_key, &edge_id),
+                dedup_key: *self.origin.signature_key.dedup_key(),
                 volume_epoch: v.epoch,
                 next_seq,
             },
@@ -561,6 +562,17 @@ const BACKGROUND_BACKLOG: u64 = 4 << 20;
 
 /// Pushes `[offset, offset + len)` (clamped to the volume) as background
 /// `Push` frames with request id `id`.
+/// The cache master key of edge `edge_id`: derived from the deployment's
+/// master key and the edge's id, so the key one edge holds opens no other
+/// edge's cache. (The dedup key is the deployment's, shared by all edges,
+/// so that signatures name the same content everywhere.)
+fn edge_cache_key(master: &[u8; 32], edge_id: &str) -> Zeroizing<[u8; 32]> {
+    let mut h = blake3::Hasher::new_derive_key("ferry origin 2026 edge cache master key v1");
+    h.update(master);
+    h.update(edge_id.as_bytes());
+    Zeroizing::new(*h.finalize().as_bytes())
+}
+
 /// Signs chunks for one edge: remembers what it was sent, and answers a
 /// read whose every chunk it was sent before with signatures.
 #[derive(Clone)]

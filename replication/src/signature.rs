@@ -22,6 +22,16 @@ impl SignatureKey {
         Self(blake3::derive_key(DEDUP_KEY_CONTEXT, master))
     }
 
+    /// The key as an edge receives it at attach.
+    pub fn from_dedup_key(key: [u8; 32]) -> Self {
+        Self(key)
+    }
+
+    /// The key itself, as edges are given it at attach.
+    pub fn dedup_key(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The signature of one chunk's plaintext.
     pub fn signature(&self, chunk: &[u8]) -> [u8; 32] {
         *blake3::keyed_hash(&self.0, chunk).as_bytes()

@@ -299,7 +299,7 @@ async fn clones_cross_the_link_as_signatures() {
 
     // The template: all data, which the edge keeps by signature.
     let (client, _pushes) = LinkClient::connect(config("template")).await.unwrap();
-    let key = replication::signature::SignatureKey::derive(&client.attachment().cache_key);
+    let key = replication::signature::SignatureKey::from_dedup_key(*client.attachment().dedup_key);
     let dev = RemoteDevice::new(client.clone()).with_signatures(store.clone());
     for off in (0..SIZE).step_by(CHUNK) {
         let got = dev.read(off as u64, CHUNK).await.unwrap();
@@ -357,4 +357,32 @@ async fn clones_cross_the_link_as_signatures() {
     // A read that is not whole chunks is always data.
     let got = dev.read(100, 5000).await.unwrap();
     assert_eq!(got[..], content[100..5100]);
+}
+
+/// Each edge gets a cache key of its own (one edge's key opens no other
+/// edge's cache), the same one every time it attaches, and the
+/// deployment's dedup key, which is the same for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_get_their_own_cache_keys_and_share_the_dedup_key() {
+    let s = setup(0, None).await;
+    let attach = |id: &str| {
+        let mut cfg = edge_config(&s, None);
+        cfg.edge_id = id.into();
+        async move {
+            let (client, _pushes) = LinkClient::connect(cfg).await.unwrap();
+            let a = client.attachment().clone();
+            drop(client);
+            a
+        }
+    };
+    let first = attach("edge-a").await;
+    // The volume is held by edge-a until its connection is gone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = attach("edge-a").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = attach("edge-b").await;
+    assert_eq!(*first.cache_key, *again.cache_key);
+    assert_ne!(*first.cache_key, *other.cache_key);
+    assert_eq!(*first.dedup_key, *other.dedup_key);
+    assert_ne!(*first.cache_key, *first.dedup_key);
 }

@@ -93,7 +93,10 @@ pub struct Attachment {
     pub size: u64,
     pub chunk_size: u32,
     pub group_size: u32,
+    /// This edge's cache master key (the cache derives its encryption key
+    /// from it) and the deployment's dedup key.
     pub cache_key: Zeroizing<[u8; 32]>,
+    pub dedup_key: Zeroizing<[u8; 32]>,
     pub volume_epoch: u64,
     pub next_seq: u64,
 }
@@ -247,6 +250,7 @@ async fn connect_once(
                 chunk_size,
                 group_size,
                 cache_key,
+                dedup_key,
                 volume_epoch,
                 next_seq,
             } => Ok(Attachment {
@@ -254,6 +258,7 @@ async fn connect_once(
                 chunk_size,
                 group_size,
                 cache_key: Zeroizing::new(cache_key),
+                dedup_key: Zeroizing::new(dedup_key),
                 volume_epoch,
                 next_seq,
             }),

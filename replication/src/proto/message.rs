@@ -297,7 +297,7 @@ pub enum Message {
     /// Origin → edge, answering `Attach`.
     ///
     /// Format: `size u64 | chunk_size u32 | group_size u32 | cache_key [32]
-    /// | volume_epoch u64 | next_seq u64`.
+    /// | dedup_key [32] | volume_epoch u64 | next_seq u64`.
     Attached {
         /// Volume size in bytes.
         size: u64,
@@ -305,8 +305,12 @@ pub enum Message {
         chunk_size: u32,
         /// Chunks per group: the unit the origin pushes after a demand read.
         group_size: u32,
-        /// The dedup key chunk signatures are keyed with.
+        /// This edge's cache master key: the cache derives its encryption
+        /// key from it. Per edge, so one edge's key opens no other cache.
         cache_key: [u8; 32],
+        /// The deployment's dedup key chunk signatures are keyed with: the
+        /// same for every edge, so signatures mean the same everywhere.
+        dedup_key: [u8; 32],
         /// Changes whenever the volume changed behind the edge's back (a
         /// restore, another writer): cached data of another epoch is stale.
         volume_epoch: u64,
@@ -482,7 +486,7 @@ impl Message {
             Message::Attach {
                 volume, edge_id, ..
             } => 2 + volume.len() + 2 + edge_id.len() + 8,
-            Message::Attached { .. } => 8 + 4 + 4 + 32 + 8 + 8,
+            Message::Attached { .. } => 8 + 4 + 4 + 32 + 32 + 8 + 8,
             Message::Detach | Message::Detached | Message::PrefetchDone => 0,
             Message::Read { .. } => 8 + 4 + 1,
             Message::ReadData { data, .. } | Message::Push { data, .. } => {
@@ -529,6 +533,7 @@ impl Message {
                 chunk_size,
                 group_size,
                 cache_key,
+                dedup_key,
                 volume_epoch,
                 next_seq,
             } => {
@@ -536,6 +541,7 @@ impl Message {
                 out.put_u32(*chunk_size);
                 out.put_u32(*group_size);
                 out.put_slice(cache_key);
+                out.put_slice(dedup_key);
                 out.put_u64(*volume_epoch);
                 out.put_u64(*next_seq);
             }
@@ -640,6 +646,7 @@ impl Message {
                 chunk_size: b.u32("chunk_size")?,
                 group_size: b.u32("group_size")?,
                 cache_key: b.array("cache_key")?,
+                dedup_key: b.array("dedup_key")?,
                 volume_epoch: b.u64("volume_epoch")?,
                 next_seq: b.u64("next_seq")?,
             },

@@ -63,6 +63,7 @@ fn samples() -> Vec<Message> {
             chunk_size: 65536,
             group_size: 16,
             cache_key: [3; 32],
+            dedup_key: [4; 32],
             volume_epoch: 2,
             next_seq: 18,
         },
@@ -759,16 +760,18 @@ fn arb_message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u32>(),
             any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
             any::<u64>(),
             any::<u64>()
         )
             .prop_map(
-                |(size, chunk_size, group_size, cache_key, volume_epoch, next_seq)| {
+                |(size, chunk_size, group_size, cache_key, dedup_key, volume_epoch, next_seq)| {
                     Message::Attached {
                         size,
                         chunk_size,
                         group_size,
                         cache_key,
+                        dedup_key,
                         volume_epoch,
                         next_seq,
                     }
