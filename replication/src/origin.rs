@@ -20,9 +20,11 @@
 //! and the volume's epoch (a random id fixed when the volume is first
 //! served: an edge keys its cache by it, so a volume re-created under the
 //! same name is not served from a stale cache). One deployment master key
-//! (`master.key`) is handed to every edge at attach: the edge's cache
-//! derives its encryption key from it and its own cache id, and its dedup
-//! key from it alone, so clones of one template dedup across volumes.
+//! (`master.key`) stays at the origin. At attach an edge gets a cache key
+//! derived from it and the edge's id (its cache derives the encryption key
+//! from that and its own cache id) and the deployment's dedup key, the
+//! same for every edge, so clones of one template dedup across volumes and
+//! the origin's signature replies name content the edge's cache knows.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
