@@ -80,6 +80,57 @@ struct Inner {
     next_tsih: AtomicU16,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Connections in full-feature phase of normal sessions, so a task
+    /// management function in one can reach the commands of the others.
+    peers: Mutex<HashMap<u64, Peer>>,
+    next_peer: std::sync::atomic::AtomicU64,
+}
+
+/// A connection as other connections see it.
+#[derive(Debug)]
+struct Peer {
+    target: String,
+    nexus: Arc<Nexus>,
+    control: mpsc::UnboundedSender<Control>,
+}
+
+/// What one connection asks of another.
+#[derive(Debug)]
+enum Control {
+    /// Abort, unanswered, the commands on `lun` (all LUNs if `None`).
+    Abort { lun: Option<u64> },
+}
+
+/// A registered peer; leaves the registry when dropped.
+struct PeerGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for PeerGuard<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+impl Inner {
+    /// Asks the other connections to `target` (those of initiator port
+    /// `only`, if given) to abort their commands on `lun`.
+    fn abort_elsewhere(&self, target: &str, from: u64, lun: Option<u64>, only: Option<&Nexus>) {
+        let peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (id, p) in peers.iter() {
+            if *id != from && p.target == target && only.is_none_or(|n| *n == *p.nexus) {
+                let _ = p.control.send(Control::Abort { lun });
+            }
+        }
+    }
 }
 
 /// An iSCSI portal serving a set of targets. Cheap to clone.
@@ -106,6 +157,8 @@ impl Server {
                 next_tsih: AtomicU16::new(1),
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                peers: Mutex::new(HashMap::new()),
+                next_peer: std::sync::atomic::AtomicU64::new(1),
             }),
         }
     }
@@ -510,8 +563,8 @@ async fn full_feature(
         initial_r2t: n.initial_r2t,
         max_outstanding_r2t: n.max_outstanding_r2t,
     };
-    let (luns, discovery) = match &session.kind {
-        SessionKind::Discovery => (Arc::new(LunMap::new(Vec::new())), true),
+    let (luns, discovery, target) = match &session.kind {
+        SessionKind::Discovery => (Arc::new(LunMap::new(Vec::new())), true, String::new()),
         SessionKind::Normal { target } => (
             inner
                 .luns
@@ -519,12 +572,30 @@ async fn full_feature(
                 .cloned()
                 .unwrap_or_else(|| Arc::new(LunMap::new(Vec::new()))),
             false,
+            target.clone(),
         ),
     };
     let nexus = Arc::new(Nexus {
         initiator_name: session.initiator_name.clone(),
         isid: session.isid,
         tpgt: config.portal_group_tag,
+    });
+    let (control_tx, mut control) = mpsc::unbounded_channel::<Control>();
+    let peer_id = inner.next_peer.fetch_add(1, Ordering::Relaxed);
+    let _peer = (!discovery).then(|| {
+        inner
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                peer_id,
+                Peer {
+                    target: target.clone(),
+                    nexus: Arc::clone(&nexus),
+                    control: control_tx,
+                },
+            );
+        PeerGuard { inner, id: peer_id }
     });
     let text_config = Arc::clone(config);
     let mut text_session = session.clone();
@@ -604,6 +675,14 @@ async fn full_feature(
                 while let Some(Some((itt, outcome))) = running.next().now_or_never() {
                     conn.complete(itt, outcome);
                 }
+                // A PREEMPT AND ABORT among them aborts the preempted
+                // initiators' commands, in whichever session they are.
+                for (lun, preempted) in luns.take_preempted() {
+                    inner.abort_elsewhere(&target, peer_id, Some(lun), Some(&preempted));
+                }
+            }
+            Some(Control::Abort { lun }) = control.recv() => {
+                conn.abort_tasks(|raw| lun.is_none_or(|l| decode_lun(raw) == l));
             }
             _ = tick.tick() => conn.tick(Instant::now()),
         }
@@ -623,7 +702,12 @@ async fn full_feature(
                         (itt, outcome)
                     }));
                 }
-                Action::Reset { lun, kind } => luns.reset(lun.map(decode_lun), kind),
+                Action::Reset { lun, kind } => {
+                    let lun = lun.map(decode_lun);
+                    luns.reset(lun, kind);
+                    // The reset clears the task set of every initiator.
+                    inner.abort_elsewhere(&target, peer_id, lun, None);
+                }
                 Action::Close(reason) => {
                     flush(tx, &mut out);
                     match reason {

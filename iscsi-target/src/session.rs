@@ -840,6 +840,30 @@ impl Connection {
         executing
     }
 
+    /// Aborts, without answering them, the commands on LUNs `on` selects
+    /// (by their raw LUN field): what another session's LOGICAL UNIT RESET
+    /// or PREEMPT AND ABORT does to this one (SAM-5: the task set is
+    /// cleared for every I_T nexus; with TAS=0 the aborted commands get no
+    /// status, and the logical unit reports a unit attention instead).
+    pub fn abort_tasks(&mut self, on: impl Fn(u64) -> bool) {
+        let chosen: Vec<u32> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| !t.aborted && on(t.lun))
+            .map(|(itt, _)| *itt)
+            .collect();
+        for itt in chosen {
+            let task = self.tasks.get_mut(&itt).expect("chosen from tasks");
+            if task.executing {
+                // Its completion is dropped when it comes.
+                task.aborted = true;
+            } else {
+                self.tasks.remove(&itt);
+            }
+        }
+        self.after_completion();
+    }
+
     fn task_management(&mut self, t: &TaskManagement) {
         let (response, reset, then_close, waiting_for) = match t.function {
             tmf::ABORT_TASK => {
@@ -1535,6 +1559,38 @@ mod tests {
         assert!(matches!(
             &drain(&mut c)[..],
             [Action::Close(CloseReason::KeepaliveTimeout)]
+        ));
+    }
+
+    #[test]
+    fn another_sessions_reset_aborts_silently() {
+        let mut c = conn(limits());
+        // One read executing, one write still waiting for its data.
+        feed(&mut c, command(1, 1, 0x28, 1, 512, &[]));
+        feed(&mut c, command(2, 2, 0x2a, 40, 20480, &[]));
+        drain(&mut c);
+        assert_eq!(c.tasks_in_flight(), 2);
+        c.abort_tasks(|lun| lun == 0);
+        assert_eq!(
+            c.tasks_in_flight(),
+            1,
+            "the running read stays until it ends"
+        );
+        assert!(drain(&mut c).is_empty(), "no answers for aborted commands");
+        c.complete(1, ok(Bytes::from(vec![0u8; 512])));
+        assert!(
+            drain(&mut c).is_empty(),
+            "the aborted read's data is dropped"
+        );
+        assert_eq!(c.tasks_in_flight(), 0);
+        // Other LUNs are left alone.
+        feed(&mut c, command(3, 3, 0x28, 1, 512, &[]));
+        drain(&mut c);
+        c.abort_tasks(|lun| lun == 7);
+        c.complete(3, ok(Bytes::from(vec![0u8; 512])));
+        assert!(matches!(
+            &drain(&mut c)[..],
+            [Action::Send(TargetPdu::DataIn { .. })]
         ));
     }
 }

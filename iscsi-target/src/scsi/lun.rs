@@ -52,6 +52,9 @@ pub struct Lun {
     io_lock: tokio::sync::RwLock<()>,
     /// Capacity (blocks) last reported, to raise CAPACITY DATA HAS CHANGED.
     last_blocks: AtomicU64,
+    /// Initiators a PREEMPT AND ABORT removed, whose commands in flight
+    /// the transport must abort (see [`Lun::take_preempted`]).
+    preempted: Mutex<Vec<Nexus>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +170,7 @@ impl Lun {
             unit_attentions: Mutex::new(HashMap::new()),
             io_lock: tokio::sync::RwLock::new(()),
             last_blocks: AtomicU64::new(blocks),
+            preempted: Mutex::new(Vec::new()),
         }
     }
 
@@ -235,13 +239,22 @@ impl Lun {
         }
     }
 
-    /// Queues the unit attentions a reservation change causes. (PREEMPT
-    /// AND ABORT's task aborts would need the transport; `Outcome` has no
-    /// room for them, so they are not carried out.)
+    /// Queues the unit attentions a reservation change causes, and notes
+    /// whose commands PREEMPT AND ABORT aborts (the transport, which knows
+    /// the sessions, carries that out).
     fn apply_effects(&self, effects: &pr::Effects) {
         for (nexus, sense) in &effects.unit_attentions {
             self.queue_unit_attention(nexus, *sense);
         }
+        if !effects.abort_tasks_of.is_empty() {
+            lock(&self.preempted).extend(effects.abort_tasks_of.iter().cloned());
+        }
+    }
+
+    /// The initiators a PREEMPT AND ABORT removed since the last call:
+    /// every command of theirs on this LU must be aborted.
+    pub fn take_preempted(&self) -> Vec<Nexus> {
+        std::mem::take(&mut *lock(&self.preempted))
     }
 
     /// An I_T nexus ended: its RESERVE(6) goes, its unit attentions too.
@@ -1477,5 +1490,53 @@ mod tests {
             let m = map();
             let _ = m.shape(lun, &bytes);
         }
+    }
+
+    /// PERSISTENT RESERVE OUT with a 24-byte parameter list.
+    async fn prout(
+        m: &LunMap,
+        who: &Nexus,
+        action: u8,
+        kind: u8,
+        key: u64,
+        sa_key: u64,
+    ) -> Outcome {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = action;
+        cdb[2] = kind;
+        cdb[8] = 24;
+        let mut params = [0u8; 24];
+        params[..8].copy_from_slice(&key.to_be_bytes());
+        params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        m.execute(who, 0, &cdb, Bytes::copy_from_slice(&params))
+            .await
+    }
+
+    #[tokio::test]
+    async fn preempt_and_abort_names_the_initiators_to_abort() {
+        let m = map();
+        let (a, b) = (nexus(1), nexus(2));
+        // Both register; b reserves (write exclusive); a preempts and aborts.
+        assert_eq!(prout(&m, &a, 0x00, 0, 0, 0xa).await.status, status::GOOD);
+        assert_eq!(prout(&m, &b, 0x00, 0, 0, 0xb).await.status, status::GOOD);
+        assert_eq!(prout(&m, &b, 0x01, 0x01, 0xb, 0).await.status, status::GOOD);
+        assert!(m.take_preempted().is_empty());
+        // A plain PREEMPT aborts nothing.
+        assert_eq!(
+            prout(&m, &a, 0x04, 0x01, 0xa, 0xb).await.status,
+            status::GOOD
+        );
+        assert!(m.take_preempted().is_empty());
+        // b hears REGISTRATIONS PREEMPTED once, then registers again.
+        let tur = m.execute(&b, 0, &[0u8; 6], Bytes::new()).await;
+        assert_eq!(tur.sense.map(|s| (s.asc, s.ascq)), Some((0x2a, 0x05)));
+        assert_eq!(prout(&m, &b, 0x00, 0, 0, 0xb).await.status, status::GOOD);
+        assert_eq!(
+            prout(&m, &a, 0x05, 0x01, 0xa, 0xb).await.status,
+            status::GOOD
+        );
+        assert_eq!(m.take_preempted(), vec![(0, b.clone())]);
+        assert!(m.take_preempted().is_empty(), "taken once");
     }
 }

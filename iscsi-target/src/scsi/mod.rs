@@ -134,6 +134,15 @@ impl LunMap {
         self.luns.get(&lun)
     }
 
+    /// (LUN, initiator) pairs whose commands a PREEMPT AND ABORT aborted
+    /// since the last call; the transport aborts them in every session.
+    pub fn take_preempted(&self) -> Vec<(u64, Nexus)> {
+        self.luns
+            .iter()
+            .flat_map(|(n, l)| l.take_preempted().into_iter().map(move |x| (*n, x)))
+            .collect()
+    }
+
     /// The shape of a command before its data moves: how many bytes of
     /// Data-Out it needs and how many Data-In bytes it may return at most,
     /// or the sense for an undecodable CDB. Pure, cheap and panic-free on
