@@ -38,6 +38,7 @@ pub mod opcode {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -76,6 +77,9 @@ pub enum WriteSource {
     /// WRITE AND VERIFY: the write, then (BYTCHK) a verify that cannot fail
     /// on a device that just stored the bytes.
     WriteAndVerify,
+    /// ORWRITE (16): each block becomes its stored bytes OR the Data-Out
+    /// (SBC-3 §5.8), read and written back atomically.
+    Or,
 }
 
 /// BYTCHK of VERIFY (SBC-3 table 65).
@@ -421,6 +425,16 @@ pub fn decode_cdb(cdb: &[u8]) -> Result<Command, Sense> {
                 source: WriteSource::Write,
             }
         }
+        op::ORWRITE_16 => {
+            // ORPROTECT: no protection information here.
+            no_protection(cdb)?;
+            Command::Write {
+                lba: be64(cdb, 2),
+                blocks: be32(cdb, 10),
+                fua: cdb[1] & 0x08 != 0,
+                source: WriteSource::Or,
+            }
+        }
         op::WRITE_AND_VERIFY_10 | op::WRITE_AND_VERIFY_12 | op::WRITE_AND_VERIFY_16 => {
             no_protection(cdb)?;
             // BYTCHK 10b is reserved (SBC-4); 00b, 01b and 11b all write
@@ -598,8 +612,8 @@ mod tests {
     #[test]
     fn unknown_and_short_cdbs() {
         assert_eq!(decode_cdb(&[]), Err(Sense::INVALID_COMMAND_OPERATION_CODE));
-        // ORWRITE, WRITE ATOMIC 16, SANITIZE, EXTENDED COPY: not supported.
-        for code in [0x8b, 0x9c, 0x48, 0x83] {
+        // WRITE ATOMIC 16, SANITIZE, EXTENDED COPY: not supported.
+        for code in [0x9c, 0x48, 0x83] {
             let mut cdb = [0u8; 16];
             cdb[0] = code;
             assert_eq!(decode_cdb(&cdb), Err(Sense::INVALID_COMMAND_OPERATION_CODE));
@@ -652,7 +666,7 @@ mod tests {
             code in prop::sample::select(vec![
                 0x00u8, 0x03, 0x08, 0x0a, 0x12, 0x15, 0x16, 0x17, 0x1a, 0x1b, 0x1e, 0x25, 0x28,
                 0x2a, 0x2e, 0x2f, 0x34, 0x35, 0x37, 0x41, 0x42, 0x55, 0x5a, 0x5e, 0x5f, 0x88,
-                0x89, 0x8a, 0x8e, 0x8f, 0x90, 0x91, 0x93, 0x9e, 0xa0, 0xa3, 0xa8, 0xaa, 0xae,
+                0x89, 0x8a, 0x8b, 0x8e, 0x8f, 0x90, 0x91, 0x93, 0x9e, 0xa0, 0xa3, 0xa8, 0xaa, 0xae,
                 0xaf, 0xb7,
             ]),
             rest in proptest::collection::vec(any::<u8>(), 0..20),

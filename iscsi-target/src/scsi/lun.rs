@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use blockcore::{BlockDevice, BlockError, DeviceInfo, ExtentKind, Op, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
 
-use super::cdb::{ByteCheck, Command};
+use super::cdb::{ByteCheck, Command, WriteSource};
 use super::inquiry::{self, InquiryParams};
 use super::mode::{self, ModeParams, ModeRequest, ModeState};
 use super::pr::{self, PrError, Reservations};
@@ -402,6 +402,12 @@ impl Lun {
             }
             Command::Read { lba, blocks, .. } => self.read(lba, blocks, info).await,
             Command::Write {
+                lba,
+                blocks,
+                fua,
+                source: WriteSource::Or,
+            } => self.or_write(lba, blocks, fua, &data_out, info).await,
+            Command::Write {
                 lba, blocks, fua, ..
             } => self.write(lba, blocks, fua, data_out, info).await,
             Command::Verify {
@@ -602,6 +608,46 @@ impl Lun {
         let _shared = self.io_lock.read().await;
         self.device
             .write(lba * bs, data, flags)
+            .await
+            .map_err(|e| block_error_sense(&e))?;
+        Ok(Outcome::good(Bytes::new()))
+    }
+
+    /// ORWRITE (16): the stored blocks OR the Data-Out, under the
+    /// exclusive I/O lock (as COMPARE AND WRITE) so no other write lands
+    /// between the read and the write. Like WRITE, only the whole blocks
+    /// received are written.
+    async fn or_write(
+        &self,
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+        data: &Bytes,
+        info: &DeviceInfo,
+    ) -> Exec {
+        self.check_range(lba, u64::from(blocks), info)?;
+        self.check_transfer(blocks, info)?;
+        Self::check_writable(info)?;
+        let bs = u64::from(self.block_size);
+        let have = (data.len() as u64).min(u64::from(blocks) * bs) / bs * bs;
+        if have == 0 {
+            return Ok(Outcome::good(Bytes::new()));
+        }
+        let len = usize::try_from(have).unwrap_or(usize::MAX);
+        let flags = self.write_flags(fua);
+        let _exclusive = self.io_lock.write().await;
+        let stored = self
+            .device
+            .read(lba * bs, len)
+            .await
+            .map_err(|e| block_error_sense(&e))?;
+        let merged: Vec<u8> = stored
+            .iter()
+            .zip(&data[..len])
+            .map(|(a, b)| a | b)
+            .collect();
+        self.device
+            .write(lba * bs, Bytes::from(merged), flags)
             .await
             .map_err(|e| block_error_sense(&e))?;
         Ok(Outcome::good(Bytes::new()))
@@ -1538,5 +1584,37 @@ mod tests {
         );
         assert_eq!(m.take_preempted(), vec![(0, b.clone())]);
         assert!(m.take_preempted().is_empty(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn orwrite_ors_into_the_stored_blocks() {
+        let m = map();
+        run(&m, &rw10(0x2a, 8, 2), &[0x0f; 1024]).await;
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x8b;
+        cdb[2..10].copy_from_slice(&8u64.to_be_bytes());
+        cdb[10..14].copy_from_slice(&2u32.to_be_bytes());
+        let mut data = vec![0xf0u8; 1024];
+        data[1000] = 0x01;
+        assert_eq!(run(&m, &cdb, &data).await.status, status::GOOD);
+        let r = run(&m, &rw10(0x28, 8, 2), &[]).await;
+        assert!(r.data_in[..1000].iter().all(|&b| b == 0xff));
+        assert_eq!(r.data_in[1000], 0x0f);
+        // ORPROTECT is refused; past the end is LBA OUT OF RANGE.
+        cdb[1] = 0x20;
+        assert_sense(
+            &run(&m, &cdb, &data).await,
+            SenseKey::IllegalRequest,
+            0x24,
+            0,
+        );
+        cdb[1] = 0;
+        cdb[2..10].copy_from_slice(&(SIZE / 512 - 1).to_be_bytes());
+        assert_sense(
+            &run(&m, &cdb, &data).await,
+            SenseKey::IllegalRequest,
+            0x21,
+            0,
+        );
     }
 }

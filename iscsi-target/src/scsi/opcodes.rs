@@ -124,6 +124,7 @@ pub const COMMANDS: &[SupportedCommand] = &[
         ],
     ),
     cmd(op::WRITE_16, usage16!(0x8a, 0x18)),
+    cmd(op::ORWRITE_16, usage16!(0x8b, 0x18)),
     cmd(op::WRITE_AND_VERIFY_16, usage16!(0x8e, 0x16)),
     cmd(op::VERIFY_16, usage16!(0x8f, 0x16)),
     cmd(op::PRE_FETCH_16, usage16!(0x90, 0x02)),
@@ -321,7 +322,7 @@ mod tests {
         assert_eq!(&rc16[..4], &[0, 0x83, 0, 16]);
         assert_eq!(rc16.len(), 4 + 16 + 12);
         // Unsupported opcode: SUPPORT 001b.
-        let none = report(true, false, ReportOptions::OpCode, 0x8b, 0).unwrap();
+        let none = report(true, false, ReportOptions::OpCode, 0x9c, 0).unwrap();
         assert_eq!(none, vec![0, 0x01, 0, 0]);
     }
 }
