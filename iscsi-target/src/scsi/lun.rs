@@ -405,11 +405,11 @@ impl Lun {
                 lba,
                 blocks,
                 fua,
-                source: WriteSource::Or,
-            } => self.or_write(lba, blocks, fua, &data_out, info).await,
-            Command::Write {
-                lba, blocks, fua, ..
-            } => self.write(lba, blocks, fua, data_out, info).await,
+                source,
+            } => {
+                let or = source == WriteSource::Or;
+                self.write(lba, blocks, fua, data_out, or, info).await
+            }
             Command::Verify {
                 lba,
                 blocks,
@@ -581,17 +581,21 @@ impl Lun {
         Ok(Outcome::good(data))
     }
 
-    /// WRITE and WRITE AND VERIFY. Only whole blocks actually received are
-    /// written: when the initiator sends less than the CDB asks for (iSCSI
-    /// Expected Data Transfer Length below the transfer length), the prefix
-    /// is written and the transport reports the residual, as libiscsi's
-    /// iSCSIResiduals tests expect.
+    /// WRITE, WRITE AND VERIFY and ORWRITE. Only whole blocks actually
+    /// received are written: when the initiator sends less than the CDB
+    /// asks for (iSCSI Expected Data Transfer Length below the transfer
+    /// length), the prefix is written and the transport reports the
+    /// residual, as libiscsi's iSCSIResiduals tests expect. ORWRITE (`or`)
+    /// stores the old bytes OR the new ones, reading and writing under the
+    /// exclusive I/O lock (as COMPARE AND WRITE) so no other write lands
+    /// in between.
     async fn write(
         &self,
         lba: u64,
         blocks: u32,
         fua: bool,
         data: Bytes,
+        or: bool,
         info: &DeviceInfo,
     ) -> Exec {
         self.check_range(lba, u64::from(blocks), info)?;
@@ -605,51 +609,25 @@ impl Lun {
         }
         let data = data.slice(..usize::try_from(have).unwrap_or(usize::MAX));
         let flags = self.write_flags(fua);
-        let _shared = self.io_lock.read().await;
-        self.device
-            .write(lba * bs, data, flags)
-            .await
-            .map_err(|e| block_error_sense(&e))?;
-        Ok(Outcome::good(Bytes::new()))
-    }
-
-    /// ORWRITE (16): the stored blocks OR the Data-Out, under the
-    /// exclusive I/O lock (as COMPARE AND WRITE) so no other write lands
-    /// between the read and the write. Like WRITE, only the whole blocks
-    /// received are written.
-    async fn or_write(
-        &self,
-        lba: u64,
-        blocks: u32,
-        fua: bool,
-        data: &Bytes,
-        info: &DeviceInfo,
-    ) -> Exec {
-        self.check_range(lba, u64::from(blocks), info)?;
-        self.check_transfer(blocks, info)?;
-        Self::check_writable(info)?;
-        let bs = u64::from(self.block_size);
-        let have = (data.len() as u64).min(u64::from(blocks) * bs) / bs * bs;
-        if have == 0 {
-            return Ok(Outcome::good(Bytes::new()));
+        let write = |data: Bytes| async move {
+            self.device
+                .write(lba * bs, data, flags)
+                .await
+                .map_err(|e| block_error_sense(&e))
+        };
+        if or {
+            let _exclusive = self.io_lock.write().await;
+            let stored = self
+                .device
+                .read(lba * bs, data.len())
+                .await
+                .map_err(|e| block_error_sense(&e))?;
+            let merged: Vec<u8> = stored.iter().zip(&data[..]).map(|(a, b)| a | b).collect();
+            write(Bytes::from(merged)).await?;
+        } else {
+            let _shared = self.io_lock.read().await;
+            write(data).await?;
         }
-        let len = usize::try_from(have).unwrap_or(usize::MAX);
-        let flags = self.write_flags(fua);
-        let _exclusive = self.io_lock.write().await;
-        let stored = self
-            .device
-            .read(lba * bs, len)
-            .await
-            .map_err(|e| block_error_sense(&e))?;
-        let merged: Vec<u8> = stored
-            .iter()
-            .zip(&data[..len])
-            .map(|(a, b)| a | b)
-            .collect();
-        self.device
-            .write(lba * bs, Bytes::from(merged), flags)
-            .await
-            .map_err(|e| block_error_sense(&e))?;
         Ok(Outcome::good(Bytes::new()))
     }
 
