@@ -377,46 +377,33 @@ impl LinkClient {
 
     /// Reads `[offset, offset + len)` from the origin (`len` up to 16 MiB).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, LinkError> {
-        let (_, reply) = self
-            .request(
-                Class::Demand,
-                Message::Read {
-                    offset,
-                    len,
-                    want_signatures: false,
-                },
-                Some(self.inner.cfg.request_timeout),
-            )
-            .await?;
-        match reply {
-            Message::ReadData { data, .. } if data.len() == len as usize => {
-                self.inner
-                    .bytes_read
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-                Ok(data)
-            }
-            Message::ReadData { data, .. } => Err(LinkError::Unexpected(format!(
-                "asked for {len} bytes, the origin sent {}",
-                data.len()
-            ))),
-            Message::Error { code, message } => Err(LinkError::Refused { code, message }),
-            other => Err(LinkError::Unexpected(format!(
-                "unexpected reply {:?} to a read",
-                other.kind()
-            ))),
+        match self.read_as(offset, len, false).await? {
+            ReadReply::Data(data) => Ok(data),
+            ReadReply::Signatures { .. } => Err(LinkError::Unexpected(
+                "signatures in answer to a read that did not accept them".into(),
+            )),
         }
     }
 
     /// Reads `[offset, offset + len)`, letting the origin answer with the
     /// signatures of chunks it already sent this edge.
     pub async fn read_signed(&self, offset: u64, len: u32) -> Result<ReadReply, LinkError> {
+        self.read_as(offset, len, true).await
+    }
+
+    async fn read_as(
+        &self,
+        offset: u64,
+        len: u32,
+        want_signatures: bool,
+    ) -> Result<ReadReply, LinkError> {
         let (_, reply) = self
             .request(
                 Class::Demand,
                 Message::Read {
                     offset,
                     len,
-                    want_signatures: true,
+                    want_signatures,
                 },
                 Some(self.inner.cfg.request_timeout),
             )
@@ -428,6 +415,10 @@ impl LinkClient {
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
                 Ok(ReadReply::Data(data))
             }
+            Message::ReadData { data, .. } => Err(LinkError::Unexpected(format!(
+                "asked for {len} bytes at {offset}, the origin sent {}",
+                data.len()
+            ))),
             Message::ReadSignatures {
                 offset: at,
                 chunk_size,
