@@ -21,6 +21,7 @@
 //! map [`BlockError`] to their wire status in one exhaustive `match`.
 
 mod device;
+mod entry;
 mod error;
 pub mod file;
 pub mod layers;
@@ -33,6 +34,7 @@ pub use device::{
     check_range, BlockDevice, BlockSizes, Capabilities, DeviceInfo, Extent, ExtentKind, Op,
     WriteFlags, ZeroFlags,
 };
+pub use entry::WriteEntry;
 pub use error::{BlockError, Result};
 pub use file::{FileDevice, FileEngine, OpenOptions};
 pub use layers::overlay::{LocalOverlay, LocalRanges};

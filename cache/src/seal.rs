@@ -143,44 +143,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 ///   chunks) it is below 2^-176, far below the rate of undetected hardware
 ///   errors. A deliberate collision needs ~2^128 work against BLAKE3, and
 ///   without the dedup key an attacker cannot even evaluate the function.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Signature([u8; 32]);
-
-impl Signature {
-    /// Length of a signature in bytes.
-    pub const LEN: usize = 32;
-
-    /// Wraps raw signature bytes (as stored in the index or received from
-    /// the origin).
-    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
-    }
-
-    /// The raw signature bytes.
-    pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
-    }
-
-    /// Constant-time comparison, for checks on data read from disk.
-    fn ct_eq(&self, other: &Self) -> bool {
-        blake3::Hash::from_bytes(self.0) == blake3::Hash::from_bytes(other.0)
-    }
-}
-
-impl fmt::Display for Signature {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for Signature {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Signature({self})")
-    }
-}
+pub use keys::{Signature, SignatureKey};
 
 /// The cache's secrets: the chunk encryption key (per cache) and the dedup
 /// (signature) key (per deployment), 32 bytes each, and the AES-256-GCM key
@@ -217,11 +180,7 @@ pub struct Keys {
 /// change the key derived from every master key.
 const ENCRYPTION_KEY_CONTEXT: &str =
     "ferry cache 2025 seal v2 per-cache AES-256-GCM chunk encryption key";
-/// BLAKE3 `derive_key` context for the dedup signature key (key material:
-/// master key). Never change, not even with the record version (it still
-/// says v1): the dedup key must stay the one the origin and every other
-/// cache of the deployment compute signatures with.
-const DEDUP_KEY_CONTEXT: &str = "ferry cache 2025 seal v1 chunk dedup signature key";
+use keys::DEDUP_KEY_CONTEXT;
 
 impl Keys {
     /// Builds keys from raw bytes; the caller should zeroize its own copies
@@ -280,33 +239,7 @@ impl Keys {
     /// The content signature of `plaintext` under this deployment's dedup
     /// key.
     pub fn signature(&self, plaintext: &[u8]) -> Signature {
-        Signature(*blake3::keyed_hash(&self.dedup, plaintext).as_bytes())
-    }
-}
-
-/// The dedup half of [`Keys`] alone: what an origin needs to compute the
-/// same signatures as every edge cache of the deployment, without any
-/// cache's encryption key.
-#[derive(Zeroize, ZeroizeOnDrop)]
-pub struct SignatureKey([u8; 32]);
-
-impl SignatureKey {
-    /// Derives the deployment's dedup key from the master key, exactly as
-    /// [`Keys::derive`] does.
-    pub fn derive(master: &[u8; 32]) -> Self {
-        Self(blake3::derive_key(DEDUP_KEY_CONTEXT, master))
-    }
-
-    /// The content signature of `plaintext` (equal to [`Keys::signature`]
-    /// for keys derived from the same master).
-    pub fn signature(&self, plaintext: &[u8]) -> Signature {
-        Signature(*blake3::keyed_hash(&self.0, plaintext).as_bytes())
-    }
-}
-
-impl fmt::Debug for SignatureKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SignatureKey").finish_non_exhaustive()
+        Signature::from_bytes(*blake3::keyed_hash(&self.dedup, plaintext).as_bytes())
     }
 }
 
@@ -581,7 +514,7 @@ pub fn seal(
     out.put_u16_le(0); // reserved
     out.put_u64_le(generation);
     out.put_u64_le(slot);
-    out.put_slice(&signature.0);
+    out.put_slice(signature.as_bytes());
     out.put_u32_le(plaintext_len);
     let crc = crc32fast::hash(&out[start..start + OFF_CRC]);
     out.put_u32_le(crc);
@@ -765,7 +698,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Result<RecordHeader, IntegrityError> {
         flags,
         generation: u64::from_le_bytes(field(h, OFF_GENERATION)),
         slot: u64::from_le_bytes(field(h, OFF_SLOT)),
-        signature: Signature(field(h, OFF_SIGNATURE)),
+        signature: Signature::from_bytes(field(h, OFF_SIGNATURE)),
         plaintext_len: u32::from_le_bytes(field(h, OFF_PLAINTEXT_LEN)),
     })
 }

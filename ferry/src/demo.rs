@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockcore::{BlockDevice, FileDevice, OpenOptions};
-use replication::linkemu::{LinkConfig, LinkEmulator};
-use replication::origin::{Origin, OriginConfig};
+use linkemu::{LinkConfig, LinkEmulator};
+use origin::{Origin, OriginConfig};
 
 use crate::config::ListenAddr;
 use crate::edge::EdgeArgs;
@@ -79,15 +79,7 @@ pub async fn run(
     );
     let origin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let origin_addr = origin_listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = origin_listener.accept().await {
-            let _ = stream.set_nodelay(true);
-            let origin = origin.clone();
-            tokio::spawn(async move {
-                let _ = origin.serve_connection(stream).await;
-            });
-        }
-    });
+    tokio::spawn(origin::serve(origin, origin_listener, None));
     // The WAN between them.
     let wan = Arc::new(
         LinkEmulator::start(

@@ -17,9 +17,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use blockcore::{BlockDevice, LocalOverlay, LocalRanges, Stats};
 use cache::{Cache, CacheConfig};
+use edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient};
+use journal::{Journal, JournalOptions};
 use nbd_server::{Export, Server, ServerConfig};
-use replication::edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient};
-use replication::journal::{Journal, JournalOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
@@ -89,7 +89,7 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
                 (None, None) => None,
                 _ => bail!("--tls-cert and --tls-key go together"),
             };
-            let config = replication::tls::client_config(ca, identity)?;
+            let config = link::tls::client_config(ca, identity)?;
             let host = args.tls_server_name.clone().unwrap_or_else(|| {
                 args.origin
                     .rsplit_once(':')
@@ -115,15 +115,15 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         .transpose()?
         .map(|k| *k);
     let mut link = EdgeLinkConfig::new(&args.origin, &args.volume);
-    link.psk = psk;
+    link.session.psk = psk;
     link.tls = tls;
-    link.request_timeout = args.request_timeout;
+    link.session.request_timeout = args.request_timeout;
     if let Some(id) = &args.edge_id {
-        link.edge_id.clone_from(id);
+        link.session.edge_id.clone_from(id);
     } else {
         // Stable across restarts of this edge, so the origin lets it take
         // its volume back after a crash.
-        link.edge_id = stable_edge_id(&args.cache_dir)?;
+        link.session.edge_id = stable_edge_id(&args.cache_dir)?;
     }
     let (client, pushes) = LinkClient::connect(link)
         .await
@@ -275,10 +275,7 @@ fn stable_edge_id(cache_dir: &Path) -> anyhow::Result<String> {
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
         _ => {
-            let id = format!(
-                "edge-{:016x}",
-                u64::from_be_bytes(replication::link::random())
-            );
+            let id = format!("edge-{:016x}", u64::from_be_bytes(link::io::random()));
             std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
             Ok(id)
         }
@@ -382,9 +379,18 @@ pub fn format_status(s: &EdgeStatus) -> String {
         .journal
         .oldest_unshipped_age
         .map_or_else(|| "none".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+    let l = &s.link.link;
+    let cc = &l.transport.cc;
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
     format!(
         "link: {}\n\
          link_connects: {}\n\
+         link_deaths: {}\n\
+         link_last_error: {}\n\
+         link_rtt_ms: {}\n\
+         link_queue_delay_ms: {}\n\
+         link_window_bytes: {}\n\
+         link_delivery_rate_bytes_per_sec: {}\n\
          bytes_fetched: {}\n\
          bytes_pushed: {}\n\
          signature_hits: {}\n\
@@ -399,12 +405,22 @@ pub fn format_status(s: &EdgeStatus) -> String {
          journal_batches_in_flight: {}\n\
          journal_oldest_unshipped_age: {age}\n\
          journal_used_bytes: {}\n\
+         journal_appends_waiting: {}\n\
          batches_shipped: {}\n\
-         bytes_shipped: {}\n",
-        if s.link.connected { "up" } else { "down" },
-        s.link.connects,
-        s.link.bytes_read,
-        s.link.bytes_pushed,
+         bytes_shipped: {}\n\
+         batch_bytes_sent: {}\n\
+         pushes_kept: {}\n\
+         pushes_dropped: {}\n",
+        if l.connected { "up" } else { "down" },
+        l.connects,
+        l.deaths,
+        l.last_error.as_deref().unwrap_or("none"),
+        ms(cc.srtt),
+        ms(cc.queue_delay),
+        cc.cwnd,
+        cc.delivery_rate,
+        l.bytes_read,
+        l.bytes_pushed,
         s.link.signature_hits,
         s.link.signature_misses,
         s.cache.hits,
@@ -416,8 +432,12 @@ pub fn format_status(s: &EdgeStatus) -> String {
         s.journal.unshipped_records,
         s.journal.batches_in_flight,
         s.journal.used_bytes,
+        s.journal.appends_waiting,
         s.batches_shipped,
         s.bytes_shipped,
+        l.batch_bytes_sent,
+        s.pushes_kept,
+        s.pushes_dropped,
     )
 }
 

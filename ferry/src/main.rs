@@ -397,7 +397,7 @@ fn print_listening(addr: &str) {
 }
 
 async fn link_emulator(a: LinkEmuArgs) -> anyhow::Result<()> {
-    use replication::linkemu::{LinkConfig, LinkEmulator};
+    use linkemu::{LinkConfig, LinkEmulator};
     let listen = tokio::net::lookup_host(&a.listen)
         .await?
         .next()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use blockcore::{BlockDevice, FileDevice, OpenOptions};
 use nbd_server::client::{NbdConfig, NbdDevice, NbdUri};
-use replication::origin::{Origin, OriginConfig};
+use origin::{Origin, OriginConfig};
 use tokio::net::TcpListener;
 
 use crate::config::{read_key_file, Engine};
@@ -60,9 +60,11 @@ pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::R
                      --psk-file (a pre-shared key)"
                 );
             }
-            Some(tokio_rustls::TlsAcceptor::from(
-                replication::tls::server_config(cert, key, args.tls_client_ca.as_deref())?,
-            ))
+            Some(tokio_rustls::TlsAcceptor::from(link::tls::server_config(
+                cert,
+                key,
+                args.tls_client_ca.as_deref(),
+            )?))
         }
         (None, None, true) => None,
         (_, _, true) => bail!("--no-tls conflicts with the TLS options"),
@@ -86,14 +88,11 @@ pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::R
         volumes.push((name.clone(), dev));
     }
     let origin = Arc::new(
-        Origin::open(
-            &args.state_dir,
-            volumes,
-            OriginConfig {
-                psk,
-                ..OriginConfig::default()
-            },
-        )
+        Origin::open(&args.state_dir, volumes, {
+            let mut c = OriginConfig::default();
+            c.session.psk = psk;
+            c
+        })
         .await
         .with_context(|| format!("opening the origin state in {}", args.state_dir.display()))?,
     );
@@ -103,44 +102,7 @@ pub async fn run(args: OriginArgs, on_listening: impl FnOnce(&str)) -> anyhow::R
     let local = listener.local_addr()?.to_string();
     tracing::info!(address = %local, "listening for edges");
     on_listening(&local);
-    let accept = async {
-        loop {
-            let (stream, peer) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            let origin = origin.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                tracing::info!(%peer, "edge connected");
-                let result = match tls {
-                    Some(acceptor) => {
-                        match tokio::time::timeout(
-                            replication::link::HANDSHAKE_TIMEOUT,
-                            acceptor.accept(stream),
-                        )
-                        .await
-                        {
-                            Ok(Ok(s)) => origin.serve_connection(s).await,
-                            Ok(Err(e)) => {
-                                tracing::warn!(%peer, error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::warn!(%peer, "TLS handshake timed out");
-                                return;
-                            }
-                        }
-                    }
-                    None => origin.serve_connection(stream).await,
-                };
-                match result {
-                    Ok(()) => tracing::info!(%peer, "edge disconnected"),
-                    Err(e) => tracing::warn!(%peer, error = %e, "edge connection ended"),
-                }
-            });
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), std::io::Error>(())
-    };
+    let accept = origin::serve(origin, listener, tls);
     tokio::select! {
         r = accept => r.context("accepting edges")?,
         s = crate::serve::shutdown_signal() => {

@@ -937,13 +937,13 @@ impl Drop for FileLock {
 pub struct Wan {
     rt: tokio::runtime::Runtime,
     /// The relay, for cutting or restoring the link and its byte counts.
-    pub link: replication::linkemu::LinkEmulator,
+    pub link: linkemu::LinkEmulator,
 }
 
 impl Wan {
     /// A relay in front of `origin` (`IP:PORT`).
     pub fn start(origin: &str) -> Wan {
-        use replication::linkemu::{LinkConfig, LinkEmulator};
+        use linkemu::{LinkConfig, LinkEmulator};
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()

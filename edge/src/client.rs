@@ -1,0 +1,731 @@
+//! The edge's tokio shell around [`EdgeSession`]: [`LinkClient`], and
+//! [`RemoteDevice`], the origin's volume as a `blockcore` device.
+//!
+//! ```text
+//!   RemoteDevice::read ─┐
+//!   EdgeDevice shipper ─┼─ commands ──> driver task: EdgeSession
+//!                       │                 ├─ Connect ─> connect task (TCP, TLS) ─> ConnIo
+//!   pushes <────────────┼─ Push events    ├─ socket bytes <-> handle_input / poll_transmit
+//!   applied (watch) <───┘  BatchApplied   └─ timers: poll_timeout / handle_timeout
+//! ```
+//!
+//! The driver owns the session and does nothing the session did not ask
+//! for: it opens connections, moves bytes, sleeps until the session's next
+//! deadline, and hands completions to whoever waits for them.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use blockcore::{
+    check_range, BlockDevice, BlockError, BlockSizes, Capabilities, DeviceInfo, Op, WriteEntry,
+    WriteFlags, ZeroFlags,
+};
+use bytes::{Bytes, BytesMut};
+use link::io::{gather, now, random, sleep_until, ConnIo};
+use link::proto::{ErrorCode, MAX_DATA_LEN};
+use link::session::{
+    Attachment, EdgeEvent, EdgeLinkStats, EdgeSession, EdgeSessionConfig, ReadReply, RequestId,
+};
+use link::LinkError;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// How the edge reaches and uses its origin.
+#[derive(Clone, Debug)]
+pub struct EdgeLinkConfig {
+    /// The origin's address, `HOST:PORT`.
+    pub origin: String,
+    /// The session's settings (volume, edge id, key, timeouts, windows).
+    pub session: EdgeSessionConfig,
+    /// TLS to the origin: the client configuration and the name the
+    /// origin's certificate must carry. `None`: plaintext.
+    pub tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+}
+
+impl EdgeLinkConfig {
+    /// A configuration with a random edge id (give a stable one to take a
+    /// volume back after a restart).
+    pub fn new(origin: impl Into<String>, volume: impl Into<String>) -> Self {
+        let edge_id = format!("edge-{:016x}", u64::from_be_bytes(random()));
+        Self {
+            origin: origin.into(),
+            session: EdgeSessionConfig::new(volume, edge_id),
+            tls: None,
+        }
+    }
+}
+
+/// Data the origin sent without being asked for it (group push, prefetch).
+#[derive(Debug)]
+pub struct Push {
+    /// The request that caused it (a prefetch's id), or 0 for group pushes.
+    pub id: u64,
+    pub offset: u64,
+    /// The newest batch applied at the origin when the data was read.
+    pub as_of: u64,
+    pub data: Bytes,
+}
+
+/// Receives [`Push`]es.
+pub type PushReceiver = mpsc::Receiver<Push>;
+
+/// Link state and counters, for status displays.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    pub link: EdgeLinkStats,
+    /// Chunks the origin named by signature that the cache held (served
+    /// without crossing the link), and those it no longer held (fetched).
+    pub signature_hits: u64,
+    pub signature_misses: u64,
+}
+
+enum Cmd {
+    Read {
+        offset: u64,
+        len: u32,
+        want_signatures: bool,
+        reply: oneshot::Sender<Result<ReadReply, LinkError>>,
+    },
+    Prefetch {
+        ranges: Vec<(u64, u32)>,
+        reply: oneshot::Sender<Result<(), LinkError>>,
+    },
+    Ship {
+        seq: u64,
+        entries: Vec<WriteEntry>,
+    },
+}
+
+enum Waiter {
+    Read(oneshot::Sender<Result<ReadReply, LinkError>>),
+    Prefetch(oneshot::Sender<Result<(), LinkError>>),
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    status: Mutex<LinkStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A client attached to one volume of an origin. Cheap to clone; the link
+/// closes when the last clone is dropped.
+#[derive(Clone)]
+pub struct LinkClient {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    attachment: Attachment,
+    volume: String,
+    shared: Arc<Shared>,
+    applied: watch::Receiver<u64>,
+    room: watch::Receiver<usize>,
+}
+
+impl fmt::Debug for LinkClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LinkClient")
+            .field("volume", &self.volume)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkClient {
+    /// Connects and attaches; the first attach must succeed (a wrong
+    /// address, key or volume is an error here, not a retry loop).
+    /// Afterwards the session reconnects by itself whenever the link fails.
+    pub async fn connect(cfg: EdgeLinkConfig) -> Result<(LinkClient, PushReceiver), LinkError> {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (push_tx, push_rx) = mpsc::channel(256);
+        let (first_tx, first_rx) = oneshot::channel();
+        let (applied_tx, applied) = watch::channel(0);
+        let (room_tx, room) = watch::channel(cfg.session.max_batches);
+        let shared = Arc::new(Shared::default());
+        let volume = cfg.session.volume.clone();
+        let session = EdgeSession::new(cfg.session.clone(), now());
+        let driver = Driver {
+            session,
+            origin: cfg.origin,
+            tls: cfg.tls,
+            cmd: cmd_rx,
+            io: None,
+            connecting: None,
+            waiters: HashMap::new(),
+            pushes: push_tx,
+            applied: applied_tx,
+            room: room_tx,
+            shared: shared.clone(),
+            first: Some(first_tx),
+        };
+        tokio::spawn(driver.run());
+        let attachment = first_rx.await.map_err(|_| LinkError::Closed)??;
+        Ok((
+            LinkClient {
+                cmd: cmd_tx,
+                attachment,
+                volume,
+                shared,
+                applied,
+                room,
+            },
+            push_rx,
+        ))
+    }
+
+    /// What the origin said at the first attach.
+    pub fn attachment(&self) -> &Attachment {
+        &self.attachment
+    }
+
+    pub fn volume(&self) -> &str {
+        &self.volume
+    }
+
+    /// Link state and counters.
+    pub fn status(&self) -> LinkStatus {
+        lock(&self.shared.status).clone()
+    }
+
+    /// Reads `[offset, offset + len)` from the origin (`len` up to 16 MiB).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, LinkError> {
+        match self.read_as(offset, len, false).await? {
+            ReadReply::Data { data, .. } => Ok(data),
+            ReadReply::Signatures { .. } => Err(LinkError::Unexpected(
+                "signatures in answer to a read that did not accept them".into(),
+            )),
+        }
+    }
+
+    /// Reads `[offset, offset + len)`, letting the origin answer with the
+    /// signatures of chunks it already sent this edge.
+    pub async fn read_signed(&self, offset: u64, len: u32) -> Result<ReadReply, LinkError> {
+        self.read_as(offset, len, true).await
+    }
+
+    async fn read_as(
+        &self,
+        offset: u64,
+        len: u32,
+        want_signatures: bool,
+    ) -> Result<ReadReply, LinkError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Read {
+                offset,
+                len,
+                want_signatures,
+                reply,
+            })
+            .map_err(|_| LinkError::Closed)?;
+        rx.await.map_err(|_| LinkError::Closed)?
+    }
+
+    /// Asks the origin to stream `ranges` as pushes; returns when it has
+    /// sent them all (they may still be in the push channel).
+    pub async fn prefetch(&self, ranges: Vec<(u64, u32)>) -> Result<(), LinkError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Prefetch { ranges, reply })
+            .map_err(|_| LinkError::Closed)?;
+        rx.await.map_err(|_| LinkError::Closed)?
+    }
+
+    /// How many more batches the link takes now.
+    pub fn batch_room(&self) -> usize {
+        *self.room.borrow()
+    }
+
+    /// Waits until the link takes another batch.
+    pub async fn wait_batch_room(&self) -> Result<(), LinkError> {
+        let mut room = self.room.clone();
+        room.wait_for(|r| *r > 0)
+            .await
+            .map(|_| ())
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Ships write batch `seq` (in order, once each; see
+    /// [`EdgeSession::ship`]) until the origin has applied it: watch
+    /// [`LinkClient::applied`].
+    pub fn ship(&self, seq: u64, entries: Vec<WriteEntry>) -> Result<(), LinkError> {
+        self.cmd
+            .send(Cmd::Ship { seq, entries })
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// The newest batch the origin has applied (every one before it too).
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
+    /// The session's time base and counters, for tests.
+    pub fn is_connected(&self) -> bool {
+        self.status().link.connected
+    }
+
+    fn count_signatures(&self, hit: bool, n: u64) {
+        let mut s = lock(&self.shared.status);
+        if hit {
+            s.signature_hits += n;
+        } else {
+            s.signature_misses += n;
+        }
+    }
+}
+
+/// A connection being opened.
+type Connecting = tokio::task::JoinHandle<Result<ConnIo, LinkError>>;
+
+struct Driver {
+    session: EdgeSession,
+    origin: String,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    cmd: mpsc::UnboundedReceiver<Cmd>,
+    io: Option<ConnIo>,
+    connecting: Option<Connecting>,
+    waiters: HashMap<RequestId, Waiter>,
+    pushes: mpsc::Sender<Push>,
+    applied: watch::Sender<u64>,
+    room: watch::Sender<usize>,
+    shared: Arc<Shared>,
+    /// Until the first attach: where its outcome goes.
+    first: Option<oneshot::Sender<Result<Attachment, LinkError>>>,
+}
+
+/// How long opening a connection (TCP and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn open(
+    origin: String,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+) -> Result<ConnIo, LinkError> {
+    let connect = async {
+        let stream = TcpStream::connect(&origin).await?;
+        let _ = stream.set_nodelay(true);
+        Ok::<_, LinkError>(match tls {
+            Some((config, name)) => {
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| LinkError::Handshake(format!("TLS: {e}")))?;
+                ConnIo::spawn(tls)
+            }
+            None => ConnIo::spawn(stream),
+        })
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| LinkError::Timeout(CONNECT_TIMEOUT))?
+}
+
+impl Driver {
+    async fn run(mut self) {
+        loop {
+            if !self.handle_events() {
+                break;
+            }
+            self.publish();
+            let sendable = self.io.is_some() && self.session.can_transmit(now());
+            let output = self.io.as_ref().map(|io| io.output.clone());
+            tokio::select! {
+                biased;
+                cmd = self.cmd.recv() => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    // Every LinkClient is gone.
+                    None => break,
+                },
+                opened = async { self.connecting.as_mut().expect("guarded").await }, if self.connecting.is_some() => {
+                    self.connecting = None;
+                    match opened {
+                        Ok(Ok(io)) => {
+                            if self.session.connected(now(), random()) {
+                                self.io = Some(io);
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            if let Some(first) = self.first.take() {
+                                let _ = first.send(Err(e));
+                                break;
+                            }
+                            tracing::debug!(origin = %self.origin, error = %e, "connecting to the origin failed");
+                            self.session.connect_failed(now(), &e);
+                        }
+                        Err(e) => self.session.connect_failed(now(), &LinkError::Io(Arc::new(std::io::Error::other(e)))),
+                    }
+                },
+                input = async { self.io.as_mut().expect("guarded").input.recv().await }, if self.io.is_some() => match input {
+                    Some(Ok(bytes)) => self.session.handle_input(&bytes, now()),
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "link to the origin closed");
+                        self.io = None;
+                        self.session.disconnected(now());
+                    }
+                    None => {
+                        self.io = None;
+                        self.session.disconnected(now());
+                    }
+                },
+                permit = async { output.as_ref().expect("guarded").reserve().await }, if sendable => {
+                    if let Ok(permit) = permit {
+                        let frames = gather(|| self.session.poll_transmit(now()));
+                        if !frames.is_empty() {
+                            permit.send(frames);
+                        }
+                    } else {
+                        // The writer stopped: the socket failed.
+                        self.io = None;
+                        self.session.disconnected(now());
+                    }
+                }
+                () = sleep_until(self.session.poll_timeout()) => self.session.handle_timeout(now()),
+            }
+        }
+        // Dropping the connection aborts its tasks.
+        if let Some(c) = self.connecting.take() {
+            c.abort();
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let t = now();
+        match cmd {
+            Cmd::Read {
+                offset,
+                len,
+                want_signatures,
+                reply,
+            } => {
+                let id = self.session.read(offset, len, want_signatures, t);
+                self.waiters.insert(id, Waiter::Read(reply));
+            }
+            Cmd::Prefetch { ranges, reply } => {
+                let id = self.session.prefetch(ranges);
+                self.waiters.insert(id, Waiter::Prefetch(reply));
+            }
+            Cmd::Ship { seq, entries } => self.session.ship(seq, entries, t),
+        }
+        // Reads given up on by their callers need no answer any more.
+        if self.waiters.len() > 1024 {
+            let gone: Vec<RequestId> = self
+                .waiters
+                .iter()
+                .filter(|(_, w)| match w {
+                    Waiter::Read(r) => r.is_closed(),
+                    Waiter::Prefetch(r) => r.is_closed(),
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.waiters.remove(&id);
+                self.session.cancel(id);
+            }
+        }
+    }
+
+    /// Handles the session's events; false when the driver must stop.
+    fn handle_events(&mut self) -> bool {
+        while let Some(event) = self.session.poll_event() {
+            match event {
+                EdgeEvent::Connect => {
+                    let (origin, tls) = (self.origin.clone(), self.tls.clone());
+                    self.connecting = Some(tokio::spawn(open(origin, tls)));
+                }
+                EdgeEvent::Close { reason } => {
+                    tracing::warn!(origin = %self.origin, error = %reason, "link to the origin lost; reconnecting");
+                    self.io = None;
+                    if let Some(c) = self.connecting.take() {
+                        c.abort();
+                    }
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Err(reason));
+                        return false;
+                    }
+                }
+                EdgeEvent::Attached(a) => {
+                    tracing::info!(origin = %self.origin, next_seq = a.next_seq, "attached to the origin");
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Ok(a));
+                    }
+                }
+                EdgeEvent::Refused(e) => {
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Err(e));
+                        return false;
+                    }
+                    tracing::error!(origin = %self.origin, error = %e, "the origin refuses this edge; retrying");
+                }
+                EdgeEvent::Failed(e) => {
+                    tracing::error!(origin = %self.origin, error = %e, "the link to the origin is unusable");
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Err(e));
+                        return false;
+                    }
+                }
+                EdgeEvent::ReadDone { id, result } => {
+                    if let Some(Waiter::Read(w)) = self.waiters.remove(&id) {
+                        let _ = w.send(result);
+                    }
+                }
+                EdgeEvent::PrefetchDone { id, result } => {
+                    if let Some(Waiter::Prefetch(w)) = self.waiters.remove(&id) {
+                        let _ = w.send(result);
+                    }
+                }
+                EdgeEvent::Push {
+                    id,
+                    offset,
+                    as_of,
+                    data,
+                } => {
+                    // Pushes are optional data: dropped when the consumer
+                    // falls behind.
+                    let _ = self.pushes.try_send(Push {
+                        id,
+                        offset,
+                        as_of,
+                        data,
+                    });
+                }
+                EdgeEvent::BatchApplied { seq } => {
+                    self.applied.send_if_modified(|a| {
+                        let newer = seq > *a;
+                        *a = (*a).max(seq);
+                        newer
+                    });
+                }
+                EdgeEvent::BatchFailed { seq, error } => {
+                    tracing::error!(seq, error = %error, "the origin did not apply a batch; shipping it again");
+                }
+                EdgeEvent::Detached => {}
+            }
+        }
+        true
+    }
+
+    fn publish(&mut self) {
+        let stats = self.session.stats(now());
+        self.room.send_if_modified(|r| {
+            let room = self.session.batch_room();
+            std::mem::replace(r, room) != room
+        });
+        lock(&self.shared.status).link = stats;
+    }
+}
+
+/// Where the edge looks up content by signature (its cache).
+pub trait SignatureStore: Send + Sync {
+    /// The plaintext stored under `sig`, if held and intact.
+    fn get(&self, sig: &[u8; 32]) -> Option<Bytes>;
+}
+
+impl fmt::Debug for dyn SignatureStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SignatureStore")
+    }
+}
+
+/// The origin's volume as a block device that only reads: every read goes
+/// to the origin. It sits under the cache layer; writes reach the origin
+/// through the journal and the shipper, never through here.
+#[derive(Clone, Debug)]
+pub struct RemoteDevice {
+    client: LinkClient,
+    size: u64,
+    /// With a store, reads accept signature replies.
+    signatures: Option<Arc<dyn SignatureStore>>,
+}
+
+impl RemoteDevice {
+    pub fn new(client: LinkClient) -> Self {
+        let size = client.attachment().size;
+        Self {
+            client,
+            size,
+            signatures: None,
+        }
+    }
+
+    /// Reads accept signature replies, served from `store` when it holds
+    /// the content (and fetched as data when it does not).
+    #[must_use]
+    pub fn with_signatures(mut self, store: Arc<dyn SignatureStore>) -> Self {
+        self.signatures = Some(store);
+        self
+    }
+
+    /// One read of at most `MAX_DATA_LEN`, through signatures when allowed.
+    async fn read_one(&self, offset: u64, len: u32) -> Result<Bytes, LinkError> {
+        let Some(store) = &self.signatures else {
+            return self.client.read(offset, len).await;
+        };
+        let (chunk_size, sigs) = match self.client.read_signed(offset, len).await? {
+            ReadReply::Data { data, .. } => return Ok(data),
+            ReadReply::Signatures { chunk_size, sigs } => (chunk_size, sigs),
+        };
+        let store = store.clone();
+        let n = sigs.len() as u64;
+        // Cache lookups read and decrypt from disk: off the async threads.
+        let found = tokio::task::spawn_blocking(move || {
+            let mut out = BytesMut::with_capacity(chunk_size as usize * sigs.len());
+            for sig in &sigs {
+                match store.get(sig) {
+                    Some(d) if d.len() == chunk_size as usize => out.extend_from_slice(&d),
+                    _ => return None,
+                }
+            }
+            Some(out.freeze())
+        })
+        .await
+        .unwrap_or(None);
+        if let Some(data) = found {
+            self.client.count_signatures(true, n);
+            Ok(data)
+        } else {
+            // Evicted since the origin sent it: one more round trip.
+            self.client.count_signatures(false, n);
+            self.client.read(offset, len).await
+        }
+    }
+
+    pub fn client(&self) -> &LinkClient {
+        &self.client
+    }
+}
+
+/// The one mapping of a link failure to a block error, as the NBD and
+/// iSCSI front ends see it (EIO, or MEDIUM ERROR; never zeroes).
+pub fn link_block_error(op: Op, offset: u64, e: LinkError) -> BlockError {
+    let io = |e: LinkError| BlockError::Io {
+        op,
+        offset,
+        source: std::io::Error::other(format!("origin: {e}")),
+    };
+    match e {
+        LinkError::Refused {
+            code: ErrorCode::OutOfRange,
+            ..
+        } => BlockError::OutOfRange {
+            op,
+            offset,
+            len: 0,
+            size: 0,
+        },
+        LinkError::Refused {
+            code: ErrorCode::ShuttingDown,
+            ..
+        } => BlockError::ShuttingDown { op },
+        e @ (LinkError::Refused { .. }
+        | LinkError::Io(_)
+        | LinkError::Proto(_)
+        | LinkError::Closed
+        | LinkError::Handshake(_)
+        | LinkError::AuthFailed
+        | LinkError::Unsupported(_)
+        | LinkError::Unexpected(_)
+        | LinkError::Timeout(_)
+        | LinkError::Silent(_)
+        | LinkError::VolumeChanged { .. }) => io(e),
+    }
+}
+
+#[async_trait]
+impl BlockDevice for RemoteDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            size: self.size,
+            block_sizes: BlockSizes::DEFAULT,
+            caps: Capabilities {
+                read_only: true,
+                flush: false,
+                fua: false,
+                trim: false,
+                write_zeroes: false,
+                fast_zero: false,
+                extents: false,
+                prefetch: true,
+                multi_conn: true,
+            },
+        }
+    }
+
+    async fn read(&self, offset: u64, len: usize) -> blockcore::Result<Bytes> {
+        check_range(&self.info(), Op::Read, offset, len as u64)?;
+        if len <= MAX_DATA_LEN {
+            let n = u32::try_from(len).expect("at most 16 MiB");
+            return self
+                .read_one(offset, n)
+                .await
+                .map_err(|e| link_block_error(Op::Read, offset, e));
+        }
+        // Larger than one message: in pieces, all in flight at once.
+        let pieces = (0..len).step_by(MAX_DATA_LEN).map(|s| {
+            let n = u32::try_from((len - s).min(MAX_DATA_LEN)).expect("at most 16 MiB");
+            let off = offset + s as u64;
+            let client = self.client.clone();
+            async move {
+                client
+                    .read(off, n)
+                    .await
+                    .map_err(|e| link_block_error(Op::Read, off, e))
+            }
+        });
+        let parts = futures::future::try_join_all(pieces).await?;
+        let mut out = BytesMut::with_capacity(len);
+        for p in parts {
+            out.extend_from_slice(&p);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, _offset: u64, _data: Bytes, _flags: WriteFlags) -> blockcore::Result<()> {
+        Err(BlockError::ReadOnly { op: Op::Write })
+    }
+
+    async fn flush(&self) -> blockcore::Result<()> {
+        Ok(())
+    }
+
+    async fn trim(&self, _offset: u64, _len: u64, _flags: WriteFlags) -> blockcore::Result<()> {
+        Err(BlockError::ReadOnly { op: Op::Trim })
+    }
+
+    async fn write_zeroes(
+        &self,
+        _offset: u64,
+        _len: u64,
+        _flags: ZeroFlags,
+    ) -> blockcore::Result<()> {
+        Err(BlockError::ReadOnly {
+            op: Op::WriteZeroes,
+        })
+    }
+
+    async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {
+        check_range(&self.info(), Op::Prefetch, offset, len)?;
+        let ranges = (offset..offset + len)
+            .step_by(MAX_DATA_LEN)
+            .map(|s| {
+                (
+                    s,
+                    u32::try_from((offset + len - s).min(MAX_DATA_LEN as u64)).expect("fits"),
+                )
+            })
+            .collect();
+        self.client
+            .prefetch(ranges)
+            .await
+            .map_err(|e| link_block_error(Op::Prefetch, offset, e))
+    }
+}

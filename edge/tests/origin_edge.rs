@@ -1,0 +1,388 @@
+//! Origin and edge in one process, over loopback TCP through the WAN link
+//! emulator: reads, group pushes, write batches applied exactly once, and
+//! what an outage does to each.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockcore::WriteEntry;
+use blockcore::{BlockDevice, MemDevice};
+use bytes::Bytes;
+use edge::{EdgeLinkConfig, LinkClient, RemoteDevice};
+use linkemu::{LinkConfig, LinkEmulator};
+use origin::{Origin, OriginConfig};
+use tokio::net::TcpListener;
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// Ships batch `seq` and waits until the origin applied it.
+async fn ship(client: &LinkClient, seq: u64, entries: Vec<WriteEntry>) -> Result<(), String> {
+    let mut applied = client.applied();
+    client.wait_batch_room().await.map_err(|e| e.to_string())?;
+    client.ship(seq, entries).map_err(|e| e.to_string())?;
+    applied
+        .wait_for(|a| *a >= seq)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+struct Setup {
+    _state: tempfile::TempDir,
+    image: Arc<MemDevice>,
+    origin_addr: SocketAddr,
+    link: LinkEmulator,
+    server: tokio::task::JoinHandle<()>,
+}
+
+const SIZE: usize = 8 << 20;
+
+async fn setup(delay_ms: u64, psk: Option<[u8; 32]>) -> Setup {
+    let state = tempfile::tempdir().unwrap();
+    let image = Arc::new(MemDevice::from_bytes(&pattern(1, SIZE)));
+    let origin = Arc::new(
+        Origin::open(
+            state.path(),
+            vec![("vol".into(), image.clone() as Arc<dyn BlockDevice>)],
+            {
+                let mut c = OriginConfig::default();
+                c.session.psk = psk;
+                c
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = origin::serve(origin, listener, None).await;
+    });
+    let link = LinkEmulator::start(
+        "127.0.0.1:0".parse().unwrap(),
+        origin_addr,
+        LinkConfig::new(Duration::from_millis(delay_ms)),
+    )
+    .await
+    .unwrap();
+    Setup {
+        _state: state,
+        image,
+        origin_addr,
+        link,
+        server,
+    }
+}
+
+fn edge_config(s: &Setup, psk: Option<[u8; 32]>) -> EdgeLinkConfig {
+    let mut cfg = EdgeLinkConfig::new(s.link.local_addr().to_string(), "vol");
+    cfg.session.psk = psk;
+    cfg.session.request_timeout = Duration::from_secs(5);
+    cfg.session.heartbeat = Duration::from_millis(200);
+    cfg.session.dead_after = Duration::from_millis(1200);
+    cfg.session.reconnect_min = Duration::from_millis(20);
+    cfg.session.reconnect_max = Duration::from_millis(200);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_match_the_origin_and_groups_are_pushed() {
+    let s = setup(5, None).await;
+    let (client, mut pushes) = LinkClient::connect(edge_config(&s, None)).await.unwrap();
+    let a = client.attachment();
+    assert_eq!(a.size, SIZE as u64);
+    assert_eq!(a.next_seq, 1);
+    let dev = RemoteDevice::new(client.clone());
+    let want = pattern(1, SIZE);
+    for (off, len) in [
+        (0usize, 4096usize),
+        (12345, 70_000),
+        (SIZE - 1, 1),
+        (0, SIZE),
+    ] {
+        let got = dev.read(off as u64, len).await.unwrap();
+        assert_eq!(got[..], want[off..off + len], "read at {off}+{len}");
+    }
+    // The first read (4 KiB at 0) made the origin push the rest of its
+    // 1 MiB group.
+    let mut pushed = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pushed < (1 << 20) - 4096 && Instant::now() < deadline {
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(500), pushes.recv()).await {
+            let o = usize::try_from(p.offset).unwrap();
+            assert_eq!(p.data[..], want[o..o + p.data.len()]);
+            pushed += p.data.len();
+        }
+    }
+    assert!(pushed >= (1 << 20) - 4096, "pushed {pushed}");
+    // Out of range is an error, not a hang.
+    assert!(dev.read(SIZE as u64 - 10, 20).await.is_err());
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_apply_once_across_a_cut_link() {
+    let s = setup(2, Some([9; 32])).await;
+    let (client, _pushes) = LinkClient::connect(edge_config(&s, Some([9; 32])))
+        .await
+        .unwrap();
+    let dev = RemoteDevice::new(client.clone());
+    for seq in 1..=5u64 {
+        let entries = vec![
+            WriteEntry::Data {
+                offset: seq * 4096,
+                data: Bytes::from(vec![u8::try_from(seq).unwrap(); 4096]),
+            },
+            WriteEntry::Zero {
+                offset: (1 << 20) + seq * 8192,
+                len: 8192,
+            },
+        ];
+        if seq == 3 {
+            // Cut the link while the batch is on its way; it must still be
+            // applied exactly once after the client reconnects.
+            s.link.cut();
+            let ship = tokio::spawn({
+                let client = client.clone();
+                async move { ship(&client, seq, entries).await }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.link.restore();
+            tokio::time::timeout(Duration::from_secs(10), ship)
+                .await
+                .expect("batch 3 shipped after the link came back")
+                .unwrap()
+                .unwrap();
+        } else {
+            ship(&client, seq, entries).await.unwrap();
+        }
+        // Shipping the same batch again is a no-op.
+        ship(&client, seq, vec![]).await.unwrap();
+    }
+    for seq in 1..=5u64 {
+        let got = s.image.read(seq * 4096, 4096).await.unwrap();
+        assert!(got.iter().all(|&b| b == u8::try_from(seq).unwrap()));
+        let z = s.image.read((1 << 20) + seq * 8192, 8192).await.unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+    }
+    assert!(client.status().link.connects >= 2, "{:?}", client.status());
+    // Reads work on the new link too.
+    assert_eq!(dev.read(4096, 4096).await.unwrap()[0], 1);
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_fails_reads_after_the_timeout_and_recovers() {
+    let s = setup(2, None).await;
+    let mut cfg = edge_config(&s, None);
+    cfg.session.request_timeout = Duration::from_millis(800);
+    let (client, _pushes) = LinkClient::connect(cfg).await.unwrap();
+    let dev = RemoteDevice::new(client.clone());
+    dev.read(0, 4096).await.unwrap();
+    // A short outage: the read waits and succeeds.
+    s.link.stall(true);
+    let read = tokio::spawn({
+        let dev = dev.clone();
+        async move { dev.read(65536, 4096).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.link.stall(false);
+    assert_eq!(
+        read.await.unwrap().unwrap()[..],
+        pattern(1, SIZE)[65536..65536 + 4096]
+    );
+    // An outage longer than the timeout: EIO, never zeroes, never a hang.
+    s.link.cut();
+    let t = Instant::now();
+    let err = dev.read(1 << 20, 4096).await.unwrap_err();
+    assert!(
+        t.elapsed() >= Duration::from_millis(700),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(err.to_string().contains("origin"), "{err}");
+    s.link.restore();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match dev.read(1 << 20, 4096).await {
+            Ok(d) => {
+                assert_eq!(d[..], pattern(1, SIZE)[1 << 20..(1 << 20) + 4096]);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+        }
+    }
+    let _ = s.origin_addr;
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_edge_is_refused_and_a_wrong_key_too() {
+    let s = setup(1, Some([1; 32])).await;
+    let (_first, _p) = LinkClient::connect(edge_config(&s, Some([1; 32])))
+        .await
+        .unwrap();
+    let err = LinkClient::connect(edge_config(&s, Some([1; 32])))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("attached by edge"), "{err}");
+    let err = LinkClient::connect(edge_config(&s, Some([2; 32])))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("key"), "{err}");
+    s.server.abort();
+}
+
+/// The cache, as far as signature replies care: content by signature.
+#[derive(Default)]
+struct MemStore {
+    chunks: std::sync::Mutex<std::collections::HashMap<[u8; 32], Bytes>>,
+}
+
+impl edge::SignatureStore for MemStore {
+    fn get(&self, sig: &[u8; 32]) -> Option<Bytes> {
+        self.chunks.lock().unwrap().get(sig).cloned()
+    }
+}
+
+/// A clone read after its template crosses the link as signatures: the
+/// origin remembers what it sent this edge, names those chunks, and the
+/// edge serves them from its store. A store that lost them falls back to
+/// data, never to wrong bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_cross_the_link_as_signatures() {
+    const CHUNK: usize = 64 << 10;
+    let state = tempfile::tempdir().unwrap();
+    let content = pattern(7, SIZE);
+    let template = Arc::new(MemDevice::from_bytes(&content));
+    let clone = Arc::new(MemDevice::from_bytes(&content));
+    let origin = Arc::new(
+        Origin::open(
+            state.path(),
+            vec![
+                ("template".into(), template as Arc<dyn BlockDevice>),
+                ("clone".into(), clone.clone() as Arc<dyn BlockDevice>),
+            ],
+            {
+                let mut c = OriginConfig::default();
+                // No group pushes: every chunk is asked for.
+                c.session.group_size = 0;
+                c
+            },
+        )
+        .await
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = origin.clone();
+    tokio::spawn(origin::serve(served, listener, None));
+    let config = |volume: &str| {
+        let mut cfg = EdgeLinkConfig::new(addr.to_string(), volume);
+        cfg.session.edge_id = "edge-1".into();
+        cfg.session.request_timeout = Duration::from_secs(5);
+        cfg
+    };
+    let store = Arc::new(MemStore::default());
+
+    // The template: all data, which the edge keeps by signature.
+    let (client, _pushes) = LinkClient::connect(config("template")).await.unwrap();
+    let key = keys::SignatureKey::from_dedup_key(*client.attachment().dedup_key);
+    let dev = RemoteDevice::new(client.clone()).with_signatures(store.clone());
+    for off in (0..SIZE).step_by(CHUNK) {
+        let got = dev.read(off as u64, CHUNK).await.unwrap();
+        assert_eq!(got[..], content[off..off + CHUNK]);
+        store
+            .chunks
+            .lock()
+            .unwrap()
+            .insert(*key.signature(&got).as_bytes(), got);
+    }
+    assert_eq!(client.status().link.bytes_read, SIZE as u64);
+    assert_eq!(client.status().signature_hits, 0);
+    drop(dev);
+    drop(client);
+
+    // The clone: signatures only, served from the store.
+    let (client, _pushes) = LinkClient::connect(config("clone")).await.unwrap();
+    let dev = RemoteDevice::new(client.clone()).with_signatures(store.clone());
+    let got = dev.read(0, SIZE).await.unwrap();
+    assert_eq!(got[..], content[..]);
+    let st = client.status();
+    assert_eq!(st.link.bytes_read, 0, "{st:?}");
+    assert_eq!(st.signature_hits, (SIZE / CHUNK) as u64);
+    assert_eq!(
+        origin
+            .counters()
+            .signature_bytes_saved
+            .load(std::sync::atomic::Ordering::Relaxed),
+        SIZE as u64
+    );
+
+    // The clone diverges at one chunk, and the store forgets another: the
+    // first is new content (data), the second falls back to data.
+    let changed = vec![0xa5u8; CHUNK];
+    clone
+        .write(
+            3 * CHUNK as u64,
+            Bytes::from(changed.clone()),
+            blockcore::WriteFlags::default(),
+        )
+        .await
+        .unwrap();
+    store
+        .chunks
+        .lock()
+        .unwrap()
+        .remove(key.signature(&content[5 * CHUNK..6 * CHUNK]).as_bytes());
+    let got = dev.read(3 * CHUNK as u64, CHUNK).await.unwrap();
+    assert_eq!(got[..], changed[..]);
+    let got = dev.read(5 * CHUNK as u64, CHUNK).await.unwrap();
+    assert_eq!(got[..], content[5 * CHUNK..6 * CHUNK]);
+    let st = client.status();
+    assert_eq!(st.signature_misses, 1, "{st:?}");
+    assert_eq!(st.link.bytes_read, 2 * CHUNK as u64, "{st:?}");
+    // A read that is not whole chunks is always data.
+    let got = dev.read(100, 5000).await.unwrap();
+    assert_eq!(got[..], content[100..5100]);
+}
+
+/// Each edge gets a cache key of its own (one edge's key opens no other
+/// edge's cache), the same one every time it attaches, and the
+/// deployment's dedup key, which is the same for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edges_get_their_own_cache_keys_and_share_the_dedup_key() {
+    let s = setup(0, None).await;
+    let attach = |id: &str| {
+        let mut cfg = edge_config(&s, None);
+        cfg.session.edge_id = id.into();
+        async move {
+            let (client, _pushes) = LinkClient::connect(cfg).await.unwrap();
+            let a = client.attachment().clone();
+            drop(client);
+            a
+        }
+    };
+    let first = attach("edge-a").await;
+    // The volume is held by edge-a until its connection is gone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = attach("edge-a").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = attach("edge-b").await;
+    assert_eq!(*first.cache_key, *again.cache_key);
+    assert_ne!(*first.cache_key, *other.cache_key);
+    assert_eq!(*first.dedup_key, *other.dedup_key);
+    assert_ne!(*first.cache_key, *first.dedup_key);
+}

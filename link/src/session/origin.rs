@@ -1,0 +1,864 @@
+//! The origin's end of one connection: [`OriginSession`].
+//!
+//! ```text
+//!   Hello both ways (+ Auth both ways) ──> Attach ──> Op::Attach
+//!        attach_done(grant) ──> Attached ──> serving:
+//!
+//!   Read      ──> Op::Read ── read_done ──> ReadData | ReadSignatures (demand)
+//!                   └─ then the rest of its group: Op::Read(push) ... Push (background)
+//!   Prefetch  ──> Op::Read(push) ... Push ... PrefetchDone                 (background)
+//!   WriteBatch parts ──> reassembled ──> Op::Apply, one at a time, in order
+//!        apply_done ──> BatchAck (or Error: everything from that batch on
+//!                       is dropped until the edge resends it from part 0)
+//!   Heartbeat ──> HeartbeatAck
+//! ```
+//!
+//! The session never waits for storage: reads and applies are operations
+//! the shell runs and completes later, so heartbeats, reads and batch
+//! parts keep being taken in while a batch is applied. Reads run
+//! concurrently with applies; each read says which batch it saw applied
+//! (`as_of`, taken before it started), and the edge uses that to refuse
+//! pushed data that may predate a batch it already considers applied.
+//!
+//! Group pushes and prefetches are read from storage only while little
+//! background data waits to be sent (`push_backlog`), so a long prefetch
+//! neither fills memory nor reads far ahead of the link.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::transport::{Transport, TransportStats};
+use crate::bounded::BoundedSet;
+use crate::cc::CcConfig;
+use crate::error::LinkError;
+use crate::proto::{
+    auth_proof, verify_auth_proof, Class, ErrorCode, FrameHeader, Message, Role, SchedulerConfig,
+    WriteEntry, DEFAULT_WINDOW, MAX_DATA_LEN, PROTOCOL_VERSION,
+};
+
+/// Settings of the origin's sessions.
+#[derive(Clone, Debug)]
+pub struct OriginSessionConfig {
+    /// Pre-shared key both ends must prove they hold; `None` skips the
+    /// proof (TLS with client certificates, or a trusted test link).
+    pub psk: Option<[u8; 32]>,
+    /// A connection with no byte arriving for this long is closed (the
+    /// edge heartbeats every second or so).
+    pub dead_after: Duration,
+    /// The handshake and attach must finish within this.
+    pub handshake_timeout: Duration,
+    pub scheduler: SchedulerConfig,
+    /// Background credit granted to the edge (write-back in flight).
+    pub window: u64,
+    pub cc: CcConfig,
+    /// After a demand read, the rest of its aligned group of this many
+    /// bytes is pushed unasked (0: never).
+    pub group_size: u32,
+    /// The chunk size edges cache in; reported at attach.
+    pub chunk_size: u32,
+    /// Push data read ahead of the link, at most.
+    pub push_backlog: u64,
+    /// Pushes are read from storage in pieces of at most this.
+    pub push_piece: u32,
+    /// Complete batches waiting to be applied, at most (more is the edge
+    /// breaking the protocol).
+    pub max_ready_batches: usize,
+}
+
+impl Default for OriginSessionConfig {
+    fn default() -> Self {
+        OriginSessionConfig {
+            psk: None,
+            dead_after: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            scheduler: SchedulerConfig::default(),
+            window: 4 * DEFAULT_WINDOW,
+            cc: CcConfig::default(),
+            group_size: 1 << 20,
+            chunk_size: 64 << 10,
+            push_backlog: 4 << 20,
+            push_piece: 1 << 20,
+            max_ready_batches: 8,
+        }
+    }
+}
+
+/// What the session asks the origin's storage and state to do.
+#[derive(Debug, Clone)]
+pub enum OriginOp {
+    /// Grant the volume to this edge: [`OriginSession::attach_done`].
+    Attach {
+        volume: String,
+        edge_id: String,
+        resume_seq: u64,
+    },
+    /// Read the volume: [`OriginSession::read_done`]. `push`: the data
+    /// goes out as a push (signatures are not an answer then).
+    Read {
+        tag: u64,
+        offset: u64,
+        len: u32,
+        want_signatures: bool,
+        push: bool,
+    },
+    /// Apply batch `seq` atomically (or confirm it was applied before):
+    /// [`OriginSession::apply_done`]. One at a time, in order.
+    Apply { seq: u64, entries: Vec<WriteEntry> },
+    /// Release the volume: [`OriginSession::detach_done`].
+    Detach,
+    /// Close the connection; the session is finished.
+    Close { reason: LinkError },
+}
+
+/// A batch partly received when a connection ended, kept by the origin so
+/// the edge can resume it on its next connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartialBatch {
+    pub seq: u64,
+    pub next_part: u32,
+    pub entries: Vec<WriteEntry>,
+}
+
+/// The origin's answer to `Attach`.
+#[derive(Clone, Debug)]
+pub struct AttachGrant {
+    pub size: u64,
+    pub cache_key: [u8; 32],
+    pub dedup_key: [u8; 32],
+    pub volume_epoch: u64,
+    /// The batch the origin expects next.
+    pub next_seq: u64,
+    /// A partial batch this edge left on an earlier connection.
+    pub resume: Option<PartialBatch>,
+}
+
+/// The result of a read operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadAnswer {
+    /// The data, read with every batch up to `as_of` applied.
+    Data { as_of: u64, data: Bytes },
+    /// The signatures of the chunks (the edge holds them all).
+    Signatures {
+        chunk_size: u32,
+        sigs: Vec<[u8; 32]>,
+    },
+}
+
+/// Why an operation failed, as the edge is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Counters of one connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OriginSessionStats {
+    pub reads: u64,
+    pub bytes_read: u64,
+    pub bytes_pushed: u64,
+    pub batches_applied: u64,
+    pub transport: TransportStats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Hello,
+    Auth,
+    /// Waiting for `Attach`.
+    Ready,
+    /// `Op::Attach` is out.
+    Attaching,
+    Attached,
+    Closed,
+}
+
+#[derive(Debug)]
+enum ReadCtx {
+    /// A read the edge waits for; `group`: the range to push after it.
+    Demand {
+        id: u64,
+        offset: u64,
+        len: u64,
+        group: Option<(u64, u64)>,
+    },
+    /// A piece of a push (`job`: the prefetch's id, 0 for group pushes).
+    Push { job: u64, offset: u64, len: u64 },
+}
+
+#[derive(Debug)]
+struct PushJob {
+    /// The prefetch's request id, or 0 for a group push.
+    id: u64,
+    pos: u64,
+    end: u64,
+}
+
+#[derive(Debug)]
+struct Assembly {
+    id: u64,
+    seq: u64,
+    next_part: u32,
+    entries: Vec<WriteEntry>,
+}
+
+/// One edge connection at the origin. See the module docs.
+#[derive(Debug)]
+pub struct OriginSession {
+    cfg: OriginSessionConfig,
+    stage: Stage,
+    since: Instant,
+    nonce: [u8; 32],
+    peer_nonce: [u8; 32],
+    transport: Transport,
+    ops: VecDeque<OriginOp>,
+    size: u64,
+    next_tag: u64,
+    reads: BTreeMap<u64, ReadCtx>,
+    push_jobs: VecDeque<PushJob>,
+    /// Prefetch id -> its jobs not fully issued plus its pieces being
+    /// read; at 0 its `PrefetchDone` goes out.
+    prefetches: BTreeMap<u64, u64>,
+    push_in_flight: u64,
+    /// Groups pushed on this connection, so sequential reads through one
+    /// group push it once.
+    pushed: BoundedSet<u64>,
+    assembly: Option<Assembly>,
+    ready: VecDeque<(u64, u64, Vec<WriteEntry>)>,
+    applying: Option<(u64, u64)>,
+    /// After a failed apply: parts are dropped until this batch restarts.
+    failed_from: Option<u64>,
+    attach_id: u64,
+    stats: OriginSessionStats,
+}
+
+impl OriginSession {
+    /// A new connection: `nonce` is fresh randomness for the handshake.
+    /// Our `Hello` is queued at once.
+    pub fn new(cfg: OriginSessionConfig, now: Instant, nonce: [u8; 32]) -> Self {
+        let mut transport = Transport::new(now, cfg.scheduler, cfg.window, cfg.cc, false);
+        let _ = transport.queue(
+            0,
+            Class::Demand,
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Origin,
+                nonce,
+            },
+        );
+        OriginSession {
+            cfg,
+            stage: Stage::Hello,
+            since: now,
+            nonce,
+            peer_nonce: [0; 32],
+            transport,
+            ops: VecDeque::new(),
+            size: 0,
+            next_tag: 1,
+            reads: BTreeMap::new(),
+            push_jobs: VecDeque::new(),
+            prefetches: BTreeMap::new(),
+            push_in_flight: 0,
+            pushed: BoundedSet::new(1024),
+            assembly: None,
+            ready: VecDeque::new(),
+            applying: None,
+            failed_from: None,
+            attach_id: 0,
+            stats: OriginSessionStats::default(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.stage == Stage::Closed
+    }
+
+    pub fn stats(&self, now: Instant) -> OriginSessionStats {
+        let mut s = self.stats.clone();
+        s.transport = self.transport.stats(now);
+        s
+    }
+
+    pub fn handle_input(&mut self, data: &[u8], now: Instant) {
+        if self.stage == Stage::Closed {
+            return;
+        }
+        match self.transport.input(data, now) {
+            Ok(frames) => {
+                for (header, msg) in frames {
+                    if let Err(e) = self.on_frame(header, msg) {
+                        self.fail(e);
+                        return;
+                    }
+                    if self.stage == Stage::Closed {
+                        return;
+                    }
+                }
+                self.pump_pushes();
+            }
+            Err(e) => self.fail(LinkError::Proto(e)),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.stage == Stage::Closed {
+            return;
+        }
+        self.transport.handle_timeout(now);
+        let attached = matches!(self.stage, Stage::Attached | Stage::Attaching);
+        if !attached && now.saturating_duration_since(self.since) >= self.cfg.handshake_timeout {
+            self.close(LinkError::Timeout(self.cfg.handshake_timeout));
+            return;
+        }
+        let silent = self.transport.silent_for(now);
+        if silent >= self.cfg.dead_after {
+            self.close(LinkError::Silent(silent));
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.stage == Stage::Closed {
+            return None;
+        }
+        let mut at = self.transport.last_rx + self.cfg.dead_after;
+        if !matches!(self.stage, Stage::Attached | Stage::Attaching) {
+            at = at.min(self.since + self.cfg.handshake_timeout);
+        }
+        Some(match self.transport.poll_timeout() {
+            Some(t) => at.min(t),
+            None => at,
+        })
+    }
+
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
+        let frame = self.transport.poll_transmit(now);
+        // Room may have opened for more push reads.
+        self.pump_pushes();
+        frame
+    }
+
+    /// Whether [`OriginSession::poll_transmit`] would yield a frame now.
+    pub fn can_transmit(&self, now: Instant) -> bool {
+        self.stage != Stage::Closed && self.transport.can_transmit(now)
+    }
+
+    pub fn poll_op(&mut self) -> Option<OriginOp> {
+        self.ops.pop_front()
+    }
+
+    /// The batch being received, if any, for the origin to keep when the
+    /// connection ends.
+    pub fn take_partial(&mut self) -> Option<PartialBatch> {
+        self.assembly.take().map(|a| PartialBatch {
+            seq: a.seq,
+            next_part: a.next_part,
+            entries: a.entries,
+        })
+    }
+
+    // --- completions ---------------------------------------------------
+
+    pub fn attach_done(&mut self, result: Result<AttachGrant, Refusal>) {
+        if self.stage != Stage::Attaching {
+            return;
+        }
+        let id = self.attach_id;
+        match result {
+            Ok(g) => {
+                self.size = g.size;
+                let mut resume_part = 0;
+                if let Some(p) = g.resume.filter(|p| p.seq == g.next_seq) {
+                    resume_part = p.next_part;
+                    self.assembly = Some(Assembly {
+                        id: 0,
+                        seq: p.seq,
+                        next_part: p.next_part,
+                        entries: p.entries,
+                    });
+                }
+                self.stage = Stage::Attached;
+                self.reply(
+                    id,
+                    Message::Attached {
+                        size: g.size,
+                        chunk_size: self.cfg.chunk_size,
+                        group_size: self.cfg.group_size,
+                        cache_key: g.cache_key,
+                        dedup_key: g.dedup_key,
+                        volume_epoch: g.volume_epoch,
+                        next_seq: g.next_seq,
+                        resume_part,
+                    },
+                );
+            }
+            Err(r) => {
+                self.stage = Stage::Ready;
+                self.reply(id, refusal_message(r));
+            }
+        }
+    }
+
+    pub fn read_done(&mut self, tag: u64, result: Result<ReadAnswer, Refusal>) {
+        let Some(ctx) = self.reads.remove(&tag) else {
+            return;
+        };
+        match ctx {
+            ReadCtx::Demand {
+                id,
+                offset,
+                len,
+                group,
+            } => {
+                let ok = result.is_ok();
+                let msg = match result {
+                    Ok(ReadAnswer::Data { as_of, data }) => {
+                        self.stats.bytes_read += data.len() as u64;
+                        Message::ReadData {
+                            offset,
+                            as_of,
+                            data,
+                        }
+                    }
+                    Ok(ReadAnswer::Signatures { chunk_size, sigs }) => Message::ReadSignatures {
+                        offset,
+                        chunk_size,
+                        sigs,
+                    },
+                    Err(r) => refusal_message(r),
+                };
+                self.reply(id, msg);
+                if let (true, Some((start, end))) = (ok, group) {
+                    let req_end = offset + len;
+                    if start < offset {
+                        self.push_jobs.push_back(PushJob {
+                            id: 0,
+                            pos: start,
+                            end: offset,
+                        });
+                    }
+                    if req_end < end {
+                        self.push_jobs.push_back(PushJob {
+                            id: 0,
+                            pos: req_end,
+                            end,
+                        });
+                    }
+                }
+            }
+            ReadCtx::Push { job, offset, len } => {
+                self.push_in_flight -= len;
+                // A failed push read is dropped: pushes are optional.
+                if let Ok(ReadAnswer::Data { as_of, data }) = result {
+                    self.stats.bytes_pushed += data.len() as u64;
+                    self.send(
+                        job,
+                        Class::Background,
+                        Message::Push {
+                            offset,
+                            as_of,
+                            data,
+                        },
+                    );
+                }
+                self.prefetch_unit_done(job);
+            }
+        }
+        self.pump_pushes();
+    }
+
+    pub fn apply_done(&mut self, seq: u64, result: Result<(), Refusal>) {
+        let Some((id, applying)) = self.applying else {
+            return;
+        };
+        if applying != seq {
+            return;
+        }
+        self.applying = None;
+        match result {
+            Ok(()) => {
+                self.stats.batches_applied += 1;
+                self.reply(id, Message::BatchAck { seq });
+            }
+            Err(r) => {
+                self.ready.clear();
+                self.assembly = None;
+                self.failed_from = Some(seq);
+                self.reply(id, refusal_message(r));
+            }
+        }
+        self.pump_apply();
+    }
+
+    pub fn detach_done(&mut self) {
+        if self.stage == Stage::Attached {
+            self.stage = Stage::Ready;
+            self.reply(self.attach_id, Message::Detached);
+        }
+    }
+
+    // --- internals -----------------------------------------------------
+
+    fn reply(&mut self, id: u64, msg: Message) {
+        self.send(id, Class::Demand, msg);
+    }
+
+    fn send(&mut self, id: u64, class: Class, msg: Message) {
+        if let Err(e) = self.transport.queue(id, class, msg) {
+            self.fail(LinkError::Proto(e));
+        }
+    }
+
+    fn close(&mut self, reason: LinkError) {
+        if self.stage != Stage::Closed {
+            self.stage = Stage::Closed;
+            self.ops.push_back(OriginOp::Close { reason });
+        }
+    }
+
+    fn fail(&mut self, e: LinkError) {
+        let _ = self.transport.queue(
+            0,
+            Class::Demand,
+            Message::Error {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        );
+        self.close(e);
+    }
+
+    fn tag(&mut self) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        t
+    }
+
+    fn on_frame(&mut self, header: FrameHeader, msg: Message) -> Result<(), LinkError> {
+        let id = header.id;
+        match (self.stage, msg) {
+            (
+                Stage::Hello,
+                Message::Hello {
+                    version,
+                    role,
+                    nonce,
+                },
+            ) => {
+                if version != PROTOCOL_VERSION {
+                    return Err(LinkError::Unsupported(format!(
+                        "protocol version {version}; this origin speaks {PROTOCOL_VERSION}"
+                    )));
+                }
+                if role != Role::Edge {
+                    return Err(LinkError::Handshake(format!(
+                        "the peer says it is {role:?}, not an edge"
+                    )));
+                }
+                self.peer_nonce = nonce;
+                if let Some(psk) = self.cfg.psk {
+                    let proof = auth_proof(&psk, Role::Origin, &self.nonce, &nonce);
+                    self.reply(0, Message::Auth { proof });
+                    self.stage = Stage::Auth;
+                } else {
+                    self.stage = Stage::Ready;
+                }
+                Ok(())
+            }
+            (Stage::Auth, Message::Auth { proof }) => {
+                let psk = self.cfg.psk.unwrap_or_default();
+                if verify_auth_proof(&psk, Role::Edge, &self.peer_nonce, &self.nonce, &proof) {
+                    self.stage = Stage::Ready;
+                    Ok(())
+                } else {
+                    Err(LinkError::AuthFailed)
+                }
+            }
+            (
+                Stage::Ready,
+                Message::Attach {
+                    volume,
+                    edge_id,
+                    resume_seq,
+                },
+            ) => {
+                self.attach_id = id;
+                self.stage = Stage::Attaching;
+                self.ops.push_back(OriginOp::Attach {
+                    volume,
+                    edge_id,
+                    resume_seq,
+                });
+                Ok(())
+            }
+            (_, Message::Heartbeat { nanos }) if self.stage != Stage::Hello => {
+                self.reply(0, Message::HeartbeatAck { nanos });
+                Ok(())
+            }
+            (_, Message::Error { code, message }) if id == 0 => {
+                Err(LinkError::Refused { code, message })
+            }
+            // An edge's error about one of our frames: nothing to undo.
+            (_, Message::HeartbeatAck { .. } | Message::Error { .. }) => Ok(()),
+            (Stage::Attached, msg) => self.on_attached_frame(id, msg),
+            (
+                Stage::Ready | Stage::Attaching,
+                msg @ (Message::Read { .. }
+                | Message::Prefetch { .. }
+                | Message::WriteBatch { .. }
+                | Message::Detach),
+            ) => {
+                self.reply(
+                    id,
+                    Message::Error {
+                        code: ErrorCode::NotAttached,
+                        message: format!("{:?} before Attach", msg.kind()),
+                    },
+                );
+                Ok(())
+            }
+            (_, msg) => Err(LinkError::Unexpected(format!(
+                "{:?} in the {:?} stage",
+                msg.kind(),
+                self.stage
+            ))),
+        }
+    }
+
+    fn on_attached_frame(&mut self, id: u64, msg: Message) -> Result<(), LinkError> {
+        match msg {
+            Message::Read {
+                offset,
+                len,
+                want_signatures,
+            } => {
+                self.read(id, offset, len, want_signatures);
+                Ok(())
+            }
+            Message::Prefetch { ranges } => {
+                let mut pieces = 0;
+                for (offset, len) in ranges {
+                    let end = offset.saturating_add(u64::from(len)).min(self.size);
+                    if offset < end {
+                        pieces += 1;
+                        self.push_jobs.push_back(PushJob {
+                            id,
+                            pos: offset,
+                            end,
+                        });
+                    }
+                }
+                if pieces == 0 {
+                    self.send(id, Class::Background, Message::PrefetchDone);
+                } else {
+                    *self.prefetches.entry(id).or_default() += pieces;
+                }
+                Ok(())
+            }
+            Message::WriteBatch {
+                seq,
+                part,
+                last,
+                entries,
+            } => self.write_batch(id, seq, part, last, entries),
+            Message::Detach => {
+                self.ops.push_back(OriginOp::Detach);
+                self.attach_id = id;
+                Ok(())
+            }
+            other => Err(LinkError::Unexpected(format!(
+                "{:?} from an edge",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn read(&mut self, id: u64, offset: u64, len: u32, want_signatures: bool) {
+        let end = offset.checked_add(u64::from(len));
+        if len as usize > MAX_DATA_LEN || end.is_none_or(|e| e > self.size) {
+            self.reply(
+                id,
+                Message::Error {
+                    code: ErrorCode::OutOfRange,
+                    message: format!(
+                        "read of {len} bytes at {offset} is outside the volume of {} bytes",
+                        self.size
+                    ),
+                },
+            );
+            return;
+        }
+        self.stats.reads += 1;
+        let group = u64::from(self.cfg.group_size);
+        let push = (group > u64::from(len))
+            .then(|| offset / group)
+            .filter(|g| self.pushed.insert(*g))
+            .map(|g| (g * group, ((g + 1) * group).min(self.size)));
+        let tag = self.tag();
+        self.reads.insert(
+            tag,
+            ReadCtx::Demand {
+                id,
+                offset,
+                len: u64::from(len),
+                group: push,
+            },
+        );
+        self.ops.push_back(OriginOp::Read {
+            tag,
+            offset,
+            len,
+            want_signatures,
+            push: false,
+        });
+    }
+
+    /// Starts push reads while the backlog has room.
+    fn pump_pushes(&mut self) {
+        if self.stage != Stage::Attached {
+            return;
+        }
+        let piece = u64::from(self.cfg.push_piece.max(4096));
+        while let Some(job) = self.push_jobs.front_mut() {
+            let backlog = self.transport.queued(Class::Background) as u64 + self.push_in_flight;
+            if backlog >= self.cfg.push_backlog {
+                return;
+            }
+            let n = (job.end - job.pos).min(piece);
+            let (id, offset) = (job.id, job.pos);
+            job.pos += n;
+            let finished = job.pos >= job.end;
+            if finished {
+                self.push_jobs.pop_front();
+            }
+            let tag = self.tag();
+            self.push_in_flight += n;
+            self.reads.insert(
+                tag,
+                ReadCtx::Push {
+                    job: id,
+                    offset,
+                    len: n,
+                },
+            );
+            if let Some(units) = self.prefetches.get_mut(&id) {
+                // The piece counts while it is read...
+                *units += 1;
+            }
+            if finished {
+                // ...and the job stops counting once its last piece is out.
+                self.prefetch_unit_done(id);
+            }
+            self.ops.push_back(OriginOp::Read {
+                tag,
+                offset,
+                len: u32::try_from(n).unwrap_or(u32::MAX),
+                want_signatures: false,
+                push: true,
+            });
+        }
+    }
+
+    /// One unit of prefetch `job` (a job fully issued, or a piece read and
+    /// queued) is done; the last one sends its `PrefetchDone`.
+    fn prefetch_unit_done(&mut self, job: u64) {
+        if job == 0 {
+            return;
+        }
+        if let Some(left) = self.prefetches.get_mut(&job) {
+            *left -= 1;
+            if *left == 0 {
+                self.prefetches.remove(&job);
+                self.send(job, Class::Background, Message::PrefetchDone);
+            }
+        }
+    }
+
+    fn write_batch(
+        &mut self,
+        id: u64,
+        seq: u64,
+        part: u32,
+        last: bool,
+        entries: Vec<WriteEntry>,
+    ) -> Result<(), LinkError> {
+        if let Some(f) = self.failed_from {
+            if seq == f && part == 0 {
+                self.failed_from = None;
+            } else {
+                return Ok(());
+            }
+        }
+        let continues = self
+            .assembly
+            .as_ref()
+            .is_some_and(|a| a.seq == seq && a.next_part == part);
+        if !continues {
+            if part != 0 {
+                self.assembly = None;
+                self.failed_from = Some(seq);
+                self.reply(
+                    id,
+                    Message::Error {
+                        code: ErrorCode::Protocol,
+                        message: format!(
+                            "batch {seq} part {part} out of order: resend from part 0"
+                        ),
+                    },
+                );
+                return Ok(());
+            }
+            self.assembly = Some(Assembly {
+                id,
+                seq,
+                next_part: 0,
+                entries: Vec::new(),
+            });
+        }
+        let a = self.assembly.as_mut().expect("set above");
+        a.id = id;
+        a.next_part += 1;
+        a.entries.extend(entries);
+        if !last {
+            return Ok(());
+        }
+        let a = self.assembly.take().expect("set above");
+        if self.ready.len() >= self.cfg.max_ready_batches {
+            return Err(LinkError::Unexpected(format!(
+                "more than {} complete batches waiting",
+                self.cfg.max_ready_batches
+            )));
+        }
+        self.ready.push_back((a.id, a.seq, a.entries));
+        self.pump_apply();
+        Ok(())
+    }
+
+    fn pump_apply(&mut self) {
+        if self.applying.is_some() {
+            return;
+        }
+        if let Some((id, seq, entries)) = self.ready.pop_front() {
+            self.applying = Some((id, seq));
+            self.ops.push_back(OriginOp::Apply { seq, entries });
+        }
+    }
+}
+
+fn refusal_message(r: Refusal) -> Message {
+    Message::Error {
+        code: r.code,
+        message: r.message,
+    }
+}

@@ -1,0 +1,184 @@
+//! The origin's tokio shell: accepts edges and drives one
+//! [`OriginSession`] per connection. It only moves bytes, runs timers and
+//! runs the session's operations as tasks whose completions it feeds back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use link::io::{gather, now, random, sleep_until, ConnIo};
+use link::session::{OriginOp, OriginSession, ReadAnswer, Refusal};
+use link::LinkError;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::{Origin, ReadSpec, Volume};
+
+pub use tokio_rustls::TlsAcceptor;
+
+/// How long the TLS handshake may take.
+const TLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to send its last frames (an
+/// error saying why).
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Accepts edges on `listener` until the task is dropped, each connection
+/// in its own task (over TLS when `tls` is given).
+pub async fn serve(
+    origin: Arc<Origin>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+) -> std::io::Result<()> {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin.
+                tracing::warn!(error = %e, "accepting an edge failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let origin = origin.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            tracing::info!(%peer, "edge connected");
+            let result = match tls {
+                Some(acceptor) => {
+                    match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => serve_connection(&origin, s).await,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+                None => serve_connection(&origin, stream).await,
+            };
+            match result {
+                Ok(()) => tracing::info!(%peer, "edge disconnected"),
+                Err(e) => tracing::warn!(%peer, error = %e, "edge connection ended"),
+            }
+        });
+    }
+}
+
+/// What a finished operation reports back to the connection's driver.
+enum Done {
+    Read(u64, Result<ReadAnswer, Refusal>),
+    Apply(u64, Result<(), Refusal>),
+}
+
+/// Serves one edge connection until it closes.
+pub async fn serve_connection<S>(origin: &Arc<Origin>, stream: S) -> Result<(), LinkError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let conn = origin.new_connection();
+    let mut session = OriginSession::new(origin.config.session.clone(), now(), random());
+    let mut io = ConnIo::spawn(stream);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut volume: Option<(Arc<Volume>, crate::Signer)> = None;
+    let result = loop {
+        // Operations first: they may queue frames.
+        let mut closed = None;
+        while let Some(op) = session.poll_op() {
+            match op {
+                OriginOp::Attach {
+                    volume: name,
+                    edge_id,
+                    ..
+                } => match origin.attach(conn, &name, &edge_id) {
+                    Ok((v, grant)) => {
+                        volume = Some((v, origin.signer(&edge_id)));
+                        session.attach_done(Ok(grant));
+                    }
+                    Err(r) => session.attach_done(Err(r)),
+                },
+                OriginOp::Read {
+                    tag,
+                    offset,
+                    len,
+                    want_signatures,
+                    push,
+                } => {
+                    let Some((v, signer)) = volume.clone() else {
+                        continue;
+                    };
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let spec = ReadSpec {
+                            offset,
+                            len,
+                            want_signatures,
+                            push,
+                        };
+                        let r = origin.read(conn, &v, spec, Some(&signer)).await;
+                        let _ = done.send(Done::Read(tag, r));
+                    });
+                }
+                OriginOp::Apply { seq, entries } => {
+                    let Some((v, _)) = volume.clone() else {
+                        continue;
+                    };
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let r = origin.apply(conn, &v, seq, entries).await.map(|_| ());
+                        let _ = done.send(Done::Apply(seq, r));
+                    });
+                }
+                OriginOp::Detach => {
+                    if let Some((v, _)) = volume.take() {
+                        origin.release(conn, &v, session.take_partial());
+                    }
+                    session.detach_done();
+                }
+                OriginOp::Close { reason } => {
+                    closed = Some(reason);
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = closed {
+            // Best effort: what the session queued last says why.
+            let frames = gather(|| session.poll_transmit(now()));
+            if !frames.is_empty() {
+                let _ = tokio::time::timeout(CLOSE_FLUSH, io.output.send(frames)).await;
+            }
+            break Err(reason);
+        }
+        let sendable = session.can_transmit(now());
+        tokio::select! {
+            biased;
+            Some(done) = done_rx.recv() => match done {
+                Done::Read(tag, r) => session.read_done(tag, r),
+                Done::Apply(seq, r) => session.apply_done(seq, r),
+            },
+            input = io.input.recv() => match input {
+                Some(Ok(bytes)) => session.handle_input(&bytes, now()),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Some(Err(e)) => break Err(e.into()),
+                None => break Err(LinkError::Closed),
+            },
+            permit = io.output.reserve(), if sendable => match permit {
+                Ok(permit) => {
+                    let frames = gather(|| session.poll_transmit(now()));
+                    if !frames.is_empty() {
+                        permit.send(frames);
+                    }
+                }
+                Err(_) => break Err(LinkError::Closed),
+            },
+            () = sleep_until(session.poll_timeout()) => session.handle_timeout(now()),
+        }
+    };
+    if let Some((v, _)) = volume {
+        origin.release(conn, &v, session.take_partial());
+    }
+    result
+}
