@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's one test command (CI runs it through .ci/run):
-#   install deps -> fmt check -> clippy -D warnings -> build -> nextest -> brief fuzz.
+#   install deps -> fmt check -> clippy -D warnings -> build -> nextest (with a
+#   bounded simulator campaign) -> brief fuzz.
 # Nothing is skipped: a missing tool is a failure.
 set -euo pipefail
 
@@ -38,7 +39,10 @@ summary() {
 step "install dependencies" "$ROOT/scripts/install-deps.sh"
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
-step "cargo build (bins)" cargo build --workspace --bins --locked
+# --all-targets, like clippy and nextest: the same features everywhere, so
+# RocksDB's build script (and RocksDB) is compiled once per profile, not once
+# per feature set.
+step "cargo build" cargo build --workspace --all-targets --locked
 export FERRY_BIN="$CARGO_TARGET_DIR/debug/ferry"
 if [ ! -x "$FERRY_BIN" ]; then
   echo "test.sh: $FERRY_BIN was not built" >&2

@@ -26,15 +26,7 @@ const CHUNK: usize = 64 * 1024;
 const RESIDENT: u64 = 256;
 
 fn content(tag: u64) -> Vec<u8> {
-    let mut x = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(CHUNK);
-    while v.len() < CHUNK {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v
+    testkit::pattern(tag, CHUNK)
 }
 
 fn always() -> bool {

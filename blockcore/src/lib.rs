@@ -26,6 +26,7 @@ mod error;
 pub mod file;
 pub mod layers;
 pub mod mem;
+pub mod storage;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;

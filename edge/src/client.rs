@@ -336,7 +336,6 @@ impl Driver {
             if !self.handle_events() {
                 break;
             }
-            self.publish();
             let sendable = self.io.is_some() && self.session.can_transmit(now());
             let output = self.io.as_ref().map(|io| io.output.clone());
             tokio::select! {
@@ -436,6 +435,8 @@ impl Driver {
 
     /// Handles the session's events; false when the driver must stop.
     fn handle_events(&mut self) -> bool {
+        // Counters first: a caller woken by an event may read them at once.
+        self.publish();
         while let Some(event) = self.session.poll_event() {
             match event {
                 EdgeEvent::Connect => {

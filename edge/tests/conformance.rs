@@ -107,15 +107,7 @@ fn conformance_with_batches_shipping_underneath() {
 }
 
 fn pattern(len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    testkit::pattern(1, len)
 }
 
 #[test]

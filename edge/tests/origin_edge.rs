@@ -14,17 +14,7 @@ use linkemu::{LinkConfig, LinkEmulator};
 use origin::{Origin, OriginConfig};
 use tokio::net::TcpListener;
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
-}
+use testkit::pattern;
 
 /// Ships batch `seq` and waits until the origin applied it.
 async fn ship(client: &LinkClient, seq: u64, entries: Vec<WriteEntry>) -> Result<(), String> {

@@ -21,7 +21,7 @@ use edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient};
 use journal::{Journal, JournalOptions};
 use nbd_server::{Export, Server, ServerConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::{read_key_file, ListenAddr, DEFAULT_NBD_ADDR};
 
@@ -76,7 +76,9 @@ pub struct RunningEdge {
     pub iscsi: Option<iscsi_target::server::Server>,
     pub iscsi_listeners: Vec<String>,
     pub control: PathBuf,
-    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    /// NBD Unix sockets, removed at exit.
+    sockets: Vec<PathBuf>,
+    tasks: crate::serve::ListenerTasks,
 }
 
 /// Attaches and starts serving; returns once listening. Writes to
@@ -197,7 +199,7 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         device: stats,
     };
     let server = Server::new(vec![export.clone()], ServerConfig::default())?;
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = crate::serve::ListenerTasks::new();
     // Both front ends serve the same device: the journal orders their
     // writes, and each reads the other's.
     let mut iscsi_listeners = Vec::new();
@@ -210,49 +212,21 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
             ..Default::default()
         };
         let target = crate::serve::iscsi_server(&settings, std::slice::from_ref(&export))?;
-        for a in &args.iscsi {
-            let l = TcpListener::bind(a)
-                .await
-                .with_context(|| format!("listening for iSCSI on {a}"))?;
-            iscsi_listeners.push(l.local_addr()?.to_string());
-            let target = target.clone();
-            tasks.spawn(async move { Ok(target.serve(l).await?) });
-        }
+        iscsi_listeners = crate::serve::serve_iscsi(&target, &args.iscsi, &mut tasks).await?;
         Some(target)
     };
-    let mut listeners = Vec::new();
     // NBD listens on its default address unless only iSCSI was asked for.
     let listen = if args.nbd.is_empty() && args.iscsi.is_empty() {
         vec![ListenAddr::Tcp(DEFAULT_NBD_ADDR.into())]
     } else {
         args.nbd.clone()
     };
-    for addr in &listen {
-        match addr {
-            ListenAddr::Tcp(a) => {
-                let l = TcpListener::bind(a)
-                    .await
-                    .with_context(|| format!("listening on {a}"))?;
-                listeners.push(l.local_addr()?.to_string());
-                let server = server.clone();
-                tasks.spawn(async move { Ok(server.serve_tcp(l).await?) });
-            }
-            ListenAddr::Unix(p) => {
-                let _ = std::fs::remove_file(p);
-                let l = UnixListener::bind(p)
-                    .with_context(|| format!("listening on unix:{}", p.display()))?;
-                listeners.push(format!("unix:{}", p.display()));
-                let server = server.clone();
-                tasks.spawn(async move { Ok(server.serve_unix(l).await?) });
-            }
-        }
-    }
+    let (listeners, sockets) = crate::serve::serve_nbd(&server, &listen, &mut tasks).await?;
     let control = args
         .control
         .clone()
         .unwrap_or_else(|| default_control(&args.cache_dir, &args.volume));
-    let _ = std::fs::remove_file(&control);
-    let control_listener = UnixListener::bind(&control)
+    let control_listener = crate::serve::bind_unix(&control)
         .with_context(|| format!("control socket {}", control.display()))?;
     let dev = device.clone();
     let ov = overlay.clone();
@@ -265,21 +239,28 @@ pub async fn start(args: &EdgeArgs) -> anyhow::Result<RunningEdge> {
         iscsi,
         iscsi_listeners,
         control,
+        sockets,
         tasks,
     })
 }
 
+/// The edge's id, kept in the cache directory (written atomically: a crash
+/// while creating it must not leave an empty id behind).
 fn stable_edge_id(cache_dir: &Path) -> anyhow::Result<String> {
+    use blockcore::storage::{read_file, replace_file, DiskStorage};
     std::fs::create_dir_all(cache_dir)?;
     let path = cache_dir.join("edge-id");
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
-        _ => {
-            let id = format!("edge-{:016x}", u64::from_be_bytes(link::io::random()));
-            std::fs::write(&path, &id).with_context(|| format!("writing {}", path.display()))?;
-            Ok(id)
-        }
+    let existing = read_file(&DiskStorage, &path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .filter(|s| !s.is_empty());
+    if let Some(id) = existing {
+        return Ok(id);
     }
+    let id = format!("edge-{:016x}", u64::from_be_bytes(link::io::random()));
+    replace_file(&DiskStorage, &path, id.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
 }
 
 impl std::fmt::Debug for RunningEdge {
@@ -314,6 +295,9 @@ impl RunningEdge {
         self.server.shutdown();
         let drained = self.server.drain(Duration::from_secs(30)).await;
         let _ = std::fs::remove_file(&self.control);
+        for p in &self.sockets {
+            let _ = std::fs::remove_file(p);
+        }
         let status = self.device.status();
         tracing::info!("edge status at exit:\n{}", format_status(&status));
         drained.context("flushing the journal at shutdown")?;

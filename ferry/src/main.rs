@@ -61,6 +61,11 @@ struct LinkEmuArgs {
     /// Bandwidth cap in Mbit/s each way (0: none).
     #[arg(long, default_value_t = 100.0)]
     mbit: f64,
+    /// KiB the path buffers per direction of a connection before it stops
+    /// taking more (default: twice the bandwidth-delay product, at least
+    /// 4 MiB), as socket buffers and a router queue do.
+    #[arg(long, value_name = "KIB")]
+    queue_kib: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -414,6 +419,14 @@ async fn link_emulator(a: LinkEmuArgs) -> anyhow::Result<()> {
         let bytes = (a.mbit * 1e6 / 8.0) as u64;
         cfg = cfg.with_bandwidth(bytes);
     }
+    if let Some(kib) = a.queue_kib {
+        anyhow::ensure!(kib > 0, "--queue-kib must be at least 1");
+        cfg.max_queue_bytes = Some(kib.saturating_mul(1024));
+    }
+    tracing::info!(
+        queue_bytes = cfg.queue_limit(linkemu::Direction::ToTarget),
+        "link emulator shape"
+    );
     let emu = LinkEmulator::start(listen, target, cfg).await?;
     print_listening_as("link", &emu.local_addr().to_string());
     let signal = ferry::serve::shutdown_signal().await?;

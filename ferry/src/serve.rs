@@ -111,31 +111,63 @@ pub fn open_export(
     ))
 }
 
-/// A bound listener, before serving.
-enum Bound {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
+/// Tasks serving listeners; the first to end ends the process.
+pub(crate) type ListenerTasks = tokio::task::JoinSet<anyhow::Result<()>>;
 
-async fn bind(addr: &ListenAddr) -> anyhow::Result<(Bound, String)> {
-    match addr {
-        ListenAddr::Tcp(a) => {
-            let l = TcpListener::bind(a)
-                .await
-                .with_context(|| format!("listening on {a}"))?;
-            let local = l.local_addr()?.to_string();
-            Ok((Bound::Tcp(l), local))
-        }
-        ListenAddr::Unix(path) => {
-            remove_stale_socket(path)?;
-            let l = UnixListener::bind(path)
-                .with_context(|| format!("listening on unix:{}", path.display()))?;
-            Ok((
-                Bound::Unix(l, path.clone()),
-                format!("unix:{}", path.display()),
-            ))
+/// Binds every NBD address and serves `server` on each (in `tasks`).
+/// Returns the addresses as bound (port 0 resolved) and the Unix socket
+/// paths to remove at exit.
+pub(crate) async fn serve_nbd(
+    server: &Server,
+    listen: &[ListenAddr],
+    tasks: &mut ListenerTasks,
+) -> anyhow::Result<(Vec<String>, Vec<PathBuf>)> {
+    let (mut shown, mut sockets) = (Vec::new(), Vec::new());
+    for addr in listen {
+        let server = server.clone();
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("listening on {a}"))?;
+                shown.push(l.local_addr()?.to_string());
+                tasks.spawn(async move { Ok(server.serve_tcp(l).await?) });
+            }
+            ListenAddr::Unix(path) => {
+                let l = bind_unix(path)?;
+                shown.push(format!("unix:{}", path.display()));
+                sockets.push(path.clone());
+                tasks.spawn(async move { Ok(server.serve_unix(l).await?) });
+            }
         }
     }
+    Ok((shown, sockets))
+}
+
+/// Binds every iSCSI portal and serves `target` on each (in `tasks`);
+/// returns the addresses as bound.
+pub(crate) async fn serve_iscsi(
+    target: &iscsi_target::server::Server,
+    listen: &[String],
+    tasks: &mut ListenerTasks,
+) -> anyhow::Result<Vec<String>> {
+    let mut shown = Vec::new();
+    for addr in listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for iSCSI on {addr}"))?;
+        shown.push(l.local_addr()?.to_string());
+        let target = target.clone();
+        tasks.spawn(async move { Ok(target.serve(l).await?) });
+    }
+    Ok(shown)
+}
+
+/// Binds a Unix socket, replacing a stale socket file left by an earlier
+/// run (and refusing to delete anything else).
+pub(crate) fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    remove_stale_socket(path)?;
+    UnixListener::bind(path).with_context(|| format!("listening on unix:{}", path.display()))
 }
 
 /// A socket file left by a previous run would make bind fail; anything
@@ -246,38 +278,21 @@ pub async fn run(
     } else {
         config.listen.clone()
     };
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut sockets = Vec::new();
-    for addr in &listen {
-        let (bound, shown) = bind(addr).await?;
+    let mut tasks = ListenerTasks::new();
+    let (bound, sockets) = serve_nbd(&server, &listen, &mut tasks).await?;
+    for shown in &bound {
         tracing::info!(address = %shown, "listening for NBD clients");
-        on_listening("nbd", &shown);
-        let server = server.clone();
-        match bound {
-            Bound::Tcp(l) => tasks.spawn(async move { server.serve_tcp(l).await }),
-            Bound::Unix(l, path) => {
-                sockets.push(path);
-                tasks.spawn(async move { server.serve_unix(l).await })
-            }
-        };
+        on_listening("nbd", shown);
     }
-
-    let mut iscsi_tasks = tokio::task::JoinSet::new();
     if let (Some(target), Some(settings)) = (&iscsi, &config.iscsi) {
         let listen = if settings.listen.is_empty() {
             vec![crate::config::DEFAULT_ISCSI_ADDR.to_owned()]
         } else {
             settings.listen.clone()
         };
-        for addr in &listen {
-            let l = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening for iSCSI on {addr}"))?;
-            let shown = l.local_addr()?.to_string();
+        for shown in serve_iscsi(target, &listen, &mut tasks).await? {
             tracing::info!(address = %shown, "listening for iSCSI initiators");
             on_listening("iscsi", &shown);
-            let target = target.clone();
-            iscsi_tasks.spawn(async move { target.serve(l).await });
         }
     }
 
@@ -295,13 +310,7 @@ pub async fn run(
             Ok(())
         }
         Some(done) = tasks.join_next() => match done {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::from(e)),
-            Err(e) => Err(anyhow::Error::from(e)),
-        },
-        Some(done) = iscsi_tasks.join_next() => match done {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::Error::from(e).context("iSCSI portal")),
+            Ok(r) => r,
             Err(e) => Err(anyhow::Error::from(e)),
         },
     };

@@ -15,7 +15,7 @@
 //! - byte 16: bit 0 open discovery, bit 1 ImmediateData, bit 2
 //!   InitialR2T, bit 3 HeaderDigest, bit 4 DataDigest, bits 5-7
 //!   DefaultTime2Wait / Time2Retain scale;
-//! - then records as `login::fuzz_login` reads them: flags (bit 7 T, bit 6
+//! - then records of login requests: flags (bit 7 T, bit 6
 //!   C, bits 2-3 CSG, bits 0-1 NSG), version_max, version_min, tsih_lo,
 //!   cid_lo, len, then `len` bytes of login text. After a completed login,
 //!   each further record's text is a full-feature phase Text Request.

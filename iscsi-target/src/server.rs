@@ -2,9 +2,11 @@
 //! between the socket and a [`session::Connection`], executing SCSI
 //! commands concurrently on the targets' [`LunMap`]s.
 //!
-//! One task per connection reads and decodes PDUs and drives the state
-//! machine; each command executes in its own task; a writer task owns the
-//! socket's write half so a slow reader never stalls command intake.
+//! One task per connection reads and decodes PDUs, drives the state
+//! machine and runs the commands as futures of its own (no task spawn or
+//! wake-up per command: a read the page cache answers completes on the
+//! spot); a writer task owns the socket's write half so a slow reader never
+//! stalls command intake.
 
 use std::collections::HashMap;
 use std::io;

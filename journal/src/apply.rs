@@ -370,7 +370,6 @@ impl ApplyJournal {
 #[cfg(test)]
 mod tests {
     use std::fs::{self, File};
-    use std::io::Write;
 
     use super::*;
     use blockcore::{MemDevice, WriteFlags};
@@ -476,31 +475,24 @@ mod tests {
 
     // ---- crash test -----------------------------------------------------
 
-    const CRASH_ENV: &str = "FERRY_APPLY_CRASH_DIR";
     const IMAGE: u64 = 1 << 20;
 
     /// Batch `seq`'s entries: a few writes and a zero, all derived from seq.
     fn batch(seq: u64) -> Vec<WriteEntry> {
-        let mut x = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = testkit::rng(seq);
         let mut v = Vec::new();
-        for _ in 0..=next() % 6 {
-            let len = 1 + next() % 40_000;
-            let offset = next() % (IMAGE - len);
+        for _ in 0..=rng.u64(..6) {
+            let len = 1 + rng.u64(..40_000);
+            let offset = rng.u64(..IMAGE - len);
             #[allow(clippy::cast_possible_truncation)]
             v.push(WriteEntry::Data {
                 offset,
                 data: data(seq as u8, len as usize),
             });
         }
-        let len = 1 + next() % 20_000;
+        let len = 1 + rng.u64(..20_000);
         v.push(WriteEntry::Zero {
-            offset: next() % (IMAGE - len),
+            offset: rng.u64(..IMAGE - len),
             len,
         });
         v
@@ -525,77 +517,63 @@ mod tests {
         img
     }
 
-    /// The child side of `crash_leaves_whole_batches`: applies batches to a
+    /// The child of `crash_leaves_whole_batches`: applies batches to a
     /// file image until killed, reporting each one after it returned.
-    #[test]
-    fn crash_child() {
-        let Some(dir) = std::env::var_os(CRASH_ENV) else {
-            return;
-        };
-        let dir = PathBuf::from(dir);
+    fn crash_child(child: &testkit::crash::Child) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let dev =
-                blockcore::FileDevice::open(dir.join("image"), &blockcore::OpenOptions::default())
-                    .unwrap();
-            let mut j = ApplyJournal::open(&dir.join("state"), &dev).await.unwrap();
-            let mut out = std::io::stdout().lock();
+            let dev = blockcore::FileDevice::open(
+                child.dir().join("image"),
+                &blockcore::OpenOptions::default(),
+            )
+            .unwrap();
+            let mut j = ApplyJournal::open(&child.dir().join("state"), &dev)
+                .await
+                .unwrap();
             for seq in j.applied() + 1.. {
                 j.apply(seq, &batch(seq), &dev).await.unwrap();
-                writeln!(out, "applied {seq}").unwrap();
-                out.flush().unwrap();
+                child.report(seq);
             }
         });
     }
 
     #[test]
     fn crash_leaves_whole_batches() {
-        use std::io::{BufRead, BufReader};
-        use std::process::{Command, Stdio};
-        let dir = tempfile::tempdir().unwrap();
-        File::create(dir.path().join("image"))
+        use testkit::crash::{self, CrashTest, Verdict};
+        if let Some(child) = crash::child() {
+            crash_child(&child);
+            return;
+        }
+        let t = CrashTest::new(crash::name(module_path!(), "crash_leaves_whole_batches"));
+        File::create(t.dir().join("image"))
             .unwrap()
             .set_len(IMAGE)
             .unwrap();
-        let exe = std::env::current_exe().unwrap();
         let mut last_reported = 0;
         for round in 0..12u64 {
-            let mut child = Command::new(&exe)
-                .args([
-                    "apply::tests::crash_child",
-                    "--exact",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CRASH_ENV, dir.path())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
             // Let it apply a round-dependent number of batches, then kill
             // it wherever it is.
             let target = last_reported + 1 + round % 5;
-            let mut seen = last_reported;
-            while seen < target {
-                let Some(Ok(line)) = lines.next() else { break };
-                if let Some((_, n)) = line.split_once("applied ") {
-                    seen = n.trim().parse().unwrap();
+            let lines = t.run(round, |l| {
+                if l.parse::<u64>().is_ok_and(|n| n >= target) {
+                    Verdict::Kill
+                } else {
+                    Verdict::Continue
                 }
-            }
-            child.kill().unwrap();
-            child.wait().unwrap();
+            });
+            let seen: u64 = lines.last().and_then(|l| l.parse().ok()).unwrap_or(0);
             assert!(seen >= target, "round {round}: the child stopped at {seen}");
             last_reported = seen;
+            let dir = t.dir();
 
             let rt = tokio::runtime::Runtime::new().unwrap();
             let applied = rt.block_on(async {
                 let dev = blockcore::FileDevice::open(
-                    dir.path().join("image"),
+                    dir.join("image"),
                     &blockcore::OpenOptions::default(),
                 )
                 .unwrap();
-                ApplyJournal::open(&dir.path().join("state"), &dev)
+                ApplyJournal::open(&dir.join("state"), &dev)
                     .await
                     .unwrap()
                     .applied()
@@ -605,7 +583,7 @@ mod tests {
                 applied == last_reported || applied == last_reported + 1,
                 "round {round}: reported {last_reported}, applied {applied}"
             );
-            let image = fs::read(dir.path().join("image")).unwrap();
+            let image = fs::read(dir.join("image")).unwrap();
             assert!(
                 image == model(applied),
                 "round {round}: image is not the state after batch {applied}"

@@ -98,7 +98,8 @@ mod extents;
 mod record;
 mod recovery;
 mod state;
-pub mod storage;
+/// The file-system trait the journals run over (blockcore's).
+pub use blockcore::storage;
 
 #[cfg(test)]
 mod tests;

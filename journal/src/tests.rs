@@ -8,12 +8,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -744,13 +742,8 @@ proptest! {
 
 /// A fixed workload of every kind of operation.
 fn workload(seed: u64, n: usize) -> Vec<Op> {
-    let mut x = seed | 1;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = testkit::rng(seed);
+    let mut next = || rng.u64(..);
     (0..n)
         .map(|_| {
             let r = next();
@@ -1429,8 +1422,6 @@ fn an_io_error_fails_the_journal_until_reopened() {
 
 // ---------------------------------------------- SIGKILL crash loop (child)
 
-const CRASH_ENV: &str = "FERRY_JOURNAL_CRASH_DIR";
-const CRASH_ROUND_ENV: &str = "FERRY_JOURNAL_CRASH_ROUND";
 const CRASH_DEV_BLOCKS: u64 = 512;
 const ROUNDS: u32 = 40;
 const BLOCK: u64 = 512;
@@ -1491,24 +1482,15 @@ fn batch_hash(b: &Batch) -> String {
     h.finalize().to_hex()[..16].to_owned()
 }
 
-/// The child side of `crash_sigkill_loop`: does nothing unless spawned by
-/// it. Re-ships what is in flight, then a writer appends, syncs and
-/// flushes while a shipper cuts and acknowledges through a journal small
-/// enough to wait for space, each reporting on stdout what returned, until
-/// killed.
-#[test]
-fn crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_ENV) else {
-        return;
-    };
-    let round: u32 = std::env::var(CRASH_ROUND_ENV).unwrap().parse().unwrap();
-    let say = |line: String| {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{line}").unwrap();
-        out.flush().unwrap();
-    };
+/// The child of `crash_sigkill_loop`: re-ships what is in flight, then a
+/// writer appends, syncs and flushes while a shipper cuts and acknowledges
+/// through a journal small enough to wait for space, each reporting what
+/// returned, until killed.
+fn crash_child(child: &testkit::crash::Child) {
+    let round = u32::try_from(child.round()).unwrap();
+    let say = |line: String| child.report(line);
     rt().block_on(async {
-        let j = Journal::open(&dir, crash_opts()).unwrap();
+        let j = Journal::open(child.dir(), crash_opts()).unwrap();
         say(format!("open {}", j.stats().last_lsn));
         for b in j.unshipped_batches().unwrap() {
             say(format!(
@@ -1519,21 +1501,11 @@ fn crash_child() {
                 batch_hash(&b)
             ));
         }
-        let mut x = u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut rand = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let mut seeds = (rand(), rand());
+        let mut shipper_rng = testkit::rng(u64::from(round));
+        let mut rand = move || shipper_rng.u64(..);
+        let mut writer_rng = testkit::rng(u64::from(round) << 32);
         let writer = async {
-            let mut rand = move || {
-                seeds.0 ^= seeds.0 << 13;
-                seeds.0 ^= seeds.0 >> 7;
-                seeds.0 ^= seeds.0 << 17;
-                seeds.0
-            };
+            let mut rand = move || writer_rng.u64(..);
             for op in 0u32.. {
                 let r = rand();
                 let block = r % CRASH_DEV_BLOCKS;
@@ -1630,13 +1602,14 @@ struct Reported {
 /// surviving write of every block not yet acknowledged.
 #[test]
 fn crash_sigkill_loop() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let mut seed = (now.as_secs() ^ (u64::from(now.subsec_nanos()) << 20)) | 1;
-    eprintln!("crash_sigkill_loop seed {seed}");
+    use testkit::crash::{self, CrashTest, Verdict};
+    if let Some(child) = crash::child() {
+        crash_child(&child);
+        return;
+    }
+    let crash_test = CrashTest::new(crash::name(module_path!(), "crash_sigkill_loop"));
+    let dir = crash_test.dir();
+    let mut rng = testkit::rng(testkit::fresh_seed("crash_sigkill_loop"));
     // Surviving reported data records by lsn.
     let mut ops: BTreeMap<Lsn, Reported> = BTreeMap::new();
     // Intent of each round's data op in flight when it was killed.
@@ -1646,58 +1619,20 @@ fn crash_sigkill_loop() {
     let (mut appends, mut syncs, mut cuts, mut acks, mut torn, mut reshipped, mut waits) =
         (0, 0, 0, 0, 0, 0, 0);
     for round in 1..=ROUNDS {
-        let mut child = Command::new(&exe)
-            .args([
-                "tests::crash_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CRASH_ENV, dir.path())
-            .env(CRASH_ROUND_ENV, round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
+        // Once the child reports its open, it dies somewhere in its work.
+        let delay = Duration::from_millis(10 + rng.u64(..200));
+        let lines = crash_test.run(u64::from(round), |line| {
+            if line.starts_with("open ") {
+                Verdict::KillAfter(delay)
+            } else {
+                Verdict::Continue
             }
         });
-        // The child is running once it reports its open.
-        let mut lines = Vec::new();
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("round {round}: the child did nothing"));
-            let started = line.contains("open ");
-            lines.push(line);
-            if started {
-                break;
-            }
-        }
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        // Not synchronisation: where in its work the child dies.
-        std::thread::sleep(Duration::from_millis(10 + seed % 200));
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("round {round}: the child stopped by itself ({status}): {lines:?}");
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
-        lines.extend(rx.try_iter());
 
         let mut intents: BTreeMap<u32, Reported> = BTreeMap::new();
         let mut reported_ops: Vec<(Lsn, u32)> = Vec::new();
         let mut max_synced = 0;
         for line in &lines {
-            // libtest may prefix the first line; the last may be torn.
-            let line = line.rsplit("... ").next().unwrap_or(line);
             let f: Vec<&str> = line.split(' ').collect();
             let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
             match (f.first().copied(), num(1), num(2), num(3)) {
@@ -1750,14 +1685,14 @@ fn crash_sigkill_loop() {
         }
         appends += reported_ops.len();
 
-        if inspect(dir.path())
+        if inspect(dir)
             .unwrap_or_else(|e| panic!("round {round}: inspect: {e}"))
             .tail_damage
             .is_some()
         {
             torn += 1;
         }
-        let j = Journal::open(dir.path(), crash_opts())
+        let j = Journal::open(dir, crash_opts())
             .unwrap_or_else(|e| panic!("round {round}: recovery failed: {e}"));
         let s = j.stats();
         assert!(

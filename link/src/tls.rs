@@ -6,71 +6,20 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
 
 /// Errors loading TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {source}")]
-    File {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: no {what} found")]
-    Missing { path: String, what: &'static str },
+    #[error(transparent)]
+    Pem(#[from] tlsfiles::PemError),
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("client CA: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::File {
-        path: path.display().to_string(),
-        source,
-    })
-}
-
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::File {
-            path: path.display().to_string(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Missing {
-            path: path.display().to_string(),
-            what: "certificate",
-        });
-    }
-    Ok(certs)
-}
-
-fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read(path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|source| TlsError::File {
-            path: path.display().to_string(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::Missing {
-            path: path.display().to_string(),
-            what: "private key",
-        })
-}
-
-fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in certs(ca)? {
-        roots.add(c)?;
-    }
-    Ok(roots)
-}
+use tlsfiles::{certs, private_key as key, roots};
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

@@ -82,14 +82,8 @@ pub enum ServerError {
     NoExports,
     #[error("TLS mode {0:?} needs a certificate and key")]
     TlsWithoutCertificate(TlsMode),
-    #[error("reading {path}: {source}")]
-    TlsFile {
-        path: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path} holds no {what}")]
-    TlsMissing { path: String, what: &'static str },
+    #[error("TLS material: {0}")]
+    TlsFile(#[from] tlsfiles::PemError),
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     #[error("accepting connections: {0}")]

@@ -671,7 +671,7 @@ fn to_off(v: u64) -> io::Result<libc::off_t> {
 
 /// `lseek(fd, pos, whence)`; `Ok(None)` for ENXIO (no data / hole at or
 /// after `pos`).
-fn seek_whence(file: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
+pub(crate) fn seek_whence(file: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
     let off = to_off(pos)?;
     // SAFETY: lseek on a file descriptor we own (kept open by `file`); it
     // takes no pointers. The file position it moves is never used: every
@@ -805,18 +805,7 @@ mod tests {
     }
 
     fn pattern(seed: u64, len: usize) -> Bytes {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                #[allow(clippy::cast_possible_truncation)]
-                let b = x as u8;
-                b
-            })
-            .collect::<Vec<u8>>()
-            .into()
+        testkit::pattern(seed, len).into()
     }
 
     fn zeroes(b: &[u8]) -> bool {
@@ -1245,14 +1234,7 @@ mod tests {
             let dev = Arc::new(open(&path, engine, false));
             // 256 distinct blocks in random order, odd lengths within each.
             let mut order: Vec<u64> = (0..blocks).collect();
-            let mut x = 0x1234_5678_9abc_def1u64;
-            for i in (1..order.len()).rev() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let j = usize::try_from(x % (i as u64 + 1)).unwrap();
-                order.swap(i, j);
-            }
+            testkit::rng(0x1234_5678).shuffle(&mut order);
             let picks: Vec<(u64, usize)> = order[..256]
                 .iter()
                 .map(|&b| (b * 4096 + b % 7, 4089 - usize::try_from(b % 13).unwrap()))

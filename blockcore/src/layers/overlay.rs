@@ -63,9 +63,8 @@
 
 use std::fmt::{self, Write as _};
 use std::fs::{self, File};
-use std::io::{self, Write as _};
+use std::io;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
@@ -75,6 +74,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
 use tokio::sync::Notify;
 
+use crate::file::seek_whence;
 use crate::{
     check_range, BlockDevice, BlockError, Capabilities, DeviceInfo, Extent, ExtentKind, FileDevice,
     Op, OpenOptions, Result, WriteFlags, ZeroFlags,
@@ -375,7 +375,11 @@ impl<D: BlockDevice> LocalOverlay<D> {
                     tag: tag.to_owned(),
                 };
                 // The metadata comes first: an image never exists without it.
-                write_atomically(&meta_file, meta.encode().as_bytes())?;
+                crate::storage::replace_file(
+                    &crate::storage::DiskStorage,
+                    &meta_file,
+                    meta.encode().as_bytes(),
+                )?;
                 meta
             }
             Err(e) => return Err(e),
@@ -796,9 +800,9 @@ fn probe_block(image: &Path) -> io::Result<u64> {
         f.set_len(PROBE_LEN)?;
         std::os::unix::fs::FileExt::write_all_at(&f, &[1], 0)?;
         f.sync_data()?;
-        let data = seek(&f, 0, libc::SEEK_DATA)?;
-        let hole = seek(&f, 0, libc::SEEK_HOLE)?;
-        let far = seek(&f, PROBE_LEN - 1, libc::SEEK_DATA)?;
+        let data = seek_whence(&f, 0, libc::SEEK_DATA)?;
+        let hole = seek_whence(&f, 0, libc::SEEK_HOLE)?;
+        let far = seek_whence(&f, PROBE_LEN - 1, libc::SEEK_DATA)?;
         if data != Some(0) || far.is_some() || hole.is_none_or(|h| h == 0 || h >= PROBE_LEN) {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
@@ -827,42 +831,13 @@ fn probe_block(image: &Path) -> io::Result<u64> {
     result
 }
 
-/// `lseek(fd, pos, whence)`; `None` for ENXIO (no data / hole at or after
-/// `pos`).
-fn seek(file: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
-    let off =
-        libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-    // SAFETY: lseek on a descriptor `file` keeps open; no pointers involved.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r >= 0 {
-        return Ok(Some(r.unsigned_abs()));
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENXIO) {
-        Ok(None)
-    } else {
-        Err(e)
-    }
-}
-
-/// Replaces `path` with `data` durably: temporary file, fsync, rename,
-/// fsync of the directory.
-fn write_atomically(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("meta.tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    sync_parent(path)
-}
-
 fn sync_parent(path: &Path) -> io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => File::open(dir)?.sync_all(),
-        _ => File::open(".")?.sync_all(),
-    }
+    use crate::storage::Storage;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    crate::storage::DiskStorage.sync_dir(dir)
 }
 
 #[cfg(test)]
@@ -1276,8 +1251,6 @@ mod tests {
         assert!(Meta::decode(&format!("{META_MAGIC}\nblock 4096\n")).is_err());
     }
 
-    const CRASH_ENV: &str = "FERRY_OVERLAY_CRASH_CHILD";
-
     /// Blocks the crash test writes and flushes, with their fill byte.
     fn crash_blocks(bs: u64) -> Vec<(u64, u8)> {
         (0..20u64)
@@ -1287,8 +1260,8 @@ mod tests {
 
     /// The child of the crash test: writes, flushes, says so, then keeps
     /// writing elsewhere until it is killed.
-    async fn crash_child(dir: &Path) {
-        let dev = open_in(dir, Recording::new(SIZE), &LocalRanges::Everything);
+    async fn crash_child(child: &testkit::crash::Child) {
+        let dev = open_in(child.dir(), Recording::new(SIZE), &LocalRanges::Everything);
         let bs = dev.block_size();
         for (at, b) in crash_blocks(bs) {
             dev.write(at, Bytes::from(vec![b; 1000]), WriteFlags::default())
@@ -1296,7 +1269,7 @@ mod tests {
                 .unwrap();
         }
         dev.flush().await.unwrap();
-        println!("flushed");
+        child.report("flushed");
         let mut i = 0u64;
         loop {
             let at = (i * 4096) % (SIZE - 8192) + 1;
@@ -1316,39 +1289,29 @@ mod tests {
 
     #[test]
     fn flushed_local_writes_survive_a_killed_process() {
-        use std::io::BufRead as _;
+        use testkit::crash::{self, CrashTest, Verdict};
         let rt = tokio::runtime::Runtime::new().unwrap();
-        if let Some(dir) = std::env::var_os(CRASH_ENV) {
-            rt.block_on(crash_child(Path::new(&dir)));
+        if let Some(child) = crash::child() {
+            rt.block_on(crash_child(&child));
             return;
         }
-        let dir = tmp();
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "layers::overlay::tests::flushed_local_writes_survive_a_killed_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CRASH_ENV, dir.path())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut flushed = false;
-        for line in out.lines() {
-            // The harness may have printed the test name on the same line.
-            if line.unwrap().trim_end().ends_with("flushed") {
-                flushed = true;
-                break;
+        let t = CrashTest::new(crash::name(
+            module_path!(),
+            "flushed_local_writes_survive_a_killed_process",
+        ));
+        let lines = t.run(0, |l| {
+            if l == "flushed" {
+                Verdict::KillAfter(std::time::Duration::from_millis(50))
+            } else {
+                Verdict::Continue
             }
-        }
-        assert!(flushed, "the child never flushed");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        });
+        assert!(
+            lines.iter().any(|l| l == "flushed"),
+            "the child never flushed"
+        );
         rt.block_on(async {
-            let dev = open_in(dir.path(), Recording::new(SIZE), &LocalRanges::Everything);
+            let dev = open_in(t.dir(), Recording::new(SIZE), &LocalRanges::Everything);
             let origin = origin_bytes(SIZE);
             for (at, b) in crash_blocks(dev.block_size()) {
                 let got = dev.read(at - 7, 1014).await.unwrap();

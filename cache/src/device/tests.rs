@@ -28,17 +28,7 @@ fn cache_in(dir: &Path, chunks: u64) -> Arc<Cache> {
     Arc::new(Cache::open(dir, &MASTER, &config).unwrap())
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
-}
+use testkit::pattern;
 
 /// A [`CachedDevice`] that also resizes its cache to a random tiny capacity
 /// every few operations, so the conformance suite runs under constant
@@ -46,26 +36,20 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 #[derive(Debug)]
 struct Resizing<D> {
     dev: CachedDevice<D>,
-    rng: std::sync::Mutex<u64>,
+    rng: std::sync::Mutex<testkit::Rng>,
 }
 
 impl<D: BlockDevice + 'static> Resizing<D> {
     fn new(dev: CachedDevice<D>, seed: u64) -> Self {
         Self {
             dev,
-            rng: std::sync::Mutex::new(seed | 1),
+            rng: std::sync::Mutex::new(testkit::rng(seed)),
         }
     }
 
     async fn maybe_resize(&self) {
-        let r = {
-            let mut x = self.rng.lock().unwrap();
-            *x ^= *x << 13;
-            *x ^= *x >> 7;
-            *x ^= *x << 17;
-            *x
-        };
-        if r % 4 == 0 {
+        let r = self.rng.lock().unwrap().u64(..);
+        if r.is_multiple_of(4) {
             let cache = self.dev.cache().clone();
             let chunks = 1 + (r >> 8) % 6;
             tokio::task::spawn_blocking(move || cache.resize(chunks * u64::from(CHUNK)))

@@ -1,6 +1,3 @@
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use super::*;
@@ -31,15 +28,6 @@ fn raw_put(dir: &Path, cf: &str, key: &[u8], value: &[u8]) {
     o.create_missing_column_families(true);
     let db = DB::open_cf(&o, dir, [CF_META, CF_SIG, CF_MAP, CF_VOL, CF_SLOT]).unwrap();
     db.put_cf(db.cf_handle(cf).unwrap(), key, value).unwrap();
-}
-
-fn xorshift(state: &mut u64) -> u64 {
-    let mut x = *state;
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    *state = x;
-    x
 }
 
 #[test]
@@ -432,7 +420,6 @@ fn garbage_values_are_corrupt_errors() {
 
 // ---- crash consistency ------------------------------------------------------
 
-const CRASH_ENV: &str = "FERRY_INDEX_CRASH_DIR";
 const CRASH_SIGS: u8 = 16;
 const CRASH_CHUNKS: u64 = 32;
 const CRASH_SLOTS: u64 = 24;
@@ -458,22 +445,18 @@ fn crash_volumes(ix: &Index) -> [u32; 3] {
     })
 }
 
-/// The child side of `crash_consistency`: does nothing unless spawned by it.
-/// Commits random batches with `Durability::Sync` and reports each one after
-/// its commit returned, until it is killed.
-#[test]
-fn crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_ENV) else {
-        return;
-    };
-    let ix = open(Path::new(&dir));
+/// The child of `crash_consistency`: commits random batches with
+/// `Durability::Sync` and reports each one after its commit returned, until
+/// it is killed.
+fn crash_child(child: &testkit::crash::Child) {
+    let ix = open(child.dir());
     let [va, vb, journal] = crash_volumes(&ix);
     let start = committed_batches(&ix, journal);
     for n in start..start + 1_000_000 {
-        let mut rng = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut rng = testkit::rng(n);
         let mut b = ix.batch();
-        for _ in 0..=xorshift(&mut rng) % 6 {
-            let r = xorshift(&mut rng);
+        for _ in 0..=rng.u64(..6) {
+            let r = rng.u64(..);
             let vol = if r & 1 == 0 { va } else { vb };
             let chunk = (r >> 8) % CRASH_CHUNKS;
             let s = sig(u8::try_from((r >> 20) % u64::from(CRASH_SIGS)).unwrap());
@@ -493,56 +476,30 @@ fn crash_child() {
         }
         b.map(journal, n, journal_sig(n)).unwrap();
         b.commit(Durability::Sync).unwrap();
-        println!("committed {n}");
+        child.report(n);
     }
 }
 
 #[test]
 fn crash_consistency() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let mut seed = (now.as_secs() ^ (u64::from(now.subsec_nanos()) << 20)) | 1;
-    eprintln!("crash_consistency seed {seed}");
+    use testkit::crash::{self, CrashTest, Verdict};
+    if let Some(child) = crash::child() {
+        crash_child(&child);
+        return;
+    }
+    let t = CrashTest::new(crash::name(module_path!(), "crash_consistency"));
+    let mut rng = testkit::rng(testkit::fresh_seed("crash_consistency"));
     let mut reported_total = None;
     for round in 0..4 {
-        let mut child = Command::new(&exe)
-            .args([
-                "index::tests::crash_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CRASH_ENV, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest may print "test <name> ... " before the first
-                // line of output, so look for the marker anywhere.
-                if let Some((_, n)) = line.split_once("committed ") {
-                    let _ = tx.send(n.trim().parse::<u64>().unwrap());
-                }
-            }
-        });
-        // Wait for the child to get going, then kill it at a random moment.
-        let first = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("round {round}: the child committed nothing"));
-        std::thread::sleep(Duration::from_millis(50 + xorshift(&mut seed) % 400));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
-        let last = rx.try_iter().last().unwrap_or(first);
+        // Once the child got going, kill it at a random moment.
+        let delay = Duration::from_millis(50 + rng.u64(..400));
+        let lines = t.run(round, |_| Verdict::KillAfter(delay));
+        let last: u64 = lines
+            .last()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or_else(|| panic!("round {round}: the child committed nothing"));
 
-        let ix = open(dir.path());
+        let ix = open(t.dir());
         let [_, _, journal] = crash_volumes(&ix);
         let committed = committed_batches(&ix, journal);
         // Every reported batch is there; at most one more (committed, killed

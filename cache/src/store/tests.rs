@@ -1,8 +1,5 @@
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use super::*;
@@ -34,15 +31,8 @@ fn open(dir: &Path, chunks: u64) -> Cache {
 
 /// Chunk content that names itself: `tag`, then a pattern seeded by it.
 fn content(tag: u64, len: usize) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len);
-    v.extend_from_slice(&tag.to_le_bytes());
-    let mut x = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
+    let mut v = tag.to_le_bytes().to_vec();
+    v.extend(testkit::pattern(tag, len.saturating_sub(8)));
     v.truncate(len);
     v
 }
@@ -558,11 +548,9 @@ fn concurrent_fills_and_reads_stay_consistent() {
         for t in 0..4u64 {
             let cache = &cache;
             s.spawn(move || {
-                let mut x = t + 1;
+                let mut rng = testkit::rng(t + 1);
                 for _ in 0..300 {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
+                    let x = rng.u64(..);
                     let c = x % 32;
                     // Every chunk's content is fixed, so any hit can be
                     // checked; chunks 0..4 share one content (dedup races).
@@ -600,7 +588,6 @@ fn concurrent_fills_and_reads_stay_consistent() {
 
 // ---- crash test --------------------------------------------------------------
 
-const CRASH_ENV: &str = "FERRY_CACHE_CRASH_DIR";
 const CRASH_VOLUMES: u32 = 3;
 const CRASH_CHUNKS: u64 = 24;
 
@@ -645,27 +632,16 @@ fn crash_volumes(cache: &Cache) -> Vec<Volume> {
         .collect()
 }
 
-/// The child side of `crash_consistency`: does nothing unless spawned by it.
-/// Puts, invalidates and resizes at random, reporting each operation after
-/// it returned, until killed.
-#[test]
-fn crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_ENV) else {
-        return;
-    };
-    let seed: u64 = std::env::var("FERRY_CACHE_CRASH_SEED")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let cache = open(Path::new(&dir), 12);
+/// The child of `crash_consistency`: puts, invalidates and resizes at
+/// random, reporting each operation after it returned, until killed.
+fn crash_child(child: &testkit::crash::Child) {
+    let round = child.round() + 1;
+    let cache = open(child.dir(), 12);
     let vols = crash_volumes(&cache);
-    let mut out = std::io::stdout().lock();
-    let mut x = seed | 1;
-    // Versions grow across runs: the seed encodes the round.
-    for version in seed << 32.. {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+    let mut rng = testkit::rng(round);
+    // Versions grow across runs: the round is their high half.
+    for version in round << 32.. {
+        let x = rng.u64(..);
         let v = usize::try_from(x % u64::from(CRASH_VOLUMES)).unwrap();
         let chunk = (x >> 8) % CRASH_CHUNKS;
         match (x >> 16) % 10 {
@@ -679,12 +655,12 @@ fn crash_child() {
                 let data = crash_content(owner, chunk, version);
                 let outcome = cache.put(vols[v], chunk, &data, &always).unwrap();
                 if matches!(outcome, PutOutcome::Stored | PutOutcome::Deduplicated) {
-                    writeln!(out, "put {v} {chunk} {version}").unwrap();
+                    child.report(format!("put {v} {chunk} {version}"));
                 }
             }
             6 | 7 => {
                 cache.invalidate(vols[v], chunk..chunk + 1).unwrap();
-                writeln!(out, "inval {v} {chunk} {version}").unwrap();
+                child.report(format!("inval {v} {chunk} {version}"));
             }
             8 => {
                 cache
@@ -697,58 +673,25 @@ fn crash_child() {
                 }
             }
         }
-        out.flush().unwrap();
     }
 }
 
 #[test]
 fn crash_consistency() {
-    let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    let mut seed = (now.as_secs() ^ (u64::from(now.subsec_nanos()) << 20)) | 1;
-    eprintln!("crash_consistency seed {seed}");
+    use testkit::crash::{self, CrashTest, Verdict};
+    if let Some(child) = crash::child() {
+        crash_child(&child);
+        return;
+    }
+    let t = CrashTest::new(crash::name(module_path!(), "crash_consistency"));
+    let mut rng = testkit::rng(testkit::fresh_seed("crash_consistency"));
     // For each (volume index, chunk): the lowest version a hit may have.
     let mut floor: HashMap<(usize, u64), u64> = HashMap::new();
     let mut total_ops = 0;
     for round in 1..=20u64 {
-        let mut child = Command::new(&exe)
-            .args([
-                "store::tests::crash_child",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CRASH_ENV, dir.path())
-            .env("FERRY_CACHE_CRASH_SEED", round.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let first = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_else(|_| panic!("round {round}: the child did nothing"));
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        std::thread::sleep(Duration::from_millis(10 + seed % 150));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        reader.join().unwrap();
-        for line in std::iter::once(first).chain(rx.try_iter()) {
-            // libtest may prefix the first line; a killed child may leave a
-            // torn last line.
-            let line = line.rsplit("... ").next().unwrap_or(&line);
+        let delay = Duration::from_millis(10 + rng.u64(..150));
+        let lines = t.run(round - 1, |_| Verdict::KillAfter(delay));
+        for line in &lines {
             let f: Vec<&str> = line.split(' ').collect();
             let parse = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
             let (Some(v), Some(chunk), Some(version)) = (parse(1), parse(2), parse(3)) else {
@@ -766,8 +709,9 @@ fn crash_consistency() {
             }
             total_ops += 1;
         }
+        let dir = t.dir();
 
-        let cache = open(dir.path(), 12);
+        let cache = open(dir, 12);
         let report = cache
             .verify()
             .unwrap_or_else(|e| panic!("round {round}: {e}"));

@@ -23,15 +23,7 @@ fn decode_one(buf: &mut BytesMut) -> (FrameHeader, Message) {
 
 /// Deterministic bytes that zstd cannot shrink.
 fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_be_bytes()[0]
-        })
-        .collect()
+    testkit::pattern(seed, len)
 }
 
 /// Text-like bytes that zstd shrinks a lot.

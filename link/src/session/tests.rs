@@ -350,15 +350,7 @@ const MBIT100: f64 = 12_500_000.0;
 /// Incompressible bytes (zstd would otherwise shrink the test's batches
 /// to nothing).
 fn noise(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    testkit::pattern(seed, len).into()
 }
 
 /// A batch of `bytes` in 64 KiB entries; the byte at `seq * 4096` of the

@@ -1,7 +1,9 @@
-//! The file operations the journal needs, behind a small trait so tests can
-//! inject faults at every write, sync, truncate and remove (the role of
-//! raft-engine's `FileSystem` trait and `fail_point!`s), and an encryption
-//! layer could slot in later.
+//! The file operations ferry's persistent structures need (the journals,
+//! the origin's state, the overlay's metadata), behind a small trait so
+//! tests and the simulator can inject faults at every write, sync,
+//! truncate, rename and remove (the role of raft-engine's `FileSystem`
+//! trait and `fail_point!`s), and an encryption layer could slot in later.
+//! [`replace_file`] is the one atomic replace of a small file.
 //!
 //! [`DiskStorage`] is the real thing. [`mem::MemStorage`] keeps files in
 //! memory, remembers what was last synced, can fail operations (every one

@@ -1,0 +1,85 @@
+# Shared helpers of the system benchmarks (sourced, not run).
+#
+# The sourcing script sets BENCH (its name, for messages) and RAW (where
+# logs go) before calling these.
+
+die() { echo "$BENCH: $*" >&2; exit 1; }
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+# Everything started is recorded here and stopped at exit.
+declare -A PID_OF=()
+STARTED=()
+
+# stop_proc NAME [SECONDS]: SIGTERM, wait (default 60 s: an edge drains its
+# NBD clients and syncs its journal), then SIGKILL.
+stop_proc() {
+  local name=$1 pid=${PID_OF[$1]:-} i
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < ${2:-60} * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "$BENCH: $name (pid $pid) ignored SIGTERM; killing it" >&2
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  unset "PID_OF[$name]"
+}
+
+# stop_all: stops everything started, newest first.
+stop_all() {
+  local i
+  for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+    stop_proc "${STARTED[i]}" 20
+  done
+}
+
+# spawn NAME WHAT CMD...: runs CMD in the background (stdout to
+# $RAW/NAME.stdout, stderr to $RAW/NAME.log) and waits for its
+# `listening WHAT ADDR` line; sets ADDR. Fails if CMD exits first.
+spawn() {
+  local name=$1 what=$2 i pid
+  shift 2
+  local out=$RAW/$name.stdout errlog=$RAW/$name.log
+  : > "$out"
+  "$@" > "$out" 2>> "$errlog" &
+  pid=$!
+  PID_OF[$name]=$pid
+  STARTED+=("$name")
+  for ((i = 0; i < 600; i++)); do
+    ADDR=$(sed -n "s/^listening $what //p" "$out" | head -1)
+    [ -n "$ADDR" ] && return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      wait "$pid" 2>/dev/null || true
+      unset "PID_OF[$name]"
+      echo "$BENCH: $name exited before listening; its log:" >&2
+      tail -20 "$errlog" >&2
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "$BENCH: $name did not print 'listening $what' within 60 s" >&2
+  tail -20 "$errlog" >&2
+  return 1
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.3f", b - a }'; }
+
+make_image() { # PATH MIB
+  log "creating $1 ($2 MiB of random data)"
+  head -c "$(($2 << 20))" /dev/urandom > "$1"
+}
+
+# median N...: the median of the numbers given.
+median() {
+  printf '%s\n' "$@" | sort -g | awk '{ a[NR] = $1 } END {
+    if (NR == 0) { print "nan"; exit }
+    if (NR % 2) print a[(NR + 1) / 2]; else printf "%.6g\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
