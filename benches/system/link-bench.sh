@@ -218,7 +218,7 @@ for b in "${BINS[@]}"; do
   unsite "$tag"
   # Steady state: from the first sample at which the journal has filled
   # (a minute in) to the end.
-  read -r R[$b.wb.rate] R[$b.wb.age.max] R[$b.wb.age.p50] R[$b.wb.connects] < <(python3 - "$RAW/$tag.samples" <<'PY'
+  read -r R[$b.wb.rate] R[$b.wb.age.max] R[$b.wb.age.p50] R[$b.wb.reconnects] < <(python3 - "$RAW/$tag.samples" <<'PY'
 import sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 rows = [(float(t), a, int(s), int(c)) for t, a, s, c in rows]
@@ -229,7 +229,8 @@ rate = (s1 - s0) / (t1 - t0) if t1 > t0 else 0
 ages = sorted(float(a) for _, a, _, _ in rows if a != "none")
 mx = ages[-1] if ages else 0
 p50 = ages[len(ages) // 2] if ages else 0
-print(int(rate), "%.1f" % mx, "%.1f" % p50, rows[-1][3])
+# The first connect is not a reconnect.
+print(int(rate), "%.1f" % mx, "%.1f" % p50, max(rows[-1][3] - 1, 0))
 PY
   )
 done
@@ -255,12 +256,12 @@ med() { # KEY-PREFIX
     echo "| the same with a 1 MiB writer | $b | $w50 | $w99 | $(med "$b.writer.ios") | p99 <= $a99 + 30 ms: $(awk -v p="$w99" -v t="$a99" 'BEGIN { print (p <= t + 30) ? "met" : "missed" }') |"
   done
   echo
-  echo "| write-back | binary | applied (MB/s) | of the link | oldest unshipped write: max / median (s) | link connects |"
+  echo "| write-back | binary | applied (MB/s) | of the link | oldest unshipped write: max / median (s) | reconnects |"
   echo "|---|---|---:|---:|---:|---:|"
   for b in "${BINS[@]}"; do
     rate=${R[$b.wb.rate]}
     ratio=$(awk -v r="$rate" -v l="$LINK_BPS" 'BEGIN { printf "%.2f", r / l }')
-    echo "| ${WB_SECS} s sustained 1 MiB writer | $b | $(awk -v r="$rate" 'BEGIN { printf "%.2f", r / 1e6 }') | ${ratio}x | ${R[$b.wb.age.max]} / ${R[$b.wb.age.p50]} | ${R[$b.wb.connects]} |"
+    echo "| ${WB_SECS} s sustained 1 MiB writer | $b | $(awk -v r="$rate" 'BEGIN { printf "%.2f", r / 1e6 }') | ${ratio}x | ${R[$b.wb.age.max]} / ${R[$b.wb.age.p50]} | ${R[$b.wb.reconnects]} |"
   done
   echo
   echo "Pushed during the reads-alone job (bytes, per round): $(for ((r = 1; r <= ROUNDS; r++)); do printf '%s ' "${R[new.alone.pushed.$r]}"; done)"

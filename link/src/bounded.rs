@@ -45,6 +45,10 @@ impl<T: Hash + Eq + Clone> BoundedSet<T> {
         self.set.len()
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn is_empty(&self) -> bool {
         self.set.is_empty()
     }

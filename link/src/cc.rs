@@ -33,7 +33,16 @@
 //!   sees the true base again once the old minimum ages out). Every
 //!   `probe_interval` of steady state, `cwnd` drops to its minimum for
 //!   about one round trip so the path drains and a fresh base is measured
-//!   (BBR's ProbeRTT); it costs about 1% of the link.
+//!   (BBR's ProbeRTT), then doubles back to its old size with the
+//!   deliveries (jumping back would put a whole window into the path at
+//!   once, in front of the next demand reply); it costs 1-2% of the link.
+//! - **Cap**: `cwnd` never exceeds 1.25 × the recent maximum delivery rate
+//!   × (smallest round trip + target), plus two frames. The delay signal
+//!   alone trusts the receiver's timestamps; a receiver that reports late
+//!   (a busy machine) makes queueing look like base delay and lets the
+//!   window, and the path's queue, grow. The cap bounds that queue from
+//!   what was actually delivered, and still lets the rate grow by a
+//!   quarter per round trip.
 //! - `cwnd` only grows while the sender uses it (bytes in flight within a
 //!   frame of `cwnd`): an idle or application-limited sender must not
 //!   build up a window it has never tested.
@@ -88,7 +97,8 @@ const CURRENT_SAMPLES: usize = 4;
 /// What the controller is doing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// Doubling per round trip.
+    /// Doubling per round trip (up to the window before a probe, if one
+    /// ended).
     Start,
     /// LEDBAT's linear control around the target.
     Steady,
@@ -125,13 +135,30 @@ pub struct Controller {
     min_rtt: Option<Duration>,
     /// No decrease before this time (one cut per round trip).
     hold_cuts_until: Option<Instant>,
+    /// After a probe: the window to grow back to (TCP's ssthresh). The
+    /// window regrows with the deliveries instead of jumping back, which
+    /// would put the whole window into the path at once: a burst that
+    /// queues a full window's serialization (60 ms at 100 Mbit/s) in
+    /// front of the next demand reply.
+    regrow_to: Option<u64>,
     /// When steady state began, or the last probe ended.
     steady_since: Option<Instant>,
     /// Delivery-rate samples: (time, bytes delivered in total).
     rate_marks: VecDeque<(Instant, u64)>,
     delivered_total: u64,
     delivery_rate: u64,
+    /// Recent delivery-rate samples, for their maximum (BBR's filter).
+    rate_max: VecDeque<(Instant, u64)>,
 }
+
+/// The window never exceeds this many times what the path delivered
+/// recently per (smallest round trip + target): room for the rate to grow
+/// by a quarter per round trip, and a bound on the queue that holds even
+/// when the delay signal is wrong (a receiver that reports late makes
+/// every sample look like base delay).
+const RATE_CAP_GAIN: f64 = 1.25;
+/// How long a delivery-rate sample counts for the cap.
+const RATE_MAX_WINDOW: Duration = Duration::from_secs(2);
 
 impl Controller {
     pub fn new(cfg: CcConfig) -> Self {
@@ -150,10 +177,12 @@ impl Controller {
             srtt: None,
             min_rtt: None,
             hold_cuts_until: None,
+            regrow_to: None,
             steady_since: None,
             rate_marks: VecDeque::new(),
             delivered_total: 0,
             delivery_rate: 0,
+            rate_max: VecDeque::new(),
         }
     }
 
@@ -213,12 +242,14 @@ impl Controller {
         }
     }
 
-    /// Ends a probe whose time is up.
+    /// Ends a probe whose time is up: the window starts again from the
+    /// minimum and doubles back to where it was.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Phase::Probe { until } = self.phase {
             if now >= until {
-                self.phase = Phase::Steady;
-                self.steady_since = Some(now);
+                self.regrow_to = Some(self.cwnd);
+                self.cwnd = self.min_cwnd();
+                self.phase = Phase::Start;
             }
         }
     }
@@ -248,11 +279,16 @@ impl Controller {
         let limited = in_flight + acked + self.cfg.frame >= self.cwnd;
         match self.phase {
             Phase::Start => {
-                if queue * 2 >= target {
+                if limited {
+                    self.cwnd = self.cwnd.saturating_add(acked);
+                }
+                let regrown = self.regrow_to.is_some_and(|w| self.cwnd >= w);
+                if queue * 2 >= target || regrown {
+                    if let Some(w) = self.regrow_to.take() {
+                        self.cwnd = self.cwnd.min(w);
+                    }
                     self.phase = Phase::Steady;
                     self.steady_since = Some(now);
-                } else if limited {
-                    self.cwnd = self.cwnd.saturating_add(acked);
                 }
             }
             Phase::Steady => {
@@ -280,7 +316,8 @@ impl Controller {
             }
             Phase::Probe { .. } => {}
         }
-        self.cwnd = self.cwnd.clamp(self.min_cwnd(), self.cfg.max_cwnd);
+        let cap = self.rate_cap().unwrap_or(self.cfg.max_cwnd);
+        self.cwnd = self.cwnd.min(cap).clamp(self.min_cwnd(), self.cfg.max_cwnd);
     }
 
     fn note_rtt(&mut self, rtt: Duration) {
@@ -331,8 +368,33 @@ impl Controller {
                 )]
                 let rate = ((b1 - b0) as f64 / dt.as_secs_f64()) as u64;
                 self.delivery_rate = rate;
+                while self.rate_max.back().is_some_and(|&(_, r)| r <= rate) {
+                    self.rate_max.pop_back();
+                }
+                self.rate_max.push_back((now, rate));
             }
         }
+        while self
+            .rate_max
+            .front()
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) > RATE_MAX_WINDOW)
+        {
+            self.rate_max.pop_front();
+        }
+    }
+
+    /// The most the window may be, from the recent delivery rate and the
+    /// smallest round trip; none until both are measured.
+    fn rate_cap(&self) -> Option<u64> {
+        let &(_, rate) = self.rate_max.front()?;
+        let rtt = self.min_rtt? + self.cfg.target;
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let bdp = (rate as f64 * rtt.as_secs_f64() * RATE_CAP_GAIN) as u64;
+        Some(bdp.saturating_add(2 * self.cfg.frame))
     }
 
     /// The connection went quiet for long enough that the old window says
@@ -340,6 +402,8 @@ impl Controller {
     pub fn restart(&mut self) {
         self.cwnd = self.min_cwnd() * 2;
         self.phase = Phase::Start;
+        self.regrow_to = None;
+        self.rate_max.clear();
         self.current.clear();
     }
 }
@@ -508,7 +572,8 @@ mod tests {
             // One small frame at a time, far below the window.
             cc.on_delivered(now, 4096, Duration::from_millis(50), 25_000_000, 0);
         }
-        assert_eq!(cc.cwnd(t0 + Duration::from_secs(1)), start);
+        // It may shrink to what it used (the rate cap), never grow.
+        assert!(cc.cwnd(t0 + Duration::from_secs(1)) <= start);
     }
 
     #[test]
@@ -526,9 +591,26 @@ mod tests {
         cc.on_delivered(later, 1 << 16, Duration::from_millis(50), 1, 4 << 20);
         assert!(matches!(cc.phase(), Phase::Probe { .. }));
         assert_eq!(cc.cwnd(later), cc.min_cwnd());
+        let before_probe = cc.cwnd;
         let after = cc.poll_timeout().unwrap();
         cc.handle_timeout(after);
+        // Back from the minimum, doubling with the deliveries (no burst of
+        // a whole window into the path), to the window it had.
+        assert_eq!(cc.phase(), Phase::Start);
+        assert_eq!(cc.cwnd(after), cc.min_cwnd());
+        let mut now = after;
+        let mut round_trips = 0;
+        while cc.phase() == Phase::Start {
+            let w = cc.cwnd(now);
+            now += Duration::from_millis(50);
+            cc.on_delivered(now, w, Duration::from_millis(50), 1, 0);
+            assert!(cc.cwnd(now) <= 2 * w, "grew faster than doubling");
+            round_trips += 1;
+            assert!(round_trips < 20, "never regrew");
+        }
+        // Back to the old window, or to what the deliveries it saw allow.
         assert_eq!(cc.phase(), Phase::Steady);
-        assert!(cc.cwnd(after) > cc.min_cwnd());
+        assert!(cc.cwnd(now) <= before_probe);
+        assert!(cc.cwnd(now) >= 8 * cc.min_cwnd(), "{}", cc.cwnd(now));
     }
 }

@@ -51,11 +51,14 @@ fn spawn_until_socket(cmd: &mut Command, socket: &Path) -> Proc {
             .spawn()
             .unwrap(),
     );
+    // Until a connection is accepted, not until the file exists: the
+    // socket file appears at bind(), before the server listens, and a
+    // connect in between is refused.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
         assert!(
             Instant::now() < deadline,
-            "{cmd:?} never created {}",
+            "{cmd:?} never listened on {}",
             socket.display()
         );
         std::thread::sleep(Duration::from_millis(20));

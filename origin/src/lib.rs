@@ -30,10 +30,11 @@
 
 mod serve;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use blockcore::{BlockDevice, BlockError, WriteEntry};
 use bytes::Bytes;
@@ -53,7 +54,52 @@ pub use serve::{serve, serve_connection, TlsAcceptor};
 /// believes the edge's cache holds. A wrong belief (the edge evicted the
 /// chunk) costs the edge one more round trip, never wrong data: the edge
 /// verifies what it serves by the signature.
-type KnownSignatures = BoundedSet<[u8; 32]>;
+///
+/// Chunks sent as a demand reply count at once; pushed chunks only after
+/// [`PUSH_SETTLE`]: a push may still be in the path (demand replies
+/// overtake it), and a read answered with the signature of a chunk the
+/// edge does not hold yet costs it that second round trip.
+struct KnownSignatures {
+    known: BoundedSet<[u8; 32]>,
+    settling: VecDeque<(Instant, [u8; 32])>,
+}
+
+/// How long after it was read a pushed chunk is assumed to be in the
+/// edge's cache.
+const PUSH_SETTLE: Duration = Duration::from_secs(2);
+
+impl KnownSignatures {
+    fn new(capacity: usize) -> Self {
+        KnownSignatures {
+            known: BoundedSet::new(capacity),
+            settling: VecDeque::new(),
+        }
+    }
+
+    fn insert_sent(&mut self, sig: [u8; 32]) {
+        self.known.insert(sig);
+    }
+
+    fn insert_pushed(&mut self, sig: [u8; 32], now: Instant) {
+        if self.settling.len() >= self.known.capacity() {
+            if let Some((_, s)) = self.settling.pop_front() {
+                self.known.insert(s);
+            }
+        }
+        self.settling.push_back((now, sig));
+    }
+
+    fn contains(&mut self, sig: &[u8; 32], now: Instant) -> bool {
+        while let Some(&(at, s)) = self.settling.front() {
+            if now.saturating_duration_since(at) < PUSH_SETTLE {
+                break;
+            }
+            self.settling.pop_front();
+            self.known.insert(s);
+        }
+        self.known.contains(sig)
+    }
+}
 
 /// Where the origin's blocking file operations run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -479,7 +525,7 @@ impl Origin {
         Ok(match signer {
             Some(s) if push => {
                 if let Some(sigs) = s.sign(offset, &data).await {
-                    s.remember(&sigs);
+                    s.remember_pushed(&sigs);
                 }
                 ReadAnswer::Data { as_of, data }
             }
@@ -581,7 +627,15 @@ impl Signer {
     fn remember(&self, sigs: &[[u8; 32]]) {
         let mut known = lock(&self.known);
         for s in sigs {
-            known.insert(*s);
+            known.insert_sent(*s);
+        }
+    }
+
+    fn remember_pushed(&self, sigs: &[[u8; 32]]) {
+        let now = Instant::now();
+        let mut known = lock(&self.known);
+        for s in sigs {
+            known.insert_pushed(*s, now);
         }
     }
 
@@ -598,8 +652,9 @@ impl Signer {
             return ReadAnswer::Data { as_of, data };
         };
         let all_known = want_signatures && {
-            let known = lock(&self.known);
-            sigs.iter().all(|s| known.contains(s))
+            let now = Instant::now();
+            let mut known = lock(&self.known);
+            sigs.iter().all(|s| known.contains(s, now))
         };
         if all_known {
             let c = &self.origin.stats;
@@ -613,5 +668,27 @@ impl Signer {
         }
         self.remember(&sigs);
         ReadAnswer::Data { as_of, data }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushed_chunks_count_as_known_only_once_they_had_time_to_arrive() {
+        let t0 = Instant::now();
+        let mut k = KnownSignatures::new(4);
+        k.insert_sent([1; 32]);
+        k.insert_pushed([2; 32], t0);
+        assert!(k.contains(&[1; 32], t0), "a demand reply counts at once");
+        assert!(!k.contains(&[2; 32], t0 + Duration::from_millis(100)));
+        assert!(k.contains(&[2; 32], t0 + PUSH_SETTLE));
+        // Settling is bounded too: past capacity the oldest settle early.
+        for i in 10..20u8 {
+            k.insert_pushed([i; 32], t0);
+        }
+        assert!(k.settling.len() <= 4);
+        assert!(!k.contains(&[3; 32], t0 + PUSH_SETTLE));
     }
 }

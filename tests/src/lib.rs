@@ -630,35 +630,27 @@ impl Drop for Ferry {
 // ---------------------------------------------------------------------------
 
 /// Just enough of the NBD protocol (fixed newstyle, NBD_OPT_GO, simple
-/// replies) to send well-formed and malformed requests by hand.
+/// replies) to send well-formed and malformed requests by hand, blocking.
+/// The constants and the request encoding are the server crate's own
+/// (`nbd_server::proto`); what is here is only the driving.
 pub mod nbd {
     use std::io::{self, Read, Write};
     use std::net::TcpStream;
 
-    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
-    pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    use bytes::BytesMut;
+    use nbd_server::proto::transmission::{Command, CommandFlags, RequestHeader};
+    use nbd_server::proto::Errno;
 
-    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
-    pub const FLAG_NO_ZEROES: u16 = 2;
-    pub const CLIENT_FIXED_NEWSTYLE: u32 = 1;
-    pub const CLIENT_NO_ZEROES: u32 = 2;
+    pub use nbd_server::proto::consts::{
+        CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
+        INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC,
+        SIMPLE_REPLY_MAGIC,
+    };
+    use nbd_server::proto::consts::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES};
 
-    pub const OPT_GO: u32 = 7;
-    pub const REP_ACK: u32 = 1;
-    pub const REP_INFO: u32 = 3;
-    pub const INFO_EXPORT: u16 = 0;
-
-    pub const CMD_READ: u16 = 0;
-    pub const CMD_WRITE: u16 = 1;
-    pub const CMD_DISC: u16 = 2;
-    pub const CMD_FLUSH: u16 = 3;
-
-    pub const EINVAL: u32 = 22;
-    pub const ENOSPC: u32 = 28;
-    pub const EOVERFLOW: u32 = 75;
+    pub const EINVAL: u32 = Errno::Inval.code();
+    pub const ENOSPC: u32 = Errno::NoSpc.code();
+    pub const EOVERFLOW: u32 = Errno::Overflow.code();
 
     /// A connected, negotiated client (transmission phase).
     #[derive(Debug)]
@@ -707,16 +699,19 @@ pub mod nbd {
         Ok(flags)
     }
 
-    /// Encode a request header.
+    /// Encodes a request header; `typ` may be a command the server does
+    /// not know.
     pub fn request(flags: u16, typ: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-        let mut b = Vec::with_capacity(28);
-        b.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&typ.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
-        b
+        let mut b = BytesMut::with_capacity(28);
+        RequestHeader {
+            flags: CommandFlags(flags),
+            command: Command::from_code(typ),
+            cookie,
+            offset,
+            length: len,
+        }
+        .encode(&mut b);
+        b.to_vec()
     }
 
     impl Client {
@@ -724,9 +719,9 @@ pub mod nbd {
         /// NBD_OPT_GO for `export` with no info requests.
         pub fn handshake(mut stream: TcpStream, export: &str) -> io::Result<Client> {
             let hflags = read_greeting(&mut stream)?;
-            let mut cflags = CLIENT_FIXED_NEWSTYLE;
+            let mut cflags = FLAG_C_FIXED_NEWSTYLE;
             if hflags & FLAG_NO_ZEROES != 0 {
-                cflags |= CLIENT_NO_ZEROES;
+                cflags |= FLAG_C_NO_ZEROES;
             }
             stream.write_all(&cflags.to_be_bytes())?;
             let mut opt = Vec::new();
@@ -744,7 +739,7 @@ pub mod nbd {
             let mut tflags = 0;
             loop {
                 let magic = read_u64(&mut stream)?;
-                assert_eq!(magic, OPT_REPLY_MAGIC, "bad option reply magic");
+                assert_eq!(magic, OPTION_REPLY_MAGIC, "bad option reply magic");
                 let option = read_u32(&mut stream)?;
                 assert_eq!(option, OPT_GO, "reply for wrong option");
                 let typ = read_u32(&mut stream)?;

@@ -28,9 +28,13 @@ impl QemuNbd {
             .spawn()
             .unwrap();
         let q = QemuNbd(Some(child));
+        // Accepting, not merely created: the file appears at bind(),
+        // before qemu-nbd listens.
         assert!(
-            wait_until(Duration::from_secs(20), || socket.exists()),
-            "qemu-nbd never created {}",
+            wait_until(Duration::from_secs(20), || {
+                std::os::unix::net::UnixStream::connect(socket).is_ok()
+            }),
+            "qemu-nbd never listened on {}",
             socket.display()
         );
         q

@@ -64,7 +64,12 @@ impl VmImage {
 /// The cached image, built by `scripts/make-vm-image.sh` if needed (the
 /// script serializes concurrent builds with a lock).
 fn vm_image() -> VmImage {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/make-vm-image.sh");
+    // The runner's CARGO_MANIFEST_DIR, not the compile-time one: builds are
+    // shared between clones at different paths (the target dir lives in
+    // ~/.cache), and cargo does not rebuild a test whose clone moved.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    let script = manifest_dir.join("../scripts/make-vm-image.sh");
     let start = Instant::now();
     let out = run(cmd("timeout")
         .arg("--kill-after=30")

@@ -60,7 +60,7 @@ pub enum Errno {
 
 impl Errno {
     /// The value sent in the reply's error field.
-    pub fn code(self) -> u32 {
+    pub const fn code(self) -> u32 {
         match self {
             Errno::Perm => 1,
             Errno::Io => 5,
