@@ -48,6 +48,10 @@ declare -A TOOLS=(
   [syslinux]=syslinux
   [sfdisk]=fdisk
   [flock]=util-linux
+  # The management API and metrics tests: curl speaks to the API's TLS
+  # listener, promtool (Prometheus) parses /metrics.
+  [curl]=curl
+  [promtool]=prometheus
   [timeout]=coreutils
 )
 

@@ -11,12 +11,15 @@
 //!
 //! The driver owns the session and does nothing the session did not ask
 //! for: it opens connections, moves bytes, sleeps until the session's next
-//! deadline, and hands completions to whoever waits for them.
+//! deadline, and hands completions to whoever waits for them. It stops
+//! when the session is over (detached, fenced by an operator, the volume
+//! changed) or the last [`LinkClient`] is dropped; every call after that
+//! fails with the reason ([`LinkClient::finished`]).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use blockcore::{
@@ -100,6 +103,25 @@ enum Cmd {
         seq: u64,
         entries: Vec<WriteEntry>,
     },
+    Detach {
+        reply: oneshot::Sender<Result<(), LinkError>>,
+        timeout: Duration,
+    },
+}
+
+/// Detach calls waiting for the origin's `Detached`.
+struct Detaching {
+    waiters: Vec<oneshot::Sender<Result<(), LinkError>>>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// What a detach call returns once the client stopped for `reason`.
+fn detach_outcome(reason: LinkError) -> Result<(), LinkError> {
+    match reason {
+        LinkError::Detached => Ok(()),
+        e => Err(e),
+    }
 }
 
 enum Waiter {
@@ -110,6 +132,8 @@ enum Waiter {
 #[derive(Debug, Default)]
 struct Shared {
     status: Mutex<LinkStatus>,
+    /// Why the driver stopped for good, once it has.
+    finished: Mutex<Option<LinkError>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -162,6 +186,7 @@ impl LinkClient {
             room: room_tx,
             shared: shared.clone(),
             first: Some(first_tx),
+            detach: None,
         };
         tokio::spawn(driver.run());
         let attachment = first_rx.await.map_err(|_| LinkError::Closed)??;
@@ -190,6 +215,38 @@ impl LinkClient {
     /// Link state and counters.
     pub fn status(&self) -> LinkStatus {
         lock(&self.shared.status).clone()
+    }
+
+    /// Why the link stopped for good ([`LinkError::Detached`], a
+    /// `Fenced` refusal, [`LinkError::VolumeChanged`]), if it did: what
+    /// every call fails with from then on.
+    pub fn finished(&self) -> Option<LinkError> {
+        lock(&self.shared.finished).clone()
+    }
+
+    /// The error for a call the driver can no longer take.
+    fn gone(&self) -> LinkError {
+        self.finished().unwrap_or(LinkError::Closed)
+    }
+
+    /// Detaches from the volume: once every batch shipped is applied, the
+    /// origin releases the volume (another edge may then attach it) and
+    /// this client stops: the connection closes, it is not reopened, and
+    /// later calls fail with [`LinkError::Detached`]. Without the origin's
+    /// confirmation within `timeout` it stops all the same and returns
+    /// `Timeout` (the origin lets go when it sees the connection close;
+    /// batches not applied stay in the journal for a later attach).
+    /// Drain the journal first ([`crate::EdgeDevice::drain`]) so nothing
+    /// is left behind.
+    pub async fn detach(&self, timeout: Duration) -> Result<(), LinkError> {
+        let (reply, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Detach { reply, timeout }).is_err() {
+            return detach_outcome(self.gone());
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => detach_outcome(self.gone()),
+        }
     }
 
     /// Reads `[offset, offset + len)` from the origin (`len` up to 16 MiB).
@@ -222,8 +279,8 @@ impl LinkClient {
                 want_signatures,
                 reply,
             })
-            .map_err(|_| LinkError::Closed)?;
-        rx.await.map_err(|_| LinkError::Closed)?
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// Asks the origin to stream `ranges` as pushes; returns when it has
@@ -232,8 +289,8 @@ impl LinkClient {
         let (reply, rx) = oneshot::channel();
         self.cmd
             .send(Cmd::Prefetch { ranges, reply })
-            .map_err(|_| LinkError::Closed)?;
-        rx.await.map_err(|_| LinkError::Closed)?
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
     }
 
     /// How many more batches the link takes now.
@@ -247,7 +304,7 @@ impl LinkClient {
         room.wait_for(|r| *r > 0)
             .await
             .map(|_| ())
-            .map_err(|_| LinkError::Closed)
+            .map_err(|_| self.gone())
     }
 
     /// Ships write batch `seq` (in order, once each; see
@@ -256,10 +313,12 @@ impl LinkClient {
     pub fn ship(&self, seq: u64, entries: Vec<WriteEntry>) -> Result<(), LinkError> {
         self.cmd
             .send(Cmd::Ship { seq, entries })
-            .map_err(|_| LinkError::Closed)
+            .map_err(|_| self.gone())
     }
 
     /// The newest batch the origin has applied (every one before it too).
+    /// Closed once the client stopped ([`LinkClient::finished`]): a batch
+    /// not applied by then never will be through this client.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.clone()
     }
@@ -299,6 +358,7 @@ struct Driver {
     shared: Arc<Shared>,
     /// Until the first attach: where its outcome goes.
     first: Option<oneshot::Sender<Result<Attachment, LinkError>>>,
+    detach: Option<Detaching>,
 }
 
 /// How long opening a connection (TCP and TLS) may take.
@@ -338,6 +398,7 @@ impl Driver {
             }
             let sendable = self.io.is_some() && self.session.can_transmit(now());
             let output = self.io.as_ref().map(|io| io.output.clone());
+            let detach_by = self.detach.as_ref().map(|d| d.deadline);
             tokio::select! {
                 biased;
                 cmd = self.cmd.recv() => match cmd {
@@ -388,6 +449,15 @@ impl Driver {
                         self.session.disconnected(now());
                     }
                 }
+                () = sleep_until(detach_by), if detach_by.is_some() => {
+                    let d = self.detach.take().expect("guarded");
+                    tracing::warn!(origin = %self.origin, timeout = ?d.timeout, "the origin did not confirm the detach; closing the link");
+                    for w in d.waiters {
+                        let _ = w.send(Err(LinkError::Timeout(d.timeout)));
+                    }
+                    self.stop(&LinkError::Detached);
+                    break;
+                }
                 () = sleep_until(self.session.poll_timeout()) => self.session.handle_timeout(now()),
             }
         }
@@ -414,6 +484,25 @@ impl Driver {
                 self.waiters.insert(id, Waiter::Prefetch(reply));
             }
             Cmd::Ship { seq, entries } => self.session.ship(seq, entries, t),
+            Cmd::Detach { reply, timeout } => {
+                let deadline = t + timeout;
+                match &mut self.detach {
+                    Some(d) => {
+                        d.waiters.push(reply);
+                        if deadline < d.deadline {
+                            (d.deadline, d.timeout) = (deadline, timeout);
+                        }
+                    }
+                    None => {
+                        self.detach = Some(Detaching {
+                            waiters: vec![reply],
+                            deadline,
+                            timeout,
+                        });
+                    }
+                }
+                self.session.detach();
+            }
         }
         // Reads given up on by their callers need no answer any more.
         if self.waiters.len() > 1024 {
@@ -468,11 +557,13 @@ impl Driver {
                     tracing::error!(origin = %self.origin, error = %e, "the origin refuses this edge; retrying");
                 }
                 EdgeEvent::Failed(e) => {
-                    tracing::error!(origin = %self.origin, error = %e, "the link to the origin is unusable");
+                    tracing::error!(origin = %self.origin, error = %e, "the link to the origin is unusable; it stops");
                     if let Some(first) = self.first.take() {
                         let _ = first.send(Err(e));
                         return false;
                     }
+                    self.stop(&e);
+                    return false;
                 }
                 EdgeEvent::ReadDone { id, result } => {
                     if let Some(Waiter::Read(w)) = self.waiters.remove(&id) {
@@ -509,10 +600,39 @@ impl Driver {
                 EdgeEvent::BatchFailed { seq, error } => {
                     tracing::error!(seq, error = %error, "the origin did not apply a batch; shipping it again");
                 }
-                EdgeEvent::Detached => {}
+                EdgeEvent::Detached => {
+                    tracing::info!(origin = %self.origin, volume = %self.session.config().volume, "detached from the origin");
+                    self.stop(&LinkError::Detached);
+                    return false;
+                }
             }
         }
         true
+    }
+
+    /// The session is over: records why (every later call fails with it),
+    /// answers whoever waits, and publishes the final counters. The
+    /// caller then ends the driver, which closes the connection.
+    fn stop(&mut self, reason: &LinkError) {
+        *lock(&self.shared.finished) = Some(reason.clone());
+        // Calls from now on fail at once, even before the driver is gone.
+        self.cmd.close();
+        for (_, w) in self.waiters.drain() {
+            match w {
+                Waiter::Read(w) => {
+                    let _ = w.send(Err(reason.clone()));
+                }
+                Waiter::Prefetch(w) => {
+                    let _ = w.send(Err(reason.clone()));
+                }
+            }
+        }
+        if let Some(d) = self.detach.take() {
+            for w in d.waiters {
+                let _ = w.send(detach_outcome(reason.clone()));
+            }
+        }
+        self.publish();
     }
 
     fn publish(&mut self) {
@@ -623,10 +743,12 @@ pub fn link_block_error(op: Op, offset: u64, e: LinkError) -> BlockError {
             len: 0,
             size: 0,
         },
+        // A detached edge is going away: as a device, it is shutting down.
         LinkError::Refused {
             code: ErrorCode::ShuttingDown,
             ..
-        } => BlockError::ShuttingDown { op },
+        }
+        | LinkError::Detached => BlockError::ShuttingDown { op },
         e @ (LinkError::Refused { .. }
         | LinkError::Io(_)
         | LinkError::Proto(_)

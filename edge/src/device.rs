@@ -10,7 +10,7 @@
 //!   push task:    LinkClient pushes ──> EdgeVolume::offer_push
 //! ```
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +48,12 @@ impl Default for EdgeConfig {
 #[derive(Clone, Debug)]
 pub struct EdgeStatus {
     pub link: LinkStatus,
+    /// The whole cache's counters (it may be shared by many volumes).
     pub cache: cache::CacheStats,
+    /// This volume's reads: bytes served from the cache and fetched.
+    pub cache_layer: cache::CachedDeviceStats,
+    /// The recovery point objective in force.
+    pub rpo: Duration,
     pub journal: JournalStats,
     pub batches_shipped: u64,
     pub bytes_shipped: u64,
@@ -112,6 +117,11 @@ struct Shared {
     volume: Volume,
     client: LinkClient,
     config: EdgeConfig,
+    /// The RPO in force, in nanoseconds (changed at run time by
+    /// [`EdgeDevice::set_rpo`]).
+    rpo_nanos: AtomicU64,
+    /// Wakes the shipper to look at a changed RPO.
+    rpo_changed: Notify,
     /// Wakes the shipper to cut everything now (a drain).
     drain: Notify,
     /// Bumped after every batch applied, and when a drain finds nothing.
@@ -164,6 +174,8 @@ impl EdgeDevice {
         let shared = Arc::new(Shared {
             volume: EdgeVolume::new(journal, cached, size, Mistakes::default()),
             client,
+            rpo_nanos: AtomicU64::new(duration_nanos(config.rpo)),
+            rpo_changed: Notify::new(),
             config,
             drain: Notify::new(),
             shipped,
@@ -193,6 +205,22 @@ impl EdgeDevice {
         }
     }
 
+    /// Changes the recovery point objective; the shipper applies it at
+    /// once (a shorter RPO makes overdue writes ship now).
+    pub fn set_rpo(&self, rpo: Duration) {
+        self.shared
+            .rpo_nanos
+            .store(duration_nanos(rpo), Ordering::Relaxed);
+        self.shared.rpo_changed.notify_one();
+    }
+
+    /// Asks the origin to release the volume (after a [`drain`](Self::drain),
+    /// nothing is left to ship), so another edge may attach it; the link
+    /// then closes.
+    pub async fn detach(&self, timeout: Duration) -> Result<(), link::LinkError> {
+        self.shared.client.detach(timeout).await
+    }
+
     /// Link, cache and journal state.
     pub fn status(&self) -> EdgeStatus {
         let v = &self.shared.volume;
@@ -200,12 +228,24 @@ impl EdgeDevice {
         EdgeStatus {
             link: self.shared.client.status(),
             cache: v.cache().cache_stats(),
+            cache_layer: v.cache().stats(),
+            rpo: self.shared.rpo(),
             journal: v.journal().stats(),
             batches_shipped: c.batches_shipped.load(Ordering::Relaxed),
             bytes_shipped: c.bytes_shipped.load(Ordering::Relaxed),
             pushes_kept: c.pushes_kept.load(Ordering::Relaxed),
             pushes_dropped: c.pushes_dropped.load(Ordering::Relaxed),
         }
+    }
+}
+
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Shared {
+    fn rpo(&self) -> Duration {
+        Duration::from_nanos(self.rpo_nanos.load(Ordering::Relaxed))
     }
 }
 
@@ -227,10 +267,12 @@ async fn ship_loop(shared: Arc<Shared>) {
         if client.wait_batch_room().await.is_err() {
             return;
         }
+        let rpo = shared.rpo();
         let draining = tokio::select! {
             biased;
             () = shared.drain.notified() => true,
-            r = v.journal().wait_batch_ready(cfg.batch_bytes, cfg.rpo) => {
+            () = shared.rpo_changed.notified() => continue,
+            r = v.journal().wait_batch_ready(cfg.batch_bytes, rpo) => {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "journal failed; the shipper stops");
                     return;
@@ -238,7 +280,7 @@ async fn ship_loop(shared: Arc<Shared>) {
                 false
             }
         };
-        let max_age = if draining { Duration::ZERO } else { cfg.rpo };
+        let max_age = if draining { Duration::ZERO } else { rpo };
         while client.batch_room() > 0 {
             match v.cut(cfg.batch_bytes, max_age).await {
                 Ok(Some(b)) => {

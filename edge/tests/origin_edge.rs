@@ -1,6 +1,6 @@
 //! Origin and edge in one process, over loopback TCP through the WAN link
-//! emulator: reads, group pushes, write batches applied exactly once, and
-//! what an outage does to each.
+//! emulator: reads, group pushes, write batches applied exactly once, what
+//! an outage does to each, detaching, and fencing an edge.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +10,8 @@ use blockcore::WriteEntry;
 use blockcore::{BlockDevice, MemDevice};
 use bytes::Bytes;
 use edge::{EdgeLinkConfig, LinkClient, RemoteDevice};
+use link::proto::ErrorCode;
+use link::LinkError;
 use linkemu::{LinkConfig, LinkEmulator};
 use origin::{Origin, OriginConfig};
 use tokio::net::TcpListener;
@@ -30,6 +32,7 @@ async fn ship(client: &LinkClient, seq: u64, entries: Vec<WriteEntry>) -> Result
 
 struct Setup {
     _state: tempfile::TempDir,
+    origin: Arc<Origin>,
     image: Arc<MemDevice>,
     origin_addr: SocketAddr,
     link: LinkEmulator,
@@ -56,8 +59,9 @@ async fn setup(delay_ms: u64, psk: Option<[u8; 32]>) -> Setup {
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin_addr = listener.local_addr().unwrap();
+    let served = origin.clone();
     let server = tokio::spawn(async move {
-        let _ = origin::serve(origin, listener, None).await;
+        let _ = origin::serve(served, listener, None).await;
     });
     let link = LinkEmulator::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -68,6 +72,7 @@ async fn setup(delay_ms: u64, psk: Option<[u8; 32]>) -> Setup {
     .unwrap();
     Setup {
         _state: state,
+        origin,
         image,
         origin_addr,
         link,
@@ -375,4 +380,123 @@ async fn edges_get_their_own_cache_keys_and_share_the_dedup_key() {
     assert_ne!(*first.cache_key, *other.cache_key);
     assert_eq!(*first.dedup_key, *other.dedup_key);
     assert_ne!(*first.cache_key, *first.dedup_key);
+}
+
+/// `edge_config` for the edge with this id.
+fn edge_named(s: &Setup, id: &str) -> EdgeLinkConfig {
+    let mut cfg = edge_config(s, None);
+    cfg.session.edge_id = id.into();
+    cfg
+}
+
+/// Batch `seq`: 4 KiB of the byte `seq` at `seq * 4096`.
+fn marked(seq: u64) -> Vec<WriteEntry> {
+    vec![WriteEntry::Data {
+        offset: seq * 4096,
+        data: Bytes::from(vec![u8::try_from(seq).unwrap(); 4096]),
+    }]
+}
+
+/// Whether the image holds batch `seq`'s mark.
+async fn has_mark(s: &Setup, seq: u64) -> bool {
+    let got = s.image.read(seq * 4096, 4096).await.unwrap();
+    got.iter().all(|&b| u64::from(b) == seq)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_volume_can_be_attached_by_another_edge() {
+    let s = setup(2, None).await;
+    let (a, _pa) = LinkClient::connect(edge_named(&s, "edge-a")).await.unwrap();
+    ship(&a, 1, marked(1)).await.unwrap();
+    let err = LinkClient::connect(edge_named(&s, "edge-b"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("attached by edge"), "{err}");
+
+    // Batch 2 is shipped and not waited for: the detach waits for it.
+    a.ship(2, marked(2)).unwrap();
+    a.detach(Duration::from_secs(5)).await.unwrap();
+    assert!(has_mark(&s, 2).await, "detach left a batch behind");
+    assert!(matches!(a.finished(), Some(LinkError::Detached)));
+    // The origin let go before it confirmed.
+    assert_eq!(s.origin.volume("vol").unwrap().holder(), None);
+    // The client is done: no reconnection, and calls fail cleanly.
+    assert!(matches!(
+        a.read(0, 4096).await.unwrap_err(),
+        LinkError::Detached
+    ));
+    assert!(matches!(a.ship(3, marked(3)), Err(LinkError::Detached)));
+    assert!(!a.is_connected());
+    let st = a.status().link;
+    assert!(st.stopped.is_some() && !st.fenced, "{st:?}");
+    a.detach(Duration::from_secs(1)).await.unwrap();
+
+    let (b, _pb) = LinkClient::connect(edge_named(&s, "edge-b")).await.unwrap();
+    assert_eq!(b.attachment().next_seq, 3);
+    assert_eq!(b.read(2 * 4096, 4096).await.unwrap()[..], [2; 4096]);
+    ship(&b, 3, marked(3)).await.unwrap();
+    let c = s.origin.volume("vol").unwrap().counters();
+    assert_eq!((c.attaches, c.batches_applied), (2, 3));
+    s.server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_force_released_edge_is_refused_until_unfenced() {
+    let s = setup(2, None).await;
+    let (old, _p) = LinkClient::connect(edge_named(&s, "edge-old"))
+        .await
+        .unwrap();
+    ship(&old, 1, marked(1)).await.unwrap();
+
+    assert_eq!(s.origin.force_release("vol").unwrap(), "edge-old");
+    // Whatever it still sends is refused; the origin closes its link and
+    // the client stops.
+    let _ = old.ship(2, marked(2));
+    let _ = old.read(0, 4096).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while old.finished().is_none() {
+        assert!(Instant::now() < deadline, "{:?}", old.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let fenced = |e: &LinkError| {
+        matches!(
+            e,
+            LinkError::Refused {
+                code: ErrorCode::Fenced,
+                ..
+            }
+        )
+    };
+    assert!(old.finished().is_some_and(|e| fenced(&e)));
+    assert!(fenced(&old.read(0, 4096).await.unwrap_err()));
+    assert!(old.ship(2, marked(2)).is_err());
+    let st = old.status().link;
+    assert!(st.fenced, "{st:?}");
+    assert!(st.last_error.unwrap_or_default().contains("fenced"));
+
+    // Reconnecting with the same id (the edge restarted) is refused too,
+    // with the way out.
+    let err = LinkClient::connect(edge_named(&s, "edge-old"))
+        .await
+        .unwrap_err();
+    assert!(fenced(&err), "{err}");
+    assert!(err.to_string().contains("unfence"), "{err}");
+    assert!(!has_mark(&s, 2).await, "a fenced edge wrote");
+
+    // Another edge may take the volume meanwhile.
+    let (other, _p) = LinkClient::connect(edge_named(&s, "edge-new"))
+        .await
+        .unwrap();
+    other.detach(Duration::from_secs(5)).await.unwrap();
+
+    // Unfenced (rebuilt), the edge attaches and writes again.
+    assert!(s.origin.unfence("vol", "edge-old").unwrap());
+    let (again, _p) = LinkClient::connect(edge_named(&s, "edge-old"))
+        .await
+        .unwrap();
+    assert_eq!(again.attachment().next_seq, 2);
+    ship(&again, 2, marked(2)).await.unwrap();
+    assert!(has_mark(&s, 2).await);
+    assert!(s.origin.counters().snapshot().attach_refusals >= 1);
+    s.server.abort();
 }

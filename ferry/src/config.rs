@@ -38,7 +38,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default NBD listen address (IANA port 10809).
 pub const DEFAULT_NBD_ADDR: &str = "127.0.0.1:10809";
@@ -81,6 +81,12 @@ impl fmt::Display for ListenAddr {
             ListenAddr::Tcp(a) => f.write_str(a),
             ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
         }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -178,6 +184,40 @@ impl FromStr for ByteSize {
     }
 }
 
+impl fmt::Display for ByteSize {
+    /// The largest suffix that divides the count exactly (`64K`, `8G`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (shift, suffix) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+            if self.0 != 0 && self.0.trailing_zeros() >= shift {
+                return write!(f, "{}{suffix}", self.0 >> shift);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl schemars::JsonSchema for ByteSize {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ByteSize".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A byte count: a number, or a string with a K, M, G or T suffix (powers of two), e.g. \"64M\".",
+            "oneOf": [
+                { "type": "integer", "minimum": 0 },
+                { "type": "string", "pattern": "^[0-9]+ *[KMGTkmgt]?$" }
+            ]
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -222,7 +262,7 @@ fn default_chunk_size() -> ByteSize {
 }
 
 /// Serving the exports over iSCSI.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IscsiSettings {
     /// Portals (`HOST:PORT`; the iSCSI port is 3260).
@@ -232,10 +272,14 @@ pub struct IscsiSettings {
     #[serde(default)]
     pub allowed_initiators: Vec<String>,
     /// CHAP name the initiator must present, with `chap_secret_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chap_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chap_secret_file: Option<PathBuf>,
     /// Mutual CHAP: the name and secret the target answers with.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mutual_user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mutual_secret_file: Option<PathBuf>,
     /// Ask discovery sessions for CHAP too.
     #[serde(default)]
@@ -351,6 +395,15 @@ impl ServeConfig {
 
 impl IscsiSettings {
     fn validate(&self, exports: &[ExportConfig]) -> Result<(), ConfigError> {
+        self.validate_auth()?;
+        for e in exports {
+            check_iscsi_name(&e.name)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the CHAP settings go together.
+    pub fn validate_auth(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError::Iscsi(m));
         if self.chap_user.is_some() != self.chap_secret_file.is_some() {
             return err("chap_user and chap_secret_file go together".into());
@@ -363,9 +416,6 @@ impl IscsiSettings {
         }
         if self.discovery_chap && self.chap_user.is_none() {
             return err("discovery_chap needs chap_user".into());
-        }
-        for e in exports {
-            check_iscsi_name(&e.name)?;
         }
         Ok(())
     }

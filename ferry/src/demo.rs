@@ -17,7 +17,8 @@ use linkemu::{LinkConfig, LinkEmulator};
 use origin::{Origin, OriginConfig};
 
 use crate::config::ListenAddr;
-use crate::edge::EdgeArgs;
+use crate::edge::config::{EdgeFile, VolumeSpec};
+use crate::edge::{EdgeStart, Slot};
 
 /// Builds a sparse image of `size_mib` MiB: a readable label in the first
 /// sector, a few patterned data extents, holes everywhere else, so `nbdinfo
@@ -90,26 +91,20 @@ pub async fn run(
         .await?,
     );
     // The edge, in the cloud.
-    let edge = crate::edge::start(&EdgeArgs {
-        origin: wan.local_addr().to_string(),
-        volume: "demo".into(),
-        cache_dir: dir.join("edge"),
-        cache_size: 256 << 20,
-        cache_memory: 64 << 20,
-        journal_size: 256 << 20,
-        rpo: Duration::from_secs(5),
-        nbd: listen,
-        iscsi: Vec::new(),
-        psk_file: None,
-        no_tls: true,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_server_name: None,
-        control: None,
-        request_timeout: Duration::from_secs(30),
-        edge_id: None,
-        local_only: None,
+    let mut file = EdgeFile::new(dir.join("edge"));
+    file.cache_size = crate::config::ByteSize(256 << 20);
+    file.cache_memory = crate::config::ByteSize(64 << 20);
+    file.nbd = listen;
+    file.link.no_tls = true;
+    file.volumes.push(VolumeSpec {
+        journal_size: crate::config::ByteSize(256 << 20),
+        rpo_secs: 5.0,
+        ..VolumeSpec::new("demo", wan.local_addr().to_string())
+    });
+    let edge = crate::edge::start(EdgeStart {
+        file,
+        file_path: None,
+        attach_first: true,
     })
     .await?;
     {
@@ -131,23 +126,25 @@ pub async fn run(
                qemu-io -f raw -c 'read -v 0 128' {uri}\n  \
                qemu-img convert -p -O qcow2 {uri} /tmp/demo-copy.qcow2\n  \
                qemu-io -f raw -c 'write -P 0x5a 0 1M' {uri}\n  \
-               ferry edge status --control {control}\n  \
-               ferry edge flush --control {control}\n  \
+               ferry status --api {api}\n  \
+               ferry flush --api {api}\n  \
                qemu-system-x86_64 -drive file={uri},format=raw,if=virtio ...\n\
              Ctrl-C stops it; the status line below refreshes every 5 s.",
             image = image.display(),
-            control = edge.control.display(),
+            api = edge.api.display(),
         );
         let _ = out.flush();
     }
-    let device = edge.device.clone();
+    let Some((_, Slot::Up(served))) = edge.daemon.volumes().into_iter().next() else {
+        anyhow::bail!("the demo volume did not attach");
+    };
     let shown = wan.clone();
     let ticker = tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(5));
         every.tick().await;
         loop {
             every.tick().await;
-            let s = device.status();
+            let s = served.status();
             let l = shown.stats();
             let age = s
                 .journal

@@ -2,8 +2,11 @@
 //! `ferry` binary. The data path lives in `blockcore` and the front ends;
 //! this crate only wires them together.
 
+pub mod api;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod edge;
+pub mod metrics;
 pub mod origin;
 pub mod serve;

@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 // Request buffers are large and short-lived (up to 32 MiB each); glibc's
@@ -36,11 +37,23 @@ enum Command {
     /// Work with a cache directory.
     #[command(subcommand)]
     Cache(CacheCommand),
-    /// Serve images to edges over the replication link.
-    Origin(OriginCliArgs),
-    /// Serve a volume of an origin over NBD, with a local cache and a
-    /// write-behind journal; `flush` and `status` talk to a running edge.
+    /// Serve images to edges over the replication link; `volume`,
+    /// `release`, `unfence` and `status` talk to a running origin.
+    Origin(OriginCmd),
+    /// Run an edge: serve volumes of origins over NBD and iSCSI through a
+    /// local cache and write-behind journals (`--config FILE` for many
+    /// volumes, or one from flags); `flush` and `status` talk to a running
+    /// edge.
     Edge(EdgeCmd),
+    /// Add, list, change and remove a running edge's volumes.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// A running edge's volumes as a table: state, link, hit ratio, bytes
+    /// each way, journal.
+    Status(CtlArgs),
+    /// Ship every journaled write of a running edge (or of VOLUME) to the
+    /// origin and wait until it is applied.
+    Flush(FlushArgs),
     /// Relay TCP connections to TARGET like a WAN link (one-way delay,
     /// bandwidth cap), for tests and benchmarks on one machine.
     LinkEmulator(LinkEmuArgs),
@@ -69,19 +82,100 @@ struct LinkEmuArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct OriginCmd {
+    #[command(subcommand)]
+    action: Option<OriginAction>,
+    #[command(flatten)]
+    run: OriginCliArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum OriginAction {
+    /// Add, list and remove a running origin's volumes.
+    #[command(subcommand)]
+    Volume(OriginVolumeCommand),
+    /// Take a volume from an edge that is gone for good, and fence that
+    /// edge off it: it can never attach or write it again.
+    Release(OriginReleaseArgs),
+    /// Let a fenced edge (rebuilt, its journal emptied) attach again.
+    Unfence(OriginUnfenceArgs),
+    /// The origin's volumes: size, holder, fenced edges, traffic.
+    Status(OriginCtlArgs),
+}
+
+#[derive(Args, Debug)]
+struct OriginCtlArgs {
+    /// The origin's API socket (default in the origin: STATE_DIR/api.sock).
+    #[arg(long, value_name = "PATH", env = "FERRY_ORIGIN_API")]
+    api: Option<PathBuf>,
+    /// Print the API's JSON reply.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum OriginVolumeCommand {
+    /// Serve another volume from now on (kept in STATE_DIR/exports.toml).
+    Add {
+        name: String,
+        /// A raw image, or an NBD URI.
+        source: String,
+        #[command(flatten)]
+        ctl: OriginCtlArgs,
+    },
+    List(OriginCtlArgs),
+    /// Stop serving a volume (refused while an edge holds it).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        ctl: OriginCtlArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+struct OriginReleaseArgs {
+    volume: String,
+    /// Required: the edge loses what it has not shipped.
+    #[arg(long, required = true)]
+    force: bool,
+    /// The edge to fence (default: the one holding the volume, else the
+    /// last one that held it).
+    #[arg(long, value_name = "ID")]
+    edge: Option<String>,
+    #[command(flatten)]
+    ctl: OriginCtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct OriginUnfenceArgs {
+    volume: String,
+    edge: String,
+    #[command(flatten)]
+    ctl: OriginCtlArgs,
+}
+
+#[derive(Args, Debug)]
 struct OriginCliArgs {
     /// Address to listen on for edges, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
-    listen: String,
+    listen: Option<String>,
     /// A volume to serve, as NAME=PATH (repeatable). PATH may also be an
     /// existing NBD export: nbd://HOST[:PORT]/EXPORT or
     /// nbd+unix:///EXPORT?socket=SOCKET (e.g. qemu-nbd serving a qcow2).
-    #[arg(long = "export", value_name = "NAME=PATH|URI", value_parser = parse_export_arg, required = true)]
+    /// More can be added at run time (`ferry origin volume add`).
+    #[arg(long = "export", value_name = "NAME=PATH|URI", value_parser = parse_export_arg)]
     exports: Vec<(String, PathBuf)>,
     /// Directory for the origin's state (apply journals, volume epochs, the
-    /// deployment key handed to edges).
+    /// deployment key handed to edges, the exports the API added).
     #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
+    state_dir: Option<PathBuf>,
+    /// The management API's Unix socket (default: STATE_DIR/api.sock).
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// Also serve GET /metrics (Prometheus) over plain TCP on HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Pre-shared key (32 bytes, raw or hex) edges must prove they hold.
     #[arg(long, value_name = "FILE")]
     psk_file: Option<PathBuf>,
@@ -113,20 +207,97 @@ struct EdgeCmd {
 #[derive(Subcommand, Debug)]
 enum EdgeAction {
     /// Ship every journaled write to the origin and wait until applied.
-    Flush(EdgeControlArgs),
-    /// Print the edge's link, cache and journal state.
-    Status(EdgeControlArgs),
+    Flush(CtlArgs),
+    /// Print each volume's link, cache and journal state as key: value lines.
+    Status(CtlArgs),
+}
+
+/// How a CLI command reaches a running edge.
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// The edge's API socket (default in the edge: CACHE_DIR/api.sock).
+    #[arg(long, alias = "control", value_name = "PATH", env = "FERRY_API")]
+    api: Option<PathBuf>,
+    /// Print the API's JSON reply instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
-struct EdgeControlArgs {
-    /// The edge's control socket.
-    #[arg(long, value_name = "PATH")]
-    control: PathBuf,
+struct FlushArgs {
+    /// Only this volume.
+    volume: Option<String>,
+    /// How long to wait for the origin, in seconds (default 120).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCommand {
+    /// Attach a volume of an origin and serve it (NBD export NAME, iSCSI
+    /// target iqn.2026-11.dev.ferry:NAME); saved in the edge's file.
+    Add(VolumeAddArgs),
+    /// The volumes with their state.
+    List(CtlArgs),
+    /// Change a running volume.
+    Set(VolumeSetArgs),
+    /// Stop serving a volume: its clients finish, its journal is drained to
+    /// the origin, the origin releases it.
+    Rm(VolumeRmArgs),
+}
+
+#[derive(Args, Debug)]
+struct VolumeAddArgs {
+    name: String,
+    /// The origin, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    origin: String,
+    /// Write journal capacity.
+    #[arg(long, value_name = "SIZE", default_value = "1G")]
+    journal_size: ByteSize,
+    /// Recovery point objective in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    rpo: f64,
+    /// Keep writes to START:LEN on this edge, never shipped (repeatable).
+    #[arg(long, value_name = "START:LEN")]
+    local_only: Vec<String>,
+    /// The whole volume is local-only.
+    #[arg(long, conflicts_with = "local_only")]
+    isolated: bool,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct VolumeSetArgs {
+    name: String,
+    /// A new recovery point objective, in seconds.
+    #[arg(long, value_name = "SECS")]
+    rpo: f64,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct VolumeRmArgs {
+    name: String,
+    /// How long to wait for the origin to apply the journal, in seconds
+    /// (default 120). On timeout the volume stays, its journal intact.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    ctl: CtlArgs,
 }
 
 #[derive(Args, Debug)]
 struct EdgeRunArgs {
+    /// The edge's configuration file (TOML: cache, listeners, link,
+    /// [[volume]]s); API changes are saved back to it. Without it, one
+    /// volume comes from --origin, --volume and --cache-dir.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["origin", "volume"])]
+    config: Option<PathBuf>,
     /// The origin, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     origin: Option<String>,
@@ -180,34 +351,27 @@ struct EdgeRunArgs {
     /// part of --origin).
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
-    /// Control socket (default: DIR/edge-VOLUME.sock).
-    #[arg(long, value_name = "PATH")]
-    control: Option<PathBuf>,
+    /// The management API's Unix socket (default: DIR/api.sock).
+    #[arg(long, alias = "control", value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// Also serve GET /metrics (Prometheus) over plain TCP on HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
     /// Keep writes to this byte range on this machine, never shipped to
     /// the origin (swap, scratch space): START:LEN with K/M/G suffixes,
     /// e.g. 1G:512M (repeatable). Kept in DIR/overlay-VOLUME.img; restart
     /// with the same ranges.
-    #[arg(long, value_name = "START:LEN", value_parser = parse_local_range)]
-    local_only: Vec<std::ops::Range<u64>>,
+    #[arg(long, value_name = "START:LEN", value_parser = check_local_range)]
+    local_only: Vec<String>,
     /// Isolation mode: the whole volume is local-only, nothing is shipped;
     /// blocks never written here are still read from the cache and origin.
     #[arg(long, conflicts_with = "local_only")]
     isolated: bool,
 }
 
-/// Parses `--local-only START:LEN`.
-fn parse_local_range(s: &str) -> Result<std::ops::Range<u64>, String> {
-    let (start, len) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?} is not START:LEN (e.g. 1G:512M)"))?;
-    let (start, len) = (start.parse::<ByteSize>()?.0, len.parse::<ByteSize>()?.0);
-    if len == 0 {
-        return Err(format!("{s:?}: the range is empty"));
-    }
-    let end = start
-        .checked_add(len)
-        .ok_or_else(|| format!("{s:?} is too large"))?;
-    Ok(start..end)
+/// Checks `--local-only START:LEN`.
+fn check_local_range(s: &str) -> Result<String, String> {
+    ferry::edge::config::parse_local_range(s).map(|_| s.to_owned())
 }
 
 #[derive(Subcommand, Debug)]
@@ -215,6 +379,18 @@ enum CacheCommand {
     /// Print a cache's size, occupancy, volumes and dedup ratio, and check
     /// every stored chunk. Exits 1 if anything is damaged.
     Inspect(InspectArgs),
+    /// A running edge's cache: size, occupancy, hits.
+    Status(CtlArgs),
+    /// Resize a running edge's cache while in use (shrinking evicts).
+    Resize(CacheResizeArgs),
+}
+
+#[derive(Args, Debug)]
+struct CacheResizeArgs {
+    /// The new capacity, e.g. 64G.
+    size: ByteSize,
+    #[command(flatten)]
+    ctl: CtlArgs,
 }
 
 #[derive(Args, Debug)]
@@ -441,64 +617,171 @@ async fn link_emulator(a: LinkEmuArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn secs(v: f64, what: &str) -> anyhow::Result<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| anyhow::anyhow!("--{what} must be a non-negative number of seconds"))
+}
+
 async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
+    use ferry::edge::config::{EdgeFile, VolumeSpec};
     match cmd.action {
         Some(EdgeAction::Flush(c)) => {
-            ferry::edge::control(&c.control, "flush").await?;
-            println!("flushed: every journaled write is applied at the origin");
-            Ok(())
+            ferry::ctl::flush(&ferry::ctl::client(c.api)?, None, None, c.json).await
         }
         Some(EdgeAction::Status(c)) => {
-            print!("{}", ferry::edge::control(&c.control, "status").await?);
+            print!(
+                "{}",
+                ferry::ctl::edge_status_lines(&ferry::ctl::client(c.api)?).await?
+            );
             Ok(())
         }
         None => {
             let r = cmd.run;
-            let (Some(origin), Some(volume), Some(cache_dir)) = (r.origin, r.volume, r.cache_dir)
-            else {
-                anyhow::bail!("ferry edge needs --origin, --volume and --cache-dir");
+            let (mut file, file_path, attach_first) = if let Some(path) = r.config {
+                // Absolute, so saving it does not depend on the directory.
+                let path = std::fs::canonicalize(&path)
+                    .with_context(|| format!("finding {}", path.display()))?;
+                (EdgeFile::load(&path)?, Some(path), false)
+            } else {
+                let (Some(origin), Some(volume), Some(cache_dir)) =
+                    (r.origin, r.volume, r.cache_dir)
+                else {
+                    anyhow::bail!(
+                        "ferry edge needs --config FILE, or --origin, --volume and --cache-dir"
+                    );
+                };
+                let mut file = EdgeFile::new(cache_dir);
+                file.cache_size = r.cache_size;
+                file.cache_memory = r.cache_memory;
+                file.nbd = r.nbd;
+                if !r.iscsi.is_empty() {
+                    file.iscsi = Some(ferry::config::IscsiSettings {
+                        listen: r.iscsi,
+                        ..Default::default()
+                    });
+                }
+                file.link.psk_file = r.psk_file;
+                file.link.no_tls = r.no_tls;
+                file.link.tls_ca = r.tls_ca;
+                file.link.tls_cert = r.tls_cert;
+                file.link.tls_key = r.tls_key;
+                file.link.tls_server_name = r.tls_server_name;
+                secs(r.request_timeout, "request-timeout")?;
+                file.link.request_timeout_secs = r.request_timeout;
+                secs(r.rpo, "rpo")?;
+                file.volumes.push(VolumeSpec {
+                    journal_size: r.journal_size,
+                    rpo_secs: r.rpo,
+                    local_only: r.local_only,
+                    isolated: r.isolated,
+                    ..VolumeSpec::new(volume, origin)
+                });
+                (file, None, true)
             };
-            let secs = |v: f64, what: &str| {
-                std::time::Duration::try_from_secs_f64(v).map_err(|_| {
-                    anyhow::anyhow!("--{what} must be a non-negative number of seconds")
-                })
-            };
-            let args = ferry::edge::EdgeArgs {
-                origin,
-                volume,
-                cache_dir,
-                cache_size: r.cache_size.0,
-                cache_memory: r.cache_memory.0,
-                journal_size: r.journal_size.0,
-                rpo: secs(r.rpo, "rpo")?,
-                nbd: r.nbd,
-                iscsi: r.iscsi,
-                psk_file: r.psk_file,
-                no_tls: r.no_tls,
-                tls_ca: r.tls_ca,
-                tls_cert: r.tls_cert,
-                tls_key: r.tls_key,
-                tls_server_name: r.tls_server_name,
-                control: r.control,
-                request_timeout: secs(r.request_timeout, "request-timeout")?,
-                edge_id: None,
-                local_only: if r.isolated {
-                    Some(blockcore::LocalRanges::Everything)
-                } else if r.local_only.is_empty() {
-                    None
-                } else {
-                    Some(blockcore::LocalRanges::Ranges(r.local_only))
-                },
-            };
-            let running = ferry::edge::start(&args).await?;
+            if r.api.is_some() {
+                file.api = r.api;
+            }
+            if r.metrics.is_some() {
+                file.metrics = r.metrics;
+            }
+            let running = ferry::edge::start(ferry::edge::EdgeStart {
+                file,
+                file_path,
+                attach_first,
+            })
+            .await?;
             for l in &running.listeners {
                 print_listening(l);
             }
             for l in &running.iscsi_listeners {
                 print_listening_as("iscsi", l);
             }
-            print_listening_as("control", &running.control.display().to_string());
+            if let Some(m) = &running.metrics {
+                print_listening_as("metrics", m);
+            }
+            if let Some(a) = &running.api_tcp {
+                print_listening_as("api-tcp", a);
+            }
+            print_listening_as("api", &running.api.display().to_string());
+            // The name scripts written for earlier versions wait for.
+            print_listening_as("control", &running.api.display().to_string());
             running.run_until_signal().await
+        }
+    }
+}
+
+async fn origin(cmd: OriginCmd) -> anyhow::Result<()> {
+    use ferry::ctl;
+    let client = |c: OriginCtlArgs| {
+        c.api.map(ferry::api::client::ApiClient::new).context(
+            "which origin? give --api PATH (its API socket: STATE_DIR/api.sock) or set FERRY_ORIGIN_API",
+        )
+    };
+    match cmd.action {
+        Some(OriginAction::Volume(OriginVolumeCommand::Add { name, source, ctl })) => {
+            let json = ctl.json;
+            ctl::origin_volume_add(&client(ctl)?, &name, &source, json).await
+        }
+        Some(OriginAction::Volume(OriginVolumeCommand::List(c)) | OriginAction::Status(c)) => {
+            let json = c.json;
+            ctl::origin_status(&client(c)?, json).await
+        }
+        Some(OriginAction::Volume(OriginVolumeCommand::Rm { name, ctl })) => {
+            let json = ctl.json;
+            ctl::origin_volume_rm(&client(ctl)?, &name, json).await
+        }
+        Some(OriginAction::Release(a)) => {
+            let json = a.ctl.json;
+            ctl::origin_release(&client(a.ctl)?, &a.volume, a.edge.as_deref(), json).await
+        }
+        Some(OriginAction::Unfence(a)) => {
+            let json = a.ctl.json;
+            ctl::origin_unfence(&client(a.ctl)?, &a.volume, &a.edge, json).await
+        }
+        None => {
+            let a = cmd.run;
+            let (Some(listen), Some(state_dir)) = (a.listen, a.state_dir) else {
+                anyhow::bail!("ferry origin needs --listen and --state-dir");
+            };
+            let args = ferry::origin::OriginArgs {
+                listen,
+                exports: a.exports,
+                state_dir,
+                api: a.api,
+                metrics: a.metrics,
+                psk_file: a.psk_file,
+                no_tls: a.no_tls,
+                tls_cert: a.tls_cert,
+                tls_key: a.tls_key,
+                tls_client_ca: a.tls_client_ca,
+                engine: a.engine,
+            };
+            ferry::origin::run(args, print_listening_as).await
+        }
+    }
+}
+
+async fn volume(cmd: VolumeCommand) -> anyhow::Result<()> {
+    use ferry::ctl;
+    match cmd {
+        VolumeCommand::Add(a) => {
+            let spec = ferry::edge::config::VolumeSpec {
+                journal_size: a.journal_size,
+                rpo_secs: a.rpo,
+                local_only: a.local_only,
+                isolated: a.isolated,
+                ..ferry::edge::config::VolumeSpec::new(a.name, a.origin)
+            };
+            spec.validate()?;
+            ctl::volume_add(&ctl::client(a.ctl.api)?, &spec, a.ctl.json).await
+        }
+        VolumeCommand::List(c) => ctl::volume_list(&ctl::client(c.api)?, c.json).await,
+        VolumeCommand::Set(a) => {
+            ctl::volume_set(&ctl::client(a.ctl.api)?, &a.name, Some(a.rpo), a.ctl.json).await
+        }
+        VolumeCommand::Rm(a) => {
+            let timeout = a.timeout.map(|t| secs(t, "timeout")).transpose()?;
+            ctl::volume_rm(&ctl::client(a.ctl.api)?, &a.name, timeout, a.ctl.json).await
         }
     }
 }
@@ -551,20 +834,26 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => ferry::demo::run(args.dir, args.size_mib, args.nbd).await,
             Command::Cache(CacheCommand::Inspect(args)) => inspect(&args).await,
-            Command::Origin(a) => {
-                let args = ferry::origin::OriginArgs {
-                    listen: a.listen,
-                    exports: a.exports,
-                    state_dir: a.state_dir,
-                    psk_file: a.psk_file,
-                    no_tls: a.no_tls,
-                    tls_cert: a.tls_cert,
-                    tls_key: a.tls_key,
-                    tls_client_ca: a.tls_client_ca,
-                    engine: a.engine,
-                };
-                ferry::origin::run(args, |addr| print_listening_as("origin", addr)).await
+            Command::Cache(CacheCommand::Status(c)) => {
+                ferry::ctl::cache_status(&ferry::ctl::client(c.api)?, c.json).await
             }
+            Command::Cache(CacheCommand::Resize(a)) => {
+                ferry::ctl::cache_resize(&ferry::ctl::client(a.ctl.api)?, a.size.0, a.ctl.json)
+                    .await
+            }
+            Command::Volume(cmd) => volume(cmd).await,
+            Command::Status(c) => ferry::ctl::status(&ferry::ctl::client(c.api)?, c.json).await,
+            Command::Flush(a) => {
+                let timeout = a.timeout.map(|t| secs(t, "timeout")).transpose()?;
+                ferry::ctl::flush(
+                    &ferry::ctl::client(a.ctl.api)?,
+                    a.volume.as_deref(),
+                    timeout,
+                    a.ctl.json,
+                )
+                .await
+            }
+            Command::Origin(cmd) => origin(cmd).await,
             Command::Edge(cmd) => edge(cmd).await,
             Command::LinkEmulator(a) => link_emulator(a).await,
         }

@@ -187,15 +187,12 @@ pub fn target_name(export: &str) -> String {
     format!("{IQN_PREFIX}:{export}")
 }
 
-/// Builds the iSCSI portal configuration: one target per export, each with
-/// the export as LUN 0.
-pub fn iscsi_server(
+/// The CHAP settings of every target.
+fn chap_config(
     settings: &IscsiSettings,
-    exports: &[Export],
-) -> anyhow::Result<iscsi_target::server::Server> {
-    use iscsi_target::login::{ChapConfig, LoginConfig, TargetConfig};
-    use iscsi_target::scsi::{Lun, LunIdentity, LunMap};
-    let chap = match (&settings.chap_user, &settings.chap_secret_file) {
+) -> anyhow::Result<Option<iscsi_target::login::ChapConfig>> {
+    use iscsi_target::login::ChapConfig;
+    Ok(match (&settings.chap_user, &settings.chap_secret_file) {
         (Some(user), Some(file)) => Some(ChapConfig {
             user: user.clone(),
             secret: IscsiSettings::read_secret(file)?,
@@ -205,34 +202,62 @@ pub fn iscsi_server(
             },
         }),
         _ => None,
-    };
+    })
+}
+
+/// One export's target: its login settings and its LUN map (the device as
+/// LUN 0).
+pub fn iscsi_target_config(
+    settings: &IscsiSettings,
+    export: &str,
+    device: Arc<dyn BlockDevice>,
+) -> anyhow::Result<(
+    iscsi_target::login::TargetConfig,
+    Arc<iscsi_target::scsi::LunMap>,
+)> {
+    use iscsi_target::login::TargetConfig;
+    use iscsi_target::scsi::{Lun, LunIdentity, LunMap};
+    let lun = Lun::new(
+        device,
+        LunIdentity {
+            volume_name: export.to_owned(),
+            vendor: "FERRY".into(),
+            product: "ferry disk".into(),
+            revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
+        },
+    );
+    Ok((
+        TargetConfig {
+            name: target_name(export),
+            alias: Some(export.to_owned()),
+            allowed_initiators: settings.allowed_initiators.clone(),
+            chap: chap_config(settings)?,
+        },
+        Arc::new(LunMap::new(vec![(0, Arc::new(lun))])),
+    ))
+}
+
+/// Builds the iSCSI portal configuration: one target per export, each with
+/// the export as LUN 0 (more can be added at run time).
+pub fn iscsi_server(
+    settings: &IscsiSettings,
+    exports: &[Export],
+) -> anyhow::Result<iscsi_target::server::Server> {
+    use iscsi_target::login::LoginConfig;
     let mut targets = Vec::new();
     let mut luns = std::collections::HashMap::new();
     for e in exports {
-        let name = target_name(&e.name);
-        let lun = Lun::new(
-            Arc::clone(&e.device),
-            LunIdentity {
-                volume_name: e.name.clone(),
-                vendor: "FERRY".into(),
-                product: "ferry disk".into(),
-                revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
-            },
-        );
-        luns.insert(
-            name.clone(),
-            Arc::new(LunMap::new(vec![(0, Arc::new(lun))])),
-        );
-        targets.push(TargetConfig {
-            name,
-            alias: Some(e.name.clone()),
-            allowed_initiators: settings.allowed_initiators.clone(),
-            chap: chap.clone(),
-        });
+        let (target, map) = iscsi_target_config(settings, &e.name, Arc::clone(&e.device))?;
+        luns.insert(target.name.clone(), map);
+        targets.push(target);
     }
     let login = LoginConfig {
         targets,
-        discovery_chap: if settings.discovery_chap { chap } else { None },
+        discovery_chap: if settings.discovery_chap {
+            chap_config(settings)?
+        } else {
+            None
+        },
         ..LoginConfig::default()
     };
     Ok(iscsi_target::server::Server::new(

@@ -7,12 +7,18 @@
 //! wake-up per command: a read the page cache answers completes on the
 //! spot); a writer task owns the socket's write half so a slow reader never
 //! stalls command intake.
+//!
+//! Targets come and go at run time. A login works against a snapshot of
+//! them taken at its first request and is admitted to its target only if
+//! that very target is still there; each target's token (a child of the
+//! portal's) and tracker let its removal end and wait for exactly its own
+//! sessions.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -24,9 +30,12 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
-use crate::login::{Login, LoginConfig, LoginResponse, LoginStep, SessionKind, SessionParams};
+use crate::login::{
+    Login, LoginConfig, LoginResponse, LoginStep, SessionKind, SessionParams, TargetConfig,
+};
 use crate::pdu::{self, Framing, InitiatorPdu, PduError, PduSink, SeqNums, TargetPdu};
 use crate::scsi::{LunMap, Nexus, Outcome};
 use crate::session::{Action, CloseReason, Connection, Limits, Planner, TextAnswer, QUEUE_DEPTH};
@@ -40,6 +49,9 @@ const REINSTATE_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_TOO_MANY_CONNECTIONS: (u8, u8) = (0x02, 0x06);
 const STATUS_SESSION_DOES_NOT_EXIST: (u8, u8) = (0x02, 0x0a);
 const STATUS_OUT_OF_RESOURCES: (u8, u8) = (0x03, 0x02);
+/// What login answers for a target it does not know
+/// ([`crate::login::status::TARGET_NOT_FOUND`]).
+const STATUS_TARGET_NOT_FOUND: (u8, u8) = (0x02, 0x03);
 
 /// Errors of the shell.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +68,15 @@ pub enum ServerError {
     NotLogin(u8),
 }
 
+/// Errors of adding and removing targets at run time.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("a target named {0:?} already exists")]
+    DuplicateTarget(String),
+    #[error("no target is named {0:?}")]
+    UnknownTarget(String),
+}
+
 /// A session's identity: the I_T nexus plus the target (RFC 7143 §4.4.3:
 /// sessions are identified by initiator name, ISID and target portal group).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -68,16 +89,79 @@ struct SessionKey {
 #[derive(Debug)]
 struct SessionEntry {
     tsih: u16,
-    /// Cancelled to end the session (reinstatement, shutdown).
+    /// Cancelled to end the session (reinstatement, target removal,
+    /// shutdown).
     stop: CancellationToken,
     /// Closed when the session's connection task has finished.
     gone: tokio::sync::watch::Receiver<bool>,
 }
 
+/// One target as the portal holds it.
+#[derive(Debug)]
+struct TargetEntry {
+    /// Unique for the portal's lifetime: a login admits its session only
+    /// to the very target it authenticated against, not to a same-named
+    /// one added after a removal.
+    id: u64,
+    config: TargetConfig,
+    luns: Arc<LunMap>,
+    /// Cancelled when the target is removed; a child of the portal's
+    /// shutdown token and the parent of each of its sessions' stop tokens.
+    stop: CancellationToken,
+    /// The target's sessions, so removal can wait for exactly those.
+    sessions: TaskTracker,
+}
+
+/// The targets, changeable while the portal runs.
+#[derive(Debug)]
+struct Targets {
+    /// Portal-wide login settings; its `targets` is left empty, `entries`
+    /// holds them (in the order added, which SendTargets reports).
+    base: LoginConfig,
+    entries: Vec<TargetEntry>,
+    next_id: u64,
+}
+
+impl Targets {
+    fn push(&mut self, config: TargetConfig, luns: Arc<LunMap>, shutdown: &CancellationToken) {
+        self.next_id += 1;
+        self.entries.push(TargetEntry {
+            id: self.next_id,
+            config,
+            luns,
+            stop: shutdown.child_token(),
+            sessions: TaskTracker::new(),
+        });
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.config.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The targets as one login sees them.
+#[derive(Debug)]
+struct Snapshot {
+    config: Arc<LoginConfig>,
+    /// `ids[i]` is the [`TargetEntry::id`] of `config.targets[i]`.
+    ids: Vec<u64>,
+}
+
+/// What a normal session holds of its target while it runs.
+#[derive(Debug)]
+struct Admission {
+    luns: Arc<LunMap>,
+    /// The session's stop token: a child of the target's.
+    stop: CancellationToken,
+    /// Keeps the target's removal waiting until the session has ended.
+    _hold: TaskTrackerToken,
+}
+
 #[derive(Debug)]
 struct Inner {
-    login: LoginConfig,
-    luns: HashMap<String, Arc<LunMap>>,
+    targets: RwLock<Targets>,
     sessions: Mutex<HashMap<SessionKey, SessionEntry>>,
     next_tsih: AtomicU16,
     shutdown: CancellationToken,
@@ -120,6 +204,41 @@ impl Drop for PeerGuard<'_> {
 }
 
 impl Inner {
+    fn targets(&self) -> std::sync::RwLockReadGuard<'_, Targets> {
+        self.targets.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The login configuration as it stands now (`portals` left to the
+    /// caller), with the targets' ids.
+    fn login_config(&self) -> (LoginConfig, Vec<u64>) {
+        let targets = self.targets();
+        let config = LoginConfig {
+            targets: targets.entries.iter().map(|t| t.config.clone()).collect(),
+            ..targets.base.clone()
+        };
+        (config, targets.entries.iter().map(|t| t.id).collect())
+    }
+
+    /// Admits a session to the target a login chose from `snapshot`, if
+    /// that target is still there. Taken under the lock removal takes, so
+    /// either removal sees (and ends, and waits for) this session, or the
+    /// login sees the target gone.
+    fn admit(&self, snapshot: &Snapshot, target: &str) -> Option<Admission> {
+        let at = snapshot
+            .config
+            .targets
+            .iter()
+            .position(|t| t.name == target)?;
+        let id = *snapshot.ids.get(at)?;
+        let targets = self.targets();
+        let entry = targets.entries.iter().find(|t| t.id == id)?;
+        Some(Admission {
+            luns: Arc::clone(&entry.luns),
+            stop: entry.stop.child_token(),
+            _hold: entry.sessions.token(),
+        })
+    }
+
     /// Asks the other connections to `target` (those of initiator port
     /// `only`, if given) to abort their commands on `lun`.
     fn abort_elsewhere(&self, target: &str, from: u64, lun: Option<u64>, only: Option<&Nexus>) {
@@ -135,7 +254,8 @@ impl Inner {
     }
 }
 
-/// An iSCSI portal serving a set of targets. Cheap to clone.
+/// An iSCSI portal serving a set of targets, which can be added and
+/// removed while it runs. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Server {
     inner: Arc<Inner>,
@@ -150,14 +270,39 @@ pub struct ServerConfig {
 }
 
 impl Server {
+    /// A portal for `config`'s targets. A target without an entry in
+    /// `config.luns` has no LUNs; a repeated target name is ignored (login
+    /// would only ever find the first).
     pub fn new(config: ServerConfig) -> Server {
+        let ServerConfig {
+            login: base,
+            mut luns,
+        } = config;
+        let shutdown = CancellationToken::new();
+        let mut targets = Targets {
+            entries: Vec::new(),
+            next_id: 0,
+            base: LoginConfig {
+                targets: Vec::new(),
+                ..base
+            },
+        };
+        for target in base.targets {
+            if targets.find(&target.name).is_some() {
+                tracing::warn!(target = %target.name, "target configured twice; ignoring the repeat");
+                continue;
+            }
+            let luns = luns
+                .remove(&target.name)
+                .unwrap_or_else(|| Arc::new(LunMap::new(Vec::new())));
+            targets.push(target, luns, &shutdown);
+        }
         Server {
             inner: Arc::new(Inner {
-                login: config.login,
-                luns: config.luns,
+                targets: RwLock::new(targets),
                 sessions: Mutex::new(HashMap::new()),
                 next_tsih: AtomicU16::new(1),
-                shutdown: CancellationToken::new(),
+                shutdown,
                 tracker: TaskTracker::new(),
                 peers: Mutex::new(HashMap::new()),
                 next_peer: std::sync::atomic::AtomicU64::new(1),
@@ -190,6 +335,67 @@ impl Server {
                 }
             });
         }
+    }
+
+    /// Adds a target with its LUNs: discovery lists it and initiators can
+    /// log in to it at once. Names compare without regard to ASCII case, as
+    /// login compares them.
+    pub fn add_target(&self, target: TargetConfig, luns: Arc<LunMap>) -> Result<(), TargetError> {
+        let mut targets = self
+            .inner
+            .targets
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if targets.find(&target.name).is_some() {
+            return Err(TargetError::DuplicateTarget(target.name));
+        }
+        targets.push(target, luns, &self.inner.shutdown);
+        Ok(())
+    }
+
+    /// Removes a target without disturbing the others: discovery stops
+    /// listing it, new logins to it fail with "target not found", and its
+    /// sessions end as at [`Server::shutdown`] (commands already executing
+    /// finish on the device first). Waits up to `timeout` for them to end.
+    /// The LUNs' devices are not flushed: the caller owns them (an export
+    /// may be served over NBD too), and SCSI initiators synchronize the
+    /// cache themselves while WCE is set.
+    pub async fn remove_target(&self, name: &str, timeout: Duration) -> Result<(), TargetError> {
+        let entry = {
+            let mut targets = self
+                .inner
+                .targets
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let at = targets
+                .find(name)
+                .ok_or_else(|| TargetError::UnknownTarget(name.to_owned()))?;
+            targets.entries.remove(at)
+        };
+        entry.stop.cancel();
+        entry.sessions.close();
+        if tokio::time::timeout(timeout, entry.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                target = %entry.config.name,
+                ?timeout,
+                open = entry.sessions.len(),
+                "sessions to a removed target still open after the timeout"
+            );
+        }
+        Ok(())
+    }
+
+    /// The targets' names, in the order they were added.
+    pub fn target_names(&self) -> Vec<String> {
+        self.inner
+            .targets()
+            .entries
+            .iter()
+            .map(|e| e.config.name.clone())
+            .collect()
     }
 
     /// Stops accepting and ends every session.
@@ -453,17 +659,15 @@ async fn run(
     local: SocketAddr,
     peer: SocketAddr,
 ) -> Result<(), ServerError> {
-    // SendTargets answers with the address this initiator reached us on.
-    let mut config = inner.login.clone();
-    config.portals = vec![format!("{local},{}", config.portal_group_tag)];
-    let config = Arc::new(config);
-    let mut login = Login::new(Arc::clone(&config));
+    // Set up at the first Login Request, so the login sees the targets as
+    // they are then rather than when the connection was accepted.
+    let mut started: Option<(Snapshot, Login)> = None;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let stop = inner.shutdown.child_token();
     let mut stat_sn: u32 = 1;
 
     // Login phase: plain framing, one response per request.
-    let (session, registration, exp_cmd_sn) = loop {
+    let (config, session, admission, registration, exp_cmd_sn) = loop {
         let raw = tokio::select! {
             () = stop.cancelled() => return Ok(()),
             raw = read_pdu(rd, &mut buf, &Framing::LOGIN) => raw?,
@@ -472,6 +676,15 @@ async fn run(
         let InitiatorPdu::Login(req) = InitiatorPdu::parse(raw)? else {
             return Err(ServerError::NotLogin(bhs[0] & 0x3f));
         };
+        let (snapshot, login) = started.get_or_insert_with(|| {
+            let (mut config, ids) = inner.login_config();
+            // SendTargets answers with the address this initiator reached
+            // us on.
+            config.portals = vec![format!("{local},{}", config.portal_group_tag)];
+            let config = Arc::new(config);
+            let login = Login::new(Arc::clone(&config));
+            (Snapshot { config, ids }, login)
+        });
         let window = |cmdsn: u32| SeqNums {
             stat_sn,
             exp_cmd_sn: cmdsn,
@@ -494,16 +707,34 @@ async fn run(
                 mut response,
                 session,
             } => {
-                let target = match &session.kind {
-                    SessionKind::Discovery => String::new(),
-                    SessionKind::Normal { target } => target.clone(),
+                let refuse = |mut response: LoginResponse, (class, detail): (u8, u8)| {
+                    response.transit = false;
+                    response.status_class = class;
+                    response.status_detail = detail;
+                    response.data.clear();
+                    send(
+                        tx,
+                        &login_response(&response, window(req.cmdsn)),
+                        Framing::LOGIN,
+                    );
+                    ServerError::LoginFailed { class, detail }
+                };
+                // The login ran against a snapshot: the target may have been
+                // removed since.
+                let (target, admission) = match &session.kind {
+                    SessionKind::Discovery => (String::new(), None),
+                    SessionKind::Normal { target } => match inner.admit(snapshot, target) {
+                        Some(admission) => (target.clone(), Some(admission)),
+                        None => return Err(refuse(response, STATUS_TARGET_NOT_FOUND)),
+                    },
                 };
                 let key = SessionKey {
                     initiator: session.initiator_name.clone(),
                     isid: session.isid,
                     target,
                 };
-                match register(inner, key, session.requested_tsih, &stop).await {
+                let session_stop = admission.as_ref().map_or(&stop, |a| &a.stop);
+                match register(inner, key, session.requested_tsih, session_stop).await {
                     Ok(reg) => {
                         response.tsih = reg.tsih;
                         send(
@@ -512,29 +743,34 @@ async fn run(
                             Framing::LOGIN,
                         );
                         stat_sn = stat_sn.wrapping_add(1);
-                        break (session, reg, req.cmdsn);
+                        let config = Arc::clone(&snapshot.config);
+                        break (config, session, admission, reg, req.cmdsn);
                     }
-                    Err((class, detail)) => {
-                        response.transit = false;
-                        response.status_class = class;
-                        response.status_detail = detail;
-                        response.data.clear();
-                        send(
-                            tx,
-                            &login_response(&response, window(req.cmdsn)),
-                            Framing::LOGIN,
-                        );
-                        return Err(ServerError::LoginFailed { class, detail });
-                    }
+                    Err(status) => return Err(refuse(response, status)),
                 }
             }
         }
     };
+    let (luns, session_stop) = match &admission {
+        Some(a) => (Arc::clone(&a.luns), a.stop.clone()),
+        None => (Arc::new(LunMap::new(Vec::new())), stop.clone()),
+    };
     full_feature(
-        inner, rd, tx, buf, &config, session, stat_sn, exp_cmd_sn, &stop,
+        inner,
+        rd,
+        tx,
+        buf,
+        &config,
+        session,
+        luns,
+        stat_sn,
+        exp_cmd_sn,
+        &session_stop,
     )
     .await?;
     drop(registration);
+    // Only now may the target's removal finish waiting.
+    drop(admission);
     Ok(())
 }
 
@@ -546,6 +782,7 @@ async fn full_feature(
     mut buf: BytesMut,
     config: &Arc<LoginConfig>,
     session: SessionParams,
+    luns: Arc<LunMap>,
     stat_sn: u32,
     exp_cmd_sn: u32,
     stop: &CancellationToken,
@@ -565,17 +802,9 @@ async fn full_feature(
         initial_r2t: n.initial_r2t,
         max_outstanding_r2t: n.max_outstanding_r2t,
     };
-    let (luns, discovery, target) = match &session.kind {
-        SessionKind::Discovery => (Arc::new(LunMap::new(Vec::new())), true, String::new()),
-        SessionKind::Normal { target } => (
-            inner
-                .luns
-                .get(target)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(LunMap::new(Vec::new()))),
-            false,
-            target.clone(),
-        ),
+    let (discovery, target) = match &session.kind {
+        SessionKind::Discovery => (true, String::new()),
+        SessionKind::Normal { target } => (false, target.clone()),
     };
     let nexus = Arc::new(Nexus {
         initiator_name: session.initiator_name.clone(),
@@ -599,10 +828,17 @@ async fn full_feature(
             );
         PeerGuard { inner, id: peer_id }
     });
-    let text_config = Arc::clone(config);
+    // Each Text Request sees the targets as they are then: a discovery
+    // session may outlive targets added or removed since its login.
+    let text_inner = Arc::clone(inner);
+    let portals = config.portals.clone();
     let mut text_session = session.clone();
     let responder = Box::new(move |req: &[u8]| {
         let before = text_session.negotiated.max_send_data_segment;
+        let text_config = LoginConfig {
+            portals: portals.clone(),
+            ..text_inner.login_config().0
+        };
         match crate::text::answer_text_update(&text_config, &mut text_session, req) {
             Ok(data) => {
                 let after = text_session.negotiated.max_send_data_segment;

@@ -39,6 +39,9 @@ pub enum LinkError {
     /// The origin's volume is not the one this edge attached to.
     #[error("the volume changed at the origin: it was {was}, it is now {now}")]
     VolumeChanged { was: String, now: String },
+    /// This edge detached from the volume: the session is over.
+    #[error("the edge detached from the volume")]
+    Detached,
 }
 
 impl From<std::io::Error> for LinkError {
@@ -57,6 +60,7 @@ impl LinkError {
             LinkError::AuthFailed => ErrorCode::AuthFailed,
             LinkError::Unsupported(_) => ErrorCode::Unsupported,
             LinkError::Refused { code, .. } => *code,
+            LinkError::Detached => ErrorCode::NotAttached,
             LinkError::Io(_)
             | LinkError::Closed
             | LinkError::Timeout(_)

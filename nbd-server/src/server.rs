@@ -16,10 +16,15 @@
 //! memory held by requests in flight and pauses reading when spent.
 //! Every connection to an export shares one device, so a flush on any
 //! connection covers writes completed on all of them (`CAN_MULTI_CONN`).
+//!
+//! Exports come and go at run time. Each carries a cancellation token (a
+//! child of the server's) and a tracker of its connections, so removing
+//! one stops and waits for exactly its own connections, the way shutdown
+//! does for all of them.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use blockcore::{BlockDevice, BlockError, ExtentKind, WriteFlags, ZeroFlags};
@@ -30,6 +35,7 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 use crate::proto::{
@@ -78,8 +84,14 @@ impl Default for ServerConfig {
 pub enum ServerError {
     #[error("two exports are named {0:?}")]
     DuplicateExport(String),
-    #[error("no exports configured")]
-    NoExports,
+    #[error("no export is named {0:?}")]
+    UnknownExport(String),
+    #[error("flushing export {export:?}: {source}")]
+    Flush {
+        export: String,
+        #[source]
+        source: BlockError,
+    },
     #[error("TLS mode {0:?} needs a certificate and key")]
     TlsWithoutCertificate(TlsMode),
     #[error("TLS material: {0}")]
@@ -107,8 +119,23 @@ enum ConnError {
     Io(#[from] io::Error),
 }
 
+/// One export as the server holds it.
+#[derive(Debug)]
+struct ExportEntry {
+    export: Export,
+    /// Cancelled when the export is removed; a child of the server's
+    /// shutdown token, so shutdown stops its connections too.
+    stop: CancellationToken,
+    /// The export's connections in the transmission phase, so removal can
+    /// wait for exactly those.
+    connections: TaskTracker,
+}
+
+/// The exports, changeable while the server runs. Insertion order is kept:
+/// the empty name selects the first export still present.
+#[derive(Debug, Default)]
 struct Catalog {
-    exports: Vec<Export>,
+    exports: RwLock<Vec<Arc<ExportEntry>>>,
 }
 
 impl Catalog {
@@ -120,31 +147,43 @@ impl Catalog {
         }
     }
 
-    fn device(&self, name: &str) -> Option<&Arc<dyn BlockDevice>> {
-        self.exports
-            .iter()
-            .find(|e| e.name == name)
-            .map(|e| &e.device)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ExportEntry>>> {
+        self.exports.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<ExportEntry>>> {
+        self.exports.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The export named `name` with a hold on its connection tracker, taken
+    /// under the same lock removal takes: either removal sees (and waits
+    /// for) this connection, or the connection sees the export gone.
+    fn enter(&self, name: &str) -> Option<(Arc<ExportEntry>, TaskTrackerToken)> {
+        let exports = self.read();
+        let entry = exports.iter().find(|e| e.export.name == name)?;
+        Some((Arc::clone(entry), entry.connections.token()))
     }
 }
 
 impl ExportCatalog for Catalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        let exports = self.read();
         // The empty name selects the default (first) export.
-        let export = if name.is_empty() {
-            self.exports.first()
+        let entry = if name.is_empty() {
+            exports.first()
         } else {
-            self.exports.iter().find(|e| e.name == name)
+            exports.iter().find(|e| e.export.name == name)
         };
-        export.map(Self::info)
+        entry.map(|e| Self::info(&e.export))
     }
 
     fn list(&self) -> Vec<ExportInfo> {
-        self.exports.iter().map(Self::info).collect()
+        self.read().iter().map(|e| Self::info(&e.export)).collect()
     }
 }
 
 /// An NBD server: a set of exports served on any number of listeners.
+/// Exports can be added and removed while it runs. Cheap to clone.
 #[derive(Clone)]
 pub struct Server {
     catalog: Arc<Catalog>,
@@ -157,33 +196,99 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("exports", &self.catalog.exports.len())
+            .field("exports", &self.catalog.read().len())
             .field("tls_mode", &self.config.tls_mode)
             .finish_non_exhaustive()
     }
 }
 
 impl Server {
+    /// A server for `exports` (possibly none: exports can be added later
+    /// with [`Server::add_export`]).
     pub fn new(exports: Vec<Export>, config: ServerConfig) -> Result<Self, ServerError> {
-        if exports.is_empty() {
-            return Err(ServerError::NoExports);
-        }
-        for (i, e) in exports.iter().enumerate() {
-            if exports[..i].iter().any(|o| o.name == e.name) {
-                return Err(ServerError::DuplicateExport(e.name.clone()));
-            }
-        }
         if config.tls_mode != TlsMode::Off && config.tls.is_none() {
             return Err(ServerError::TlsWithoutCertificate(config.tls_mode));
         }
         let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-        Ok(Self {
-            catalog: Arc::new(Catalog { exports }),
+        let server = Self {
+            catalog: Arc::new(Catalog::default()),
             config,
             tls,
             shutdown: CancellationToken::new(),
             connections: TaskTracker::new(),
-        })
+        };
+        for export in exports {
+            server.add_export(export)?;
+        }
+        Ok(server)
+    }
+
+    /// Adds an export; new handshakes can list and select it at once.
+    pub fn add_export(&self, export: Export) -> Result<(), ServerError> {
+        let mut exports = self.catalog.write();
+        if exports.iter().any(|e| e.export.name == export.name) {
+            return Err(ServerError::DuplicateExport(export.name));
+        }
+        exports.push(Arc::new(ExportEntry {
+            export,
+            stop: self.shutdown.child_token(),
+            connections: TaskTracker::new(),
+        }));
+        Ok(())
+    }
+
+    /// Removes an export without disturbing the others: new handshakes no
+    /// longer find it, and its connections stop reading requests, answer
+    /// the ones already read and close, as at [`Server::shutdown`]. Waits up
+    /// to `timeout` for them, then flushes the device (unless read-only) so
+    /// every acknowledged write is durable, and hands the export back.
+    pub async fn remove_export(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Export, ServerError> {
+        let entry = {
+            let mut exports = self.catalog.write();
+            let at = exports
+                .iter()
+                .position(|e| e.export.name == name)
+                .ok_or_else(|| ServerError::UnknownExport(name.to_owned()))?;
+            exports.remove(at)
+        };
+        entry.stop.cancel();
+        entry.connections.close();
+        if tokio::time::timeout(timeout, entry.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                export = %name,
+                ?timeout,
+                open = entry.connections.len(),
+                "connections to a removed export still open after the timeout"
+            );
+        }
+        let export = entry.export.clone();
+        if !export.device.info().caps.read_only {
+            export
+                .device
+                .flush()
+                .await
+                .map_err(|source| ServerError::Flush {
+                    export: export.name.clone(),
+                    source,
+                })?;
+        }
+        Ok(export)
+    }
+
+    /// The exports' names, in the order they were added.
+    pub fn export_names(&self) -> Vec<String> {
+        self.catalog
+            .read()
+            .iter()
+            .map(|e| e.export.name.clone())
+            .collect()
     }
 
     /// Accepts TCP clients until [`Server::shutdown`].
@@ -257,9 +362,17 @@ impl Server {
         {
             tracing::warn!(?timeout, "connections still open after the drain timeout");
         }
-        for export in &self.catalog.exports {
-            if !export.device.info().caps.read_only {
-                export.device.flush().await?;
+        // Exports added since construction included; the lock is not held
+        // across the flushes.
+        let devices: Vec<Arc<dyn BlockDevice>> = self
+            .catalog
+            .read()
+            .iter()
+            .map(|e| Arc::clone(&e.export.device))
+            .collect();
+        for device in devices {
+            if !device.info().caps.read_only {
+                device.flush().await?;
             }
         }
         Ok(())
@@ -278,8 +391,9 @@ impl Server {
                 },
             },
         };
-        let Some(device) = self.catalog.device(&negotiated.export.name).cloned() else {
-            // The catalog answered the handshake; it cannot lose an export.
+        let Some((entry, _registered)) = self.catalog.enter(&negotiated.export.name) else {
+            // Removed between the handshake's answer and here: the client
+            // sees the connection close.
             return Ok(());
         };
         tracing::debug!(
@@ -287,7 +401,7 @@ impl Server {
             structured = negotiated.structured_replies,
             "transmission phase"
         );
-        self.transmission(stream, negotiated, device, leftover)
+        self.transmission(stream, negotiated, &entry, leftover)
             .await
     }
 
@@ -335,7 +449,7 @@ impl Server {
         &self,
         stream: Box<dyn Stream>,
         negotiated: Negotiated,
-        device: Arc<dyn BlockDevice>,
+        entry: &ExportEntry,
         input: BytesMut,
     ) -> Result<(), ConnError> {
         let (reader, writer) = tokio::io::split(stream);
@@ -345,7 +459,7 @@ impl Server {
             input,
             decoder: RequestDecoder::new(MAX_PAYLOAD),
             negotiated: Arc::new(negotiated),
-            device,
+            device: Arc::clone(&entry.export.device),
             running: FuturesUnordered::new(),
             outbox: Outbox::default(),
             in_flight_bytes: 0,
@@ -353,7 +467,9 @@ impl Server {
             reading: true,
             broken: false,
         };
-        conn.run(&self.shutdown).await
+        // The export's token: a child of the server's, so both shutdown and
+        // removal of this export stop the connection.
+        conn.run(&entry.stop).await
     }
 }
 
@@ -375,7 +491,8 @@ struct Transmission<R, W> {
     /// Payload and read bytes of requests running or replies not yet sent.
     in_flight_bytes: usize,
     budget: usize,
-    /// False once the client disconnected, sent DISC, or shutdown began.
+    /// False once the client disconnected, sent DISC, or shutdown (of the
+    /// server or of the export) began.
     reading: bool,
     /// The socket failed: replies are dropped, running requests finish.
     broken: bool,

@@ -18,11 +18,20 @@
 //! apply), and re-check ownership under that order, so a connection that
 //! lost the volume never changes it.
 //!
-//! Per volume, the origin keeps a state directory with the apply journal
-//! and the volume's epoch (a random id fixed when the volume is first
+//! Per volume, the origin keeps a state directory with the apply journal,
+//! the volume's epoch (a random id fixed when the volume is first
 //! served: an edge keys its cache by it, so a volume re-created under the
-//! same name is not served from a stale cache). One deployment master key
-//! (`master.key`) stays at the origin. At attach an edge gets a cache key
+//! same name is not served from a stale cache) and its fenced edges.
+//! Volumes come and go at run time (`add_volume`, `remove_volume`); a
+//! removed volume's directory stays, so adding it again resumes it.
+//!
+//! An operator whose edge is gone for good takes its volume back with
+//! `force_release`: the edge is fenced off the volume (durably, before
+//! anything else changes), its connection's reads and applies are refused
+//! and the connection closed, and its attaches are refused (`Fenced`)
+//! until `unfence`, for a rebuilt edge whose journal holds nothing old.
+//!
+//! One deployment master key (`master.key`) stays at the origin. At attach an edge gets a cache key
 //! derived from it and the edge's id (its cache derives the encryption key
 //! from that and its own cache id) and the deployment's dedup key, the
 //! same for every edge, so clones of one template dedup across volumes and
@@ -30,7 +39,7 @@
 
 mod serve;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -40,7 +49,7 @@ use blockcore::{BlockDevice, BlockError, WriteEntry};
 use bytes::Bytes;
 use journal::apply::{Applied, ApplyError, ApplyJournal, Begin};
 use journal::storage::{read_file, replace_file, DiskStorage, Storage};
-use link::proto::ErrorCode;
+use link::proto::{ErrorCode, MAX_STRING_LEN};
 use link::session::{
     AttachGrant, Mistakes, OriginSessionConfig, PartialBatch, ReadAnswer, Refusal,
 };
@@ -149,7 +158,7 @@ impl Default for OriginConfig {
     }
 }
 
-/// Errors opening an origin.
+/// Errors of the origin's state and of managing its volumes.
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
     #[error("origin state {path}: {source}")]
@@ -162,6 +171,21 @@ pub enum OriginError {
     Apply(#[from] ApplyError),
     #[error("volume name {0:?} is empty or not a plain file name")]
     BadName(String),
+    #[error("volume {0:?} is already served")]
+    Duplicate(String),
+    #[error("no volume {0:?}")]
+    NoSuchVolume(String),
+    #[error(
+        "volume {volume:?} is attached by edge {edge:?}: detach it from that edge first, \
+         or, if the edge is gone for good, force-release it (which fences the edge)"
+    )]
+    Held { volume: String, edge: String },
+    #[error("volume {0:?} is not attached by any edge")]
+    NotHeld(String),
+    #[error("volume {0:?} is applying a write batch; try again")]
+    Applying(String),
+    #[error("edge id {0:?} is empty or longer than a wire string")]
+    BadEdgeId(String),
 }
 
 /// Who holds a volume: an edge, on one connection.
@@ -171,19 +195,70 @@ struct Holder {
     conn: u64,
 }
 
+/// A volume's counters as they run (see [`VolumeCounters`]).
+#[derive(Debug, Default)]
+struct VolumeStats {
+    bytes_read: AtomicU64,
+    bytes_pushed: AtomicU64,
+    signature_replies: AtomicU64,
+    signature_bytes_saved: AtomicU64,
+    batches_applied: AtomicU64,
+    batch_bytes_applied: AtomicU64,
+    batches_already_applied: AtomicU64,
+    attaches: AtomicU64,
+    last_apply_unix_ms: AtomicU64,
+}
+
+/// One volume's counters, read at once: plain numbers for an exporter.
+/// All count since the volume was opened or added.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumeCounters {
+    /// Data bytes read from the volume and sent as demand replies.
+    pub bytes_read: u64,
+    /// Data bytes read from the volume and pushed (groups, prefetches).
+    pub bytes_pushed: u64,
+    /// Demand reads answered with signatures, and the data bytes that did
+    /// not cross the link because of them.
+    pub signature_replies: u64,
+    pub signature_bytes_saved: u64,
+    /// Batches applied, and the data bytes they carried (zeroed ranges
+    /// carry none).
+    pub batches_applied: u64,
+    pub batch_bytes_applied: u64,
+    /// Resent batches found applied before (acknowledged, not applied).
+    pub batches_already_applied: u64,
+    /// Attaches granted.
+    pub attaches: u64,
+    /// When a batch was last applied, in milliseconds since the Unix
+    /// epoch; 0 if none was.
+    pub last_apply_unix_ms: u64,
+}
+
 /// One served volume.
 pub struct Volume {
     name: String,
     device: Arc<dyn BlockDevice>,
     epoch: u64,
+    /// Its state directory: epoch, fences, apply journal.
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
     journal: Arc<Mutex<ApplyJournal>>,
     /// Applies of this volume run one at a time, in the order they come.
     apply_order: tokio::sync::Mutex<()>,
     /// The newest batch applied, for `as_of` (read before a read starts).
     applied: AtomicU64,
+    /// Lock order: the origin's volume map, then `holder`, then `fenced`,
+    /// then `partial`.
     holder: Mutex<Option<Holder>>,
+    /// The last edge granted the volume (since this origin started): whom
+    /// an operator means when releasing a volume whose edge is gone.
+    last_holder: Mutex<Option<String>>,
+    /// Edges an operator fenced off this volume (as persisted in
+    /// `dir/fenced`): refused at attach.
+    fenced: Mutex<BTreeSet<String>>,
     /// A batch an edge was sending when its connection ended.
     partial: Mutex<Option<(String, PartialBatch)>>,
+    stats: VolumeStats,
 }
 
 impl std::fmt::Debug for Volume {
@@ -195,7 +270,93 @@ impl std::fmt::Debug for Volume {
     }
 }
 
+/// The file in a volume's state directory listing its fenced edges.
+const FENCED_FILE: &str = "fenced";
+/// Format: `FRYF | count u32 | (len u16 | edge id UTF-8)...`, big-endian.
+const FENCED_MAGIC: [u8; 4] = *b"FRYF";
+
+fn encode_fences(fenced: &BTreeSet<String>) -> Vec<u8> {
+    let mut out = FENCED_MAGIC.to_vec();
+    let count = u32::try_from(fenced.len()).expect("fewer than 2^32 edges");
+    out.extend_from_slice(&count.to_be_bytes());
+    for id in fenced {
+        // At most MAX_STRING_LEN bytes (checked when fenced).
+        let len = u16::try_from(id.len()).expect("an edge id fits a wire string");
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(id.as_bytes());
+    }
+    out
+}
+
+fn decode_fences(mut b: &[u8]) -> Option<BTreeSet<String>> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = b.split_at_checked(n)?;
+        *b = rest;
+        Some(head)
+    }
+    if take(&mut b, 4)? != FENCED_MAGIC {
+        return None;
+    }
+    let count = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?);
+    let mut out = BTreeSet::new();
+    for _ in 0..count {
+        let len = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?);
+        let id = std::str::from_utf8(take(&mut b, len.into())?).ok()?;
+        out.insert(id.to_owned());
+    }
+    b.is_empty().then_some(out)
+}
+
+fn read_fences(storage: &dyn Storage, path: &Path) -> Result<BTreeSet<String>, OriginError> {
+    match read_file(storage, path).map_err(state_err(path))? {
+        None => Ok(BTreeSet::new()),
+        Some(b) => decode_fences(&b).ok_or_else(|| OriginError::State {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not a list of edges"),
+        }),
+    }
+}
+
 impl Volume {
+    /// Opens `name`'s state under `state_dir` (creating its epoch on first
+    /// use) and finishes any batch a crash interrupted.
+    async fn open(
+        storage: Arc<dyn Storage>,
+        state_dir: &Path,
+        name: String,
+        device: Arc<dyn BlockDevice>,
+        config: &OriginConfig,
+        random: impl FnOnce() -> [u8; 32],
+    ) -> Result<Volume, OriginError> {
+        let dir = state_dir.join("volumes").join(&name);
+        storage.create_dir_all(&dir).map_err(state_err(&dir))?;
+        let epoch = u64::from_be_bytes(load_or_create::<8>(
+            storage.as_ref(),
+            &dir.join("epoch"),
+            || random()[..8].try_into().expect("8 of 32 bytes"),
+        )?);
+        let fenced = read_fences(storage.as_ref(), &dir.join(FENCED_FILE))?;
+        let mut journal =
+            ApplyJournal::open_with(storage.clone(), &dir.join("apply"), device.as_ref()).await?;
+        journal.set_apply_twice(config.mistakes.apply_twice);
+        let applied = journal.applied();
+        Ok(Volume {
+            name,
+            device,
+            epoch,
+            dir,
+            storage,
+            journal: Arc::new(Mutex::new(journal)),
+            apply_order: tokio::sync::Mutex::new(()),
+            applied: AtomicU64::new(applied),
+            holder: Mutex::new(None),
+            last_holder: Mutex::new(None),
+            fenced: Mutex::new(fenced),
+            partial: Mutex::new(None),
+            stats: VolumeStats::default(),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -204,13 +365,83 @@ impl Volume {
         &self.device
     }
 
+    /// The volume's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.device.info().size
+    }
+
+    /// The random id edges key their caches by (see the module docs).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Where its epoch, fences and apply journal live.
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The newest batch applied.
     pub fn applied(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
     }
 
+    /// The edge attached to it, if any.
+    pub fn holder(&self) -> Option<String> {
+        lock(&self.holder).as_ref().map(|h| h.edge_id.clone())
+    }
+
+    /// The last edge that attached it since this origin started.
+    pub fn last_holder(&self) -> Option<String> {
+        lock(&self.last_holder).clone()
+    }
+
+    /// The edges fenced off it, sorted.
+    pub fn fenced(&self) -> Vec<String> {
+        lock(&self.fenced).iter().cloned().collect()
+    }
+
+    pub fn is_fenced(&self, edge_id: &str) -> bool {
+        lock(&self.fenced).contains(edge_id)
+    }
+
+    pub fn counters(&self) -> VolumeCounters {
+        let s = &self.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        VolumeCounters {
+            bytes_read: get(&s.bytes_read),
+            bytes_pushed: get(&s.bytes_pushed),
+            signature_replies: get(&s.signature_replies),
+            signature_bytes_saved: get(&s.signature_bytes_saved),
+            batches_applied: get(&s.batches_applied),
+            batch_bytes_applied: get(&s.batch_bytes_applied),
+            batches_already_applied: get(&s.batches_already_applied),
+            attaches: get(&s.attaches),
+            last_apply_unix_ms: get(&s.last_apply_unix_ms),
+        }
+    }
+
     fn held_by(&self, conn: u64) -> bool {
         lock(&self.holder).as_ref().is_some_and(|h| h.conn == conn)
+    }
+
+    /// Why connection `conn`, attached as `edge_id`, must close: its edge
+    /// was fenced off the volume.
+    pub(crate) fn revoked(&self, conn: u64, edge_id: &str) -> Option<Refusal> {
+        (!self.held_by(conn) && self.is_fenced(edge_id))
+            .then(|| fenced_refusal(&self.name, edge_id))
+    }
+
+    /// Replaces the fence list with `fenced`, durably first.
+    fn store_fences(
+        &self,
+        current: &mut BTreeSet<String>,
+        fenced: BTreeSet<String>,
+    ) -> Result<(), OriginError> {
+        let path = self.dir.join(FENCED_FILE);
+        replace_file(self.storage.as_ref(), &path, &encode_fences(&fenced))
+            .map_err(state_err(&path))?;
+        *current = fenced;
+        Ok(())
     }
 }
 
@@ -225,7 +456,8 @@ pub struct ReadSpec {
     pub push: bool,
 }
 
-/// What signature replies saved.
+/// The origin's counters as they run, across its volumes (per volume:
+/// [`Volume::counters`]).
 #[derive(Debug, Default)]
 pub struct OriginCounters {
     /// Reads answered with signatures instead of data, and the data bytes
@@ -235,6 +467,47 @@ pub struct OriginCounters {
     /// Batches applied now, and resends found applied before.
     pub batches_applied: AtomicU64,
     pub batches_already_applied: AtomicU64,
+    /// Connections accepted (each numbered by this count), and those
+    /// being served now.
+    pub connections_accepted: AtomicU64,
+    pub connections_active: AtomicU64,
+    /// Attaches refused (no such volume, busy, fenced).
+    pub attach_refusals: AtomicU64,
+}
+
+/// [`OriginCounters`] read at once: plain numbers for an exporter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OriginCountersSnapshot {
+    pub signature_replies: u64,
+    pub signature_bytes_saved: u64,
+    pub batches_applied: u64,
+    pub batches_already_applied: u64,
+    pub connections_accepted: u64,
+    pub connections_active: u64,
+    pub attach_refusals: u64,
+}
+
+impl OriginCounters {
+    pub fn snapshot(&self) -> OriginCountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        OriginCountersSnapshot {
+            signature_replies: get(&self.signature_replies),
+            signature_bytes_saved: get(&self.signature_bytes_saved),
+            batches_applied: get(&self.batches_applied),
+            batches_already_applied: get(&self.batches_already_applied),
+            connections_accepted: get(&self.connections_accepted),
+            connections_active: get(&self.connections_active),
+            attach_refusals: get(&self.attach_refusals),
+        }
+    }
+}
+
+/// The served volumes, and names being added (their journals are being
+/// opened: a second add of the name must not open them too).
+#[derive(Debug, Default)]
+struct Volumes {
+    served: BTreeMap<String, Arc<Volume>>,
+    adding: BTreeSet<String>,
 }
 
 /// Served volumes and their state.
@@ -242,18 +515,25 @@ pub struct Origin {
     config: OriginConfig,
     master_key: Zeroizing<[u8; 32]>,
     signature_key: SignatureKey,
+    storage: Arc<dyn Storage>,
+    state_dir: PathBuf,
     /// Per edge id: the signatures of chunks it was sent, across its
     /// volumes and reconnections.
     known: Mutex<HashMap<String, Arc<Mutex<KnownSignatures>>>>,
-    volumes: HashMap<String, Arc<Volume>>,
-    connections: AtomicU64,
+    volumes: Mutex<Volumes>,
+    /// Bumped whenever an edge is fenced, so every connection checks
+    /// whether it was its edge (`serve` then closes it).
+    fences: tokio::sync::watch::Sender<u64>,
     stats: OriginCounters,
 }
 
 impl std::fmt::Debug for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Origin")
-            .field("volumes", &self.volumes.keys().collect::<Vec<_>>())
+            .field(
+                "volumes",
+                &lock(&self.volumes).served.keys().collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -300,8 +580,41 @@ fn random<const N: usize>() -> [u8; N] {
     out
 }
 
+/// A volume's name is its state directory's: one plain path component.
+fn check_name(name: &str) -> Result<(), OriginError> {
+    if name.is_empty() || name.len() > 255 || name.starts_with('.') || name.contains(['/', '\0']) {
+        return Err(OriginError::BadName(name.to_owned()));
+    }
+    Ok(())
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn refusal(code: ErrorCode, message: impl Into<String>) -> Refusal {
     Refusal::new(code, message)
+}
+
+fn fenced_refusal(volume: &str, edge_id: &str) -> Refusal {
+    refusal(
+        ErrorCode::Fenced,
+        format!(
+            "edge {edge_id:?} is fenced off volume {volume:?}: an operator force-released it, \
+             so it may not write again; rebuild the edge with an empty journal, then unfence \
+             it at the origin"
+        ),
+    )
+}
+
+fn not_held() -> Refusal {
+    refusal(
+        ErrorCode::NotAttached,
+        "this connection no longer holds the volume (taken over by a newer connection of \
+         this edge, or force-released by an operator)",
+    )
 }
 
 /// The one mapping of a device error to the link's code.
@@ -325,6 +638,18 @@ fn apply_refusal(e: &ApplyError) -> Refusal {
         ApplyError::Io { .. } | ApplyError::Corrupt { .. } => ErrorCode::Io,
     };
     refusal(code, e.to_string())
+}
+
+/// A name being added: released when the add ends, however it ends.
+struct Adding<'a> {
+    origin: &'a Origin,
+    name: String,
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        lock(&self.origin.volumes).adding.remove(&self.name);
+    }
 }
 
 impl Origin {
@@ -355,85 +680,262 @@ impl Origin {
             &state_dir.join("master.key"),
             &mut random,
         )?);
-        let mut map = HashMap::new();
-        for (name, device) in volumes {
-            if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err(OriginError::BadName(name));
-            }
-            let dir = state_dir.join("volumes").join(&name);
-            storage.create_dir_all(&dir).map_err(state_err(&dir))?;
-            let epoch = u64::from_be_bytes(load_or_create::<8>(
-                storage.as_ref(),
-                &dir.join("epoch"),
-                || random()[..8].try_into().expect("8 of 32 bytes"),
-            )?);
-            let mut journal =
-                ApplyJournal::open_with(storage.clone(), &dir.join("apply"), device.as_ref())
-                    .await?;
-            journal.set_apply_twice(config.mistakes.apply_twice);
-            let applied = journal.applied();
-            map.insert(
-                name.clone(),
-                Arc::new(Volume {
-                    name,
-                    device,
-                    epoch,
-                    journal: Arc::new(Mutex::new(journal)),
-                    apply_order: tokio::sync::Mutex::new(()),
-                    applied: AtomicU64::new(applied),
-                    holder: Mutex::new(None),
-                    partial: Mutex::new(None),
-                }),
-            );
-        }
         let signature_key = SignatureKey::derive(&master_key);
-        Ok(Origin {
+        let origin = Origin {
             config,
             master_key,
             signature_key,
+            storage,
+            state_dir: state_dir.to_path_buf(),
             known: Mutex::new(HashMap::new()),
-            volumes: map,
-            connections: AtomicU64::new(0),
+            volumes: Mutex::default(),
+            fences: tokio::sync::watch::Sender::new(0),
             stats: OriginCounters::default(),
-        })
+        };
+        for (name, device) in volumes {
+            origin.add(name, device, &mut random).await?;
+        }
+        Ok(origin)
     }
 
     pub fn config(&self) -> &OriginConfig {
         &self.config
     }
 
-    /// Counters of signature replies and applies.
+    /// Counters across volumes and connections.
     pub fn counters(&self) -> &OriginCounters {
         &self.stats
     }
 
-    pub fn volume(&self, name: &str) -> Option<&Arc<Volume>> {
-        self.volumes.get(name)
+    pub fn volume(&self, name: &str) -> Option<Arc<Volume>> {
+        lock(&self.volumes).served.get(name).cloned()
+    }
+
+    /// Every served volume, by name.
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        lock(&self.volumes).served.values().cloned().collect()
+    }
+
+    /// Serves another volume from now on, with the same state handling as
+    /// [`Origin::open`]: a name served before finds its epoch, fences and
+    /// apply journal (finishing a batch a crash interrupted).
+    pub async fn add_volume(
+        &self,
+        name: String,
+        device: Arc<dyn BlockDevice>,
+    ) -> Result<Arc<Volume>, OriginError> {
+        let v = self.add(name, device, random).await?;
+        tracing::info!(target: "ferry::audit", volume = %v.name, epoch = v.epoch, size = v.size(), "volume added");
+        Ok(v)
+    }
+
+    async fn add(
+        &self,
+        name: String,
+        device: Arc<dyn BlockDevice>,
+        random: impl FnOnce() -> [u8; 32],
+    ) -> Result<Arc<Volume>, OriginError> {
+        check_name(&name)?;
+        let _adding = {
+            let mut vols = lock(&self.volumes);
+            if vols.served.contains_key(&name) || !vols.adding.insert(name.clone()) {
+                return Err(OriginError::Duplicate(name));
+            }
+            Adding {
+                origin: self,
+                name: name.clone(),
+            }
+        };
+        let v = Volume::open(
+            self.storage.clone(),
+            &self.state_dir,
+            name,
+            device,
+            &self.config,
+            random,
+        )
+        .await?;
+        let v = Arc::new(v);
+        lock(&self.volumes).served.insert(v.name.clone(), v.clone());
+        Ok(v)
+    }
+
+    /// Stops serving `name`: later attaches get `NoSuchVolume`. Refused
+    /// while an edge holds it. Its state directory stays, so adding the
+    /// name again finds its epoch, fences and apply journal.
+    pub fn remove_volume(&self, name: &str) -> Result<Arc<Volume>, OriginError> {
+        // Under the map's lock, which attach takes too: no edge attaches
+        // between the check and the removal.
+        let mut vols = lock(&self.volumes);
+        let v = vols
+            .served
+            .get(name)
+            .cloned()
+            .ok_or_else(|| OriginError::NoSuchVolume(name.to_owned()))?;
+        if let Some(h) = lock(&v.holder).as_ref() {
+            return Err(OriginError::Held {
+                volume: name.to_owned(),
+                edge: h.edge_id.clone(),
+            });
+        }
+        // An apply past its ownership check when its connection ended is
+        // still using the journal, which a re-add would open a second
+        // time. None can pass that check from now on (nobody holds the
+        // volume, and nobody can attach it while the map is locked).
+        if v.apply_order.try_lock().is_err() {
+            return Err(OriginError::Applying(name.to_owned()));
+        }
+        vols.served.remove(name);
+        drop(vols);
+        tracing::info!(target: "ferry::audit", volume = %name, "volume removed");
+        Ok(v)
+    }
+
+    /// For an operator whose edge is gone for good: takes `name` from the
+    /// edge holding it and fences that edge off it (see [`Origin::fence`]).
+    /// Returns the edge's id.
+    pub fn force_release(&self, name: &str) -> Result<String, OriginError> {
+        let v = self
+            .volume(name)
+            .ok_or_else(|| OriginError::NoSuchVolume(name.to_owned()))?;
+        let mut holder = lock(&v.holder);
+        let Some(edge_id) = holder.as_ref().map(|h| h.edge_id.clone()) else {
+            return Err(OriginError::NotHeld(name.to_owned()));
+        };
+        self.fence_held(&v, &mut holder, &edge_id)?;
+        Ok(edge_id)
+    }
+
+    /// Fences `edge_id` off `name`, attached or not (an edge whose
+    /// connection already ended must not come back either): persisted in
+    /// the volume's state directory before anything else changes, so it
+    /// survives a restart. From then on the edge's attaches are refused
+    /// (`Fenced`), and so are reads and applies still arriving on its
+    /// connection (`NotAttached`; `serve` also closes the connection); the
+    /// partial batch kept for it is dropped. An apply already writing
+    /// finishes: it was accepted while the edge held the volume. Does one
+    /// small durable write on the calling thread. Returns whether it was
+    /// not fenced before.
+    pub fn fence(&self, name: &str, edge_id: &str) -> Result<bool, OriginError> {
+        let v = self
+            .volume(name)
+            .ok_or_else(|| OriginError::NoSuchVolume(name.to_owned()))?;
+        let mut holder = lock(&v.holder);
+        self.fence_held(&v, &mut holder, edge_id)
+    }
+
+    /// [`Origin::fence`] under `v`'s holder lock, so no attach slips in
+    /// between the fence and the release.
+    fn fence_held(
+        &self,
+        v: &Volume,
+        holder: &mut Option<Holder>,
+        edge_id: &str,
+    ) -> Result<bool, OriginError> {
+        // No edge with another id can attach (ids come off the wire), and
+        // the fence file keeps ids of that length.
+        if edge_id.is_empty() || edge_id.len() > MAX_STRING_LEN {
+            return Err(OriginError::BadEdgeId(edge_id.to_owned()));
+        }
+        let newly = {
+            let mut fenced = lock(&v.fenced);
+            let newly = !fenced.contains(edge_id);
+            if newly {
+                let mut next = fenced.clone();
+                next.insert(edge_id.to_owned());
+                v.store_fences(&mut fenced, next)?;
+            }
+            newly
+        };
+        let held = holder.as_ref().is_some_and(|h| h.edge_id == edge_id);
+        if held {
+            *holder = None;
+        }
+        {
+            let mut partial = lock(&v.partial);
+            if partial.as_ref().is_some_and(|(e, _)| e == edge_id) {
+                *partial = None;
+            }
+        }
+        self.fences.send_modify(|n| *n += 1);
+        if held {
+            tracing::warn!(target: "ferry::audit", volume = %v.name, edge = %edge_id, "force-released: edge fenced");
+        } else {
+            tracing::warn!(target: "ferry::audit", volume = %v.name, edge = %edge_id, "edge fenced");
+        }
+        Ok(newly)
+    }
+
+    /// Lets a fenced edge attach `name` again (rebuilt, with an emptied
+    /// journal: what an old one still holds would land on the volume).
+    /// Returns whether it was fenced.
+    pub fn unfence(&self, name: &str, edge_id: &str) -> Result<bool, OriginError> {
+        let v = self
+            .volume(name)
+            .ok_or_else(|| OriginError::NoSuchVolume(name.to_owned()))?;
+        let mut fenced = lock(&v.fenced);
+        if !fenced.contains(edge_id) {
+            return Ok(false);
+        }
+        let mut next = fenced.clone();
+        next.remove(edge_id);
+        v.store_fences(&mut fenced, next)?;
+        drop(fenced);
+        tracing::warn!(target: "ferry::audit", volume = %name, edge = %edge_id, "unfenced: the edge may attach again");
+        Ok(true)
+    }
+
+    /// Changes whenever an edge is fenced.
+    pub(crate) fn fence_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.fences.subscribe()
     }
 
     /// A number for a new connection (ownership is per connection).
     pub fn new_connection(&self) -> u64 {
-        self.connections.fetch_add(1, Ordering::Relaxed) + 1
+        self.stats
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed)
+            + 1
     }
 
     /// Grants `name` to `edge_id` on connection `conn`: the volume, and
     /// what the session answers `Attach` with. The same edge reconnecting
     /// takes over from its old (possibly not yet noticed dead) connection;
-    /// another edge is refused.
+    /// another edge, or a fenced one, is refused.
     pub fn attach(
         &self,
         conn: u64,
         name: &str,
         edge_id: &str,
     ) -> Result<(Arc<Volume>, AttachGrant), Refusal> {
-        let Some(v) = self.volumes.get(name).cloned() else {
-            return Err(refusal(
-                ErrorCode::NoSuchVolume,
-                format!("no volume {name:?}"),
-            ));
-        };
-        {
+        let granted = self.grant(conn, name, edge_id);
+        if let Err(r) = &granted {
+            self.stats.attach_refusals.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(volume = %name, edge = %edge_id, code = ?r.code, reason = %r.message, "attach refused");
+        }
+        granted
+    }
+
+    fn grant(
+        &self,
+        conn: u64,
+        name: &str,
+        edge_id: &str,
+    ) -> Result<(Arc<Volume>, AttachGrant), Refusal> {
+        let v = {
+            // The map's lock first: a removal cannot pass between the
+            // lookup and taking the hold (see `remove_volume`).
+            let vols = lock(&self.volumes);
+            let Some(v) = vols.served.get(name).cloned() else {
+                return Err(refusal(
+                    ErrorCode::NoSuchVolume,
+                    format!("no volume {name:?}"),
+                ));
+            };
             let mut holder = lock(&v.holder);
+            if v.is_fenced(edge_id) {
+                return Err(fenced_refusal(name, edge_id));
+            }
             match &*holder {
                 Some(h) if h.edge_id != edge_id => {
                     return Err(refusal(
@@ -446,9 +948,13 @@ impl Origin {
                         edge_id: edge_id.to_owned(),
                         conn,
                     });
+                    *lock(&v.last_holder) = Some(edge_id.to_owned());
                 }
             }
-        }
+            drop(holder);
+            v
+        };
+        v.stats.attaches.fetch_add(1, Ordering::Relaxed);
         let next_seq = v.applied() + 1;
         let resume = lock(&v.partial)
             .take()
@@ -456,7 +962,7 @@ impl Origin {
             .map(|(_, p)| p);
         tracing::info!(volume = %name, edge = %edge_id, next_seq, resume_part = resume.as_ref().map(|p| p.next_part), "edge attached");
         let grant = AttachGrant {
-            size: v.device.info().size,
+            size: v.size(),
             cache_key: *edge_cache_key(&self.master_key, edge_id),
             dedup_key: *self.signature_key.dedup_key(),
             volume_epoch: v.epoch,
@@ -514,7 +1020,7 @@ impl Origin {
             push,
         } = spec;
         if !v.held_by(conn) {
-            return Err(refusal(ErrorCode::NotAttached, "the volume was taken over"));
+            return Err(not_held());
         }
         let as_of = v.applied();
         let data = v
@@ -522,7 +1028,7 @@ impl Origin {
             .read(offset, len as usize)
             .await
             .map_err(|e| block_refusal(&e))?;
-        Ok(match signer {
+        let answer = match signer {
             Some(s) if push => {
                 if let Some(sigs) = s.sign(offset, &data).await {
                     s.remember_pushed(&sigs);
@@ -531,7 +1037,23 @@ impl Origin {
             }
             Some(s) => s.answer(offset, as_of, data, want_signatures).await,
             None => ReadAnswer::Data { as_of, data },
-        })
+        };
+        let c = &v.stats;
+        match &answer {
+            ReadAnswer::Data { data, .. } if push => {
+                c.bytes_pushed
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            ReadAnswer::Data { data, .. } => {
+                c.bytes_read.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            ReadAnswer::Signatures { .. } => {
+                c.signature_replies.fetch_add(1, Ordering::Relaxed);
+                c.signature_bytes_saved
+                    .fetch_add(u64::from(len), Ordering::Relaxed);
+            }
+        }
+        Ok(answer)
     }
 
     /// Applies batch `seq` for connection `conn` (see the module docs).
@@ -544,12 +1066,13 @@ impl Origin {
     ) -> Result<Applied, Refusal> {
         let _in_order = v.apply_order.lock().await;
         // Re-checked in order: another connection of the same edge may
-        // have taken the volume over meanwhile.
+        // have taken the volume over meanwhile, or an operator fenced it.
         if !v.held_by(conn) {
-            return Err(refusal(ErrorCode::NotAttached, "the volume was taken over"));
+            return Err(not_held());
         }
         let file_io = self.config.file_io;
         let journal = v.journal.clone();
+        let bytes: u64 = entries.iter().map(|e| e.data_len() as u64).sum();
         let entries = Arc::new(entries);
         let logged = entries.clone();
         let begin = file_io
@@ -558,6 +1081,9 @@ impl Origin {
             .map_err(|e| apply_failed(v, seq, &e))?;
         if begin == Begin::Already {
             self.stats
+                .batches_already_applied
+                .fetch_add(1, Ordering::Relaxed);
+            v.stats
                 .batches_already_applied
                 .fetch_add(1, Ordering::Relaxed);
             return Ok(Applied::Already);
@@ -572,6 +1098,13 @@ impl Origin {
             .map_err(|e| apply_failed(v, seq, &e))?;
         v.applied.fetch_max(seq, Ordering::AcqRel);
         self.stats.batches_applied.fetch_add(1, Ordering::Relaxed);
+        v.stats.batches_applied.fetch_add(1, Ordering::Relaxed);
+        v.stats
+            .batch_bytes_applied
+            .fetch_add(bytes, Ordering::Relaxed);
+        v.stats
+            .last_apply_unix_ms
+            .store(now_unix_ms(), Ordering::Relaxed);
         Ok(Applied::Now)
     }
 }
@@ -674,6 +1207,215 @@ impl Signer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockcore::storage::mem::MemStorage;
+    use blockcore::MemDevice;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn device() -> Arc<dyn BlockDevice> {
+        Arc::new(MemDevice::new(SIZE))
+    }
+
+    async fn open(storage: &MemStorage, names: &[&str]) -> Origin {
+        let mut n = 0u8;
+        let config = OriginConfig {
+            file_io: FileIo::Inline,
+            ..OriginConfig::default()
+        };
+        let volumes = names.iter().map(|v| ((*v).to_owned(), device())).collect();
+        Origin::open_with(
+            Arc::new(storage.clone()),
+            Path::new("/state"),
+            volumes,
+            config,
+            || {
+                n += 1;
+                [n; 32]
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    fn batch() -> Vec<WriteEntry> {
+        vec![
+            WriteEntry::Data {
+                offset: 4096,
+                data: Bytes::from(vec![7; 4096]),
+            },
+            WriteEntry::Zero {
+                offset: 65536,
+                len: 8192,
+            },
+        ]
+    }
+
+    const READ: ReadSpec = ReadSpec {
+        offset: 0,
+        len: 4096,
+        want_signatures: false,
+        push: false,
+    };
+
+    #[tokio::test]
+    async fn volumes_come_and_go_and_keep_their_state() {
+        let storage = MemStorage::default();
+        let origin = open(&storage, &["b"]).await;
+        let added = origin.add_volume("a".into(), device()).await.unwrap();
+        assert_eq!(added.size(), SIZE);
+        let names: Vec<String> = origin.volumes().iter().map(|v| v.name().into()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(matches!(
+            origin.add_volume("a".into(), device()).await,
+            Err(OriginError::Duplicate(_))
+        ));
+        for bad in ["", ".", "..", "x/y", ".hidden", "nul\0"] {
+            let added = origin.add_volume(bad.into(), device()).await;
+            assert!(matches!(added, Err(OriginError::BadName(_))), "{bad:?}");
+        }
+
+        // Held: refused, naming the edge and the way out.
+        let (v, _) = origin.attach(1, "a", "edge-1").unwrap();
+        assert_eq!(v.holder().as_deref(), Some("edge-1"));
+        origin.apply(1, &v, 1, batch()).await.unwrap();
+        let err = origin.remove_volume("a").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, OriginError::Held { .. }), "{err}");
+        assert!(
+            msg.contains("edge-1") && msg.contains("force-release"),
+            "{msg}"
+        );
+
+        // Released: removed; attaches find nothing.
+        origin.release(1, &v, None);
+        let epoch = v.epoch();
+        let removed = origin.remove_volume("a").unwrap();
+        assert_eq!(removed.name(), "a");
+        assert!(origin.volume("a").is_none());
+        let r = origin.attach(2, "a", "edge-1").unwrap_err();
+        assert_eq!(r.code, ErrorCode::NoSuchVolume);
+        assert!(matches!(
+            origin.remove_volume("a"),
+            Err(OriginError::NoSuchVolume(_))
+        ));
+
+        // Added again: its epoch and applied batches are still there.
+        let again = origin.add_volume("a".into(), device()).await.unwrap();
+        assert_eq!(again.epoch(), epoch);
+        assert_eq!(again.applied(), 1);
+        let (_, grant) = origin.attach(3, "a", "edge-1").unwrap();
+        assert_eq!(grant.next_seq, 2);
+    }
+
+    #[tokio::test]
+    async fn a_force_released_edge_stays_fenced_until_unfenced() {
+        let storage = MemStorage::default();
+        let origin = open(&storage, &["vol"]).await;
+        assert!(matches!(
+            origin.force_release("vol"),
+            Err(OriginError::NotHeld(_))
+        ));
+        let (v, _) = origin.attach(1, "vol", "old").unwrap();
+        assert_eq!(origin.force_release("vol").unwrap(), "old");
+        assert_eq!(v.holder(), None);
+        assert_eq!(v.fenced(), ["old"]);
+        // What still arrives on its connection is refused.
+        let r = origin.read(1, &v, READ, None).await.unwrap_err();
+        assert_eq!(r.code, ErrorCode::NotAttached);
+        let r = origin.apply(1, &v, 1, batch()).await.unwrap_err();
+        assert_eq!(r.code, ErrorCode::NotAttached);
+        assert_eq!(v.applied(), 0);
+        assert_eq!(v.revoked(1, "old").map(|r| r.code), Some(ErrorCode::Fenced));
+        // Its attaches are refused; another edge's are not.
+        let r = origin.attach(2, "vol", "old").unwrap_err();
+        assert_eq!(r.code, ErrorCode::Fenced);
+        assert!(r.message.contains("unfence"), "{}", r.message);
+        let (v2, _) = origin.attach(3, "vol", "new").unwrap();
+        origin.release(3, &v2, None);
+        assert_eq!(origin.counters().snapshot().attach_refusals, 1);
+
+        // The fence survives a restart, until unfenced.
+        drop((v, v2, origin));
+        let origin = open(&storage, &["vol"]).await;
+        assert_eq!(origin.volume("vol").unwrap().fenced(), ["old"]);
+        assert_eq!(
+            origin.attach(4, "vol", "old").unwrap_err().code,
+            ErrorCode::Fenced
+        );
+        assert!(origin.unfence("vol", "old").unwrap());
+        assert!(!origin.unfence("vol", "old").unwrap());
+        let (v, _) = origin.attach(5, "vol", "old").unwrap();
+        origin.apply(5, &v, 1, batch()).await.unwrap();
+        drop((v, origin));
+        let origin = open(&storage, &["vol"]).await;
+        assert!(origin.volume("vol").unwrap().fenced().is_empty());
+    }
+
+    #[tokio::test]
+    async fn fencing_an_edge_that_left_drops_its_partial_batch() {
+        let storage = MemStorage::default();
+        let origin = open(&storage, &["vol"]).await;
+        let (v, _) = origin.attach(1, "vol", "e").unwrap();
+        let partial = PartialBatch {
+            seq: 1,
+            next_part: 3,
+            entries: batch(),
+        };
+        origin.release(1, &v, Some(partial));
+        assert!(origin.fence("vol", "e").unwrap());
+        assert!(!origin.fence("vol", "e").unwrap());
+        assert!(matches!(
+            origin.fence("vol", ""),
+            Err(OriginError::BadEdgeId(_))
+        ));
+        assert!(origin.unfence("vol", "e").unwrap());
+        let (_, grant) = origin.attach(2, "vol", "e").unwrap();
+        assert!(grant.resume.is_none(), "the partial batch was dropped");
+    }
+
+    #[tokio::test]
+    async fn counters_count_per_volume_and_per_origin() {
+        let storage = MemStorage::default();
+        let origin = open(&storage, &["vol"]).await;
+        let conn = origin.new_connection();
+        let (v, _) = origin.attach(conn, "vol", "e").unwrap();
+        origin.read(conn, &v, READ, None).await.unwrap();
+        let push = ReadSpec {
+            offset: 8192,
+            len: 8192,
+            push: true,
+            ..READ
+        };
+        origin.read(conn, &v, push, None).await.unwrap();
+        origin.apply(conn, &v, 1, batch()).await.unwrap();
+        origin.apply(conn, &v, 1, batch()).await.unwrap();
+        let c = v.counters();
+        assert_eq!((c.bytes_read, c.bytes_pushed), (4096, 8192));
+        assert_eq!((c.batches_applied, c.batch_bytes_applied), (1, 4096));
+        assert_eq!(c.batches_already_applied, 1);
+        assert_eq!(c.attaches, 1);
+        assert!(c.last_apply_unix_ms > 0);
+        let o = origin.counters().snapshot();
+        assert_eq!((o.connections_accepted, o.batches_applied), (1, 1));
+        assert_eq!(o.attach_refusals, 0);
+    }
+
+    #[test]
+    fn fence_lists_round_trip_and_reject_garbage() {
+        let set: BTreeSet<String> = ["a".to_owned(), "edge-β\n2".to_owned()].into();
+        let b = encode_fences(&set);
+        assert_eq!(decode_fences(&b), Some(set));
+        assert_eq!(
+            decode_fences(&encode_fences(&BTreeSet::new())),
+            Some(BTreeSet::new())
+        );
+        for cut in 0..b.len() {
+            assert_eq!(decode_fences(&b[..cut]), None, "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(decode_fences(&long), None);
+    }
 
     #[test]
     fn pushed_chunks_count_as_known_only_once_they_had_time_to_arrive() {

@@ -2,6 +2,7 @@
 //! [`OriginSession`] per connection. It only moves bytes, runs timers and
 //! runs the session's operations as tasks whose completions it feeds back.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,16 +75,41 @@ enum Done {
     Apply(u64, Result<(), Refusal>),
 }
 
+/// Counts a connection as active while it lives.
+struct Active<'a>(&'a Origin);
+
+impl<'a> Active<'a> {
+    fn new(origin: &'a Origin) -> Self {
+        origin
+            .stats
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        Active(origin)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0
+            .stats
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves one edge connection until it closes.
 pub async fn serve_connection<S>(origin: &Arc<Origin>, stream: S) -> Result<(), LinkError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let conn = origin.new_connection();
+    let _active = Active::new(origin);
+    let mut fences = origin.fence_changes();
     let mut session = OriginSession::new(origin.config.session.clone(), now(), random());
     let mut io = ConnIo::spawn(stream);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut volume: Option<(Arc<Volume>, crate::Signer)> = None;
+    // The volume attached, its signer, and the edge's id.
+    let mut volume: Option<(Arc<Volume>, crate::Signer, String)> = None;
     let result = loop {
         // Operations first: they may queue frames.
         let mut closed = None;
@@ -95,7 +121,8 @@ where
                     ..
                 } => match origin.attach(conn, &name, &edge_id) {
                     Ok((v, grant)) => {
-                        volume = Some((v, origin.signer(&edge_id)));
+                        let signer = origin.signer(&edge_id);
+                        volume = Some((v, signer, edge_id));
                         session.attach_done(Ok(grant));
                     }
                     Err(r) => session.attach_done(Err(r)),
@@ -107,7 +134,7 @@ where
                     want_signatures,
                     push,
                 } => {
-                    let Some((v, signer)) = volume.clone() else {
+                    let Some((v, signer, _)) = volume.clone() else {
                         continue;
                     };
                     let (origin, done) = (origin.clone(), done_tx.clone());
@@ -123,7 +150,7 @@ where
                     });
                 }
                 OriginOp::Apply { seq, entries } => {
-                    let Some((v, _)) = volume.clone() else {
+                    let Some((v, _, _)) = volume.clone() else {
                         continue;
                     };
                     let (origin, done) = (origin.clone(), done_tx.clone());
@@ -133,7 +160,7 @@ where
                     });
                 }
                 OriginOp::Detach => {
-                    if let Some((v, _)) = volume.take() {
+                    if let Some((v, _, _)) = volume.take() {
                         origin.release(conn, &v, session.take_partial());
                     }
                     session.detach_done();
@@ -155,6 +182,17 @@ where
         let sendable = session.can_transmit(now());
         tokio::select! {
             biased;
+            // An operator fenced an edge: if it was this one, it must not
+            // go on (its reads and applies are refused already). First:
+            // a busy connection must not starve it.
+            Ok(()) = fences.changed() => {
+                if let Some((v, _, edge)) = &volume {
+                    if let Some(r) = v.revoked(conn, edge) {
+                        tracing::warn!(volume = %v.name(), edge = %edge, "closing a fenced edge's connection");
+                        session.revoke(r);
+                    }
+                }
+            },
             Some(done) = done_rx.recv() => match done {
                 Done::Read(tag, r) => session.read_done(tag, r),
                 Done::Apply(seq, r) => session.apply_done(seq, r),
@@ -177,7 +215,7 @@ where
             () = sleep_until(session.poll_timeout()) => session.handle_timeout(now()),
         }
     };
-    if let Some((v, _)) = volume {
+    if let Some((v, _, _)) = volume {
         origin.release(conn, &v, session.take_partial());
     }
     result

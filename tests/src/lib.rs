@@ -392,7 +392,8 @@ impl Ferry {
     }
 
     /// `ferry ARGS...` (any subcommand); waits until it has printed one
-    /// `listening KIND ADDR` line for each entry of `kinds`, in any order.
+    /// `listening KIND ADDR` line for each entry of `kinds`, in any order
+    /// (lines of other kinds are kept too).
     /// `nbd` listeners go to [`Ferry::listeners`], all to [`Ferry::announced`].
     pub fn spawn<I, S>(args: I, kinds: &[&str]) -> Ferry
     where
@@ -444,7 +445,14 @@ impl Ferry {
             _log_dir: log_dir,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while ferry.announced.len() < kinds.len() {
+        // Every kind asked for, as often as asked (other lines may come too).
+        let missing = |announced: &[(String, String)]| {
+            kinds.iter().any(|k| {
+                let want = kinds.iter().filter(|x| *x == k).count();
+                announced.iter().filter(|(a, _)| a == k).count() < want
+            })
+        };
+        while missing(&ferry.announced) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((kind, addr)) => {
@@ -970,5 +978,130 @@ impl Drop for Wan {
     fn drop(&mut self) {
         // The relay's tasks are dropped with the runtime, inside it.
         let _guard = self.rt.enter();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The management API, spoken by hand (HTTP/1.1 over the Unix socket)
+// ---------------------------------------------------------------------------
+
+/// One HTTP reply: status, headers (lower-cased names), body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("reply is not JSON ({e}): {} {}", self.status, self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request over `socket` (`Connection: close`) and reads the
+/// reply. `body` goes with `content_type` (default JSON).
+pub fn http_unix(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    content_type: Option<&str>,
+) -> HttpReply {
+    use std::fmt::Write as _;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(180))).unwrap();
+    let body = body.unwrap_or("");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n");
+    if !body.is_empty() {
+        let _ = write!(
+            req,
+            "Content-Type: {}\r\nContent-Length: {}\r\n",
+            content_type.unwrap_or("application/json"),
+            body.len()
+        );
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // A server may answer (413) and close before taking the whole body.
+    let _ = s.write_all(body.as_bytes());
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_http_reply(&raw)
+}
+
+/// Parses a whole HTTP/1.1 reply (Content-Length or chunked body).
+pub fn parse_http_reply(raw: &[u8]) -> HttpReply {
+    let text = String::from_utf8_lossy(raw);
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP reply: {text:?}"));
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = rest;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n.min(after.len())]);
+            rest = after.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        rest.to_owned()
+    };
+    HttpReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// `http_unix` with a JSON body (or none), asserting the status.
+pub fn api(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    want: u16,
+) -> serde_json::Value {
+    let r = http_unix(socket, method, path, body, None);
+    assert_eq!(
+        r.status, want,
+        "{method} {path} answered {} (wanted {want}): {}",
+        r.status, r.body
+    );
+    if r.body.trim().is_empty() {
+        serde_json::Value::Null
+    } else if r
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("application/json"))
+    {
+        r.json()
+    } else {
+        serde_json::Value::String(r.body)
     }
 }

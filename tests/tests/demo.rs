@@ -32,7 +32,7 @@ fn the_demo_serves_its_disk_through_the_edge() {
     let label = run(cmd("qemu-io").args(["-f", "raw", "-c", "read -v 0 32", &uri]));
     assert!(label.contains("ferry.demo.disk"), "{label}");
     run(cmd("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 1M 1M", &uri]));
-    let control = dir.path().join("edge").join("edge-demo.sock");
+    let control = dir.path().join("edge").join("api.sock");
     run(std::process::Command::new(ferry_bin())
         .args(["edge", "flush", "--control"])
         .arg(&control));

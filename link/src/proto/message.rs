@@ -188,10 +188,14 @@ pub enum ErrorCode {
     AuthFailed,
     /// 7: a version, message or feature this peer does not support.
     Unsupported,
-    /// 8: a volume request before `Attach` (or after `Detach`).
+    /// 8: a volume request before `Attach` (or after `Detach`), or on a
+    /// connection that no longer holds the volume.
     NotAttached,
     /// 9: the peer is shutting down; retry elsewhere or later.
     ShuttingDown,
+    /// 10: an operator fenced this edge off the volume (force-released
+    /// it): it may not attach it again until unfenced. Not worth a retry.
+    Fenced,
     /// Any other code, kept as sent (never one of the codes above: those
     /// decode to their own variants).
     Unknown(u16),
@@ -210,6 +214,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => 7,
             ErrorCode::NotAttached => 8,
             ErrorCode::ShuttingDown => 9,
+            ErrorCode::Fenced => 10,
             ErrorCode::Unknown(code) => code,
         }
     }
@@ -227,6 +232,7 @@ impl ErrorCode {
             7 => ErrorCode::Unsupported,
             8 => ErrorCode::NotAttached,
             9 => ErrorCode::ShuttingDown,
+            10 => ErrorCode::Fenced,
             other => ErrorCode::Unknown(other),
         }
     }
@@ -322,8 +328,9 @@ pub enum Message {
     },
     /// Edge → origin: stop serving the volume. Format: empty.
     Detach,
-    /// Origin → edge: detached; every earlier batch was acknowledged.
-    /// Format: empty.
+    /// Origin → edge: detached; every batch received before `Detach` was
+    /// answered (the edge sends `Detach` only once all of its batches were
+    /// acknowledged). Format: empty.
     Detached,
     /// Edge → origin: read `len` bytes at `offset`. Answered by `ReadData`
     /// or, with `want_signatures`, by `ReadSignatures`.

@@ -134,6 +134,12 @@ fn codes_round_trip() {
         assert_eq!(ErrorCode::from_code(code).code(), code);
     }
     assert_eq!(ErrorCode::from_code(5), ErrorCode::Protocol);
+    assert_eq!(ErrorCode::from_code(10), ErrorCode::Fenced);
+    // Every code up to the newest has its own variant; past it, Unknown.
+    for code in 1..=10u16 {
+        assert!(!matches!(ErrorCode::from_code(code), ErrorCode::Unknown(_)));
+    }
+    assert_eq!(ErrorCode::from_code(11), ErrorCode::Unknown(11));
     for r in [Role::Edge, Role::Origin] {
         assert_eq!(Role::from_code(r.code()), Some(r));
     }

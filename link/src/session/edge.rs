@@ -14,6 +14,11 @@
 //!   Up: requests (reads, prefetches) are sent; write batches stream in
 //!   background frames; heartbeats go every `heartbeat`; bytes arriving
 //!   is what keeps the link alive.
+//!
+//!   Gone, for good: Detached (after `detach`), Fenced (an operator
+//!   force-released this edge at the origin), or the volume changed.
+//!   Every request still waiting fails, later ones fail at once, and no
+//!   connection is opened again.
 //! ```
 //!
 //! Requests and batches outlive connections: after a reconnection every
@@ -155,8 +160,9 @@ pub enum EdgeEvent {
     /// The origin refused this edge (auth, volume, version); the session
     /// retries with back-off.
     Refused(LinkError),
-    /// The origin's volume is no longer the one this edge attached to
-    /// (size or epoch changed): nothing more is sent.
+    /// The session is over (the volume's size or epoch changed, or an
+    /// operator fenced this edge off it): every request failed with this
+    /// error and nothing more is sent. Batches held are never applied.
     Failed(LinkError),
     ReadDone {
         id: RequestId,
@@ -180,6 +186,8 @@ pub enum EdgeEvent {
     /// back-off.
     BatchFailed { seq: u64, error: LinkError },
     /// The origin confirmed a detach: every batch before it was applied.
+    /// The session is over (later requests fail with
+    /// [`LinkError::Detached`]).
     Detached,
 }
 
@@ -200,6 +208,12 @@ pub struct EdgeLinkStats {
     pub connect_failures: u64,
     /// Why the link last went down or failed to come up.
     pub last_error: Option<String>,
+    /// An operator fenced this edge off the volume (see
+    /// [`ErrorCode::Fenced`]): the session stopped.
+    pub fenced: bool,
+    /// Why the session stopped for good (detached, fenced, the volume
+    /// changed), if it did.
+    pub stopped: Option<String>,
     pub transport: TransportStats,
 }
 
@@ -222,7 +236,8 @@ enum Conn {
         since: Instant,
     },
     Up,
-    /// The volume changed under us: nothing more to do.
+    /// Detached, fenced, or the volume changed under us: nothing more to
+    /// do.
     Gone,
 }
 
@@ -274,6 +289,10 @@ pub struct EdgeSession {
     /// rule, kept only for [`Mistakes::heartbeat_liveness`]).
     last_heartbeat_ack: Instant,
     detaching: bool,
+    /// `Detach` went out on this connection.
+    detach_sent: bool,
+    /// Why the session is over, once it is: what every request gets.
+    finished: Option<LinkError>,
     /// Our nonce and the origin's, between `Hello` and `Auth`.
     pending_auth: Option<([u8; 32], [u8; 32])>,
     /// Zero of the clock heartbeats carry.
@@ -300,6 +319,8 @@ impl EdgeSession {
             next_heartbeat: None,
             last_heartbeat_ack: now,
             detaching: false,
+            detach_sent: false,
+            finished: None,
             pending_auth: None,
             epoch: now,
             stats: EdgeLinkStats::default(),
@@ -421,16 +442,7 @@ impl EdgeSession {
         for id in expired {
             let r = self.requests.remove(&id).expect("listed above");
             let error = LinkError::Timeout(self.cfg.request_timeout);
-            self.events.push_back(match r.kind {
-                RequestKind::Read { .. } => EdgeEvent::ReadDone {
-                    id,
-                    result: Err(error),
-                },
-                RequestKind::Prefetch => EdgeEvent::PrefetchDone {
-                    id,
-                    result: Err(error),
-                },
-            });
+            self.events.push_back(failed(id, &r.kind, error));
         }
         match self.conn {
             Conn::Down { retry_at } if now >= retry_at => {
@@ -577,10 +589,14 @@ impl EdgeSession {
 
     /// Ships write batch `seq` (in sequence order, each once) until the
     /// origin acknowledges it: `BatchApplied`. A batch the origin already
-    /// applied is acknowledged at once.
+    /// applied is acknowledged at once; once the session is over
+    /// (`Failed`, `Detached`) a new one is dropped.
     pub fn ship(&mut self, seq: u64, entries: Vec<WriteEntry>, now: Instant) {
         if self.attachment.is_some() && seq < self.next_seq {
             self.events.push_back(EdgeEvent::BatchApplied { seq });
+            return;
+        }
+        if self.finished.is_some() {
             return;
         }
         let part_data = if self.cfg.mistakes.heartbeat_liveness {
@@ -599,12 +615,22 @@ impl EdgeSession {
         }
     }
 
-    /// Asks the origin to release the volume; completes with `Detached`.
+    /// Asks the origin to release the volume once every batch shipped is
+    /// acknowledged (so no write is left behind for whoever attaches
+    /// next); completes with `Detached`, which ends the session. Batches
+    /// shipped after this wait for a later attach (they stay in the
+    /// journal).
     pub fn detach(&mut self) {
-        self.detaching = true;
-        if self.is_up() {
-            self.send(ATTACH_ID, Class::Demand, Message::Detach);
+        if self.finished.is_none() {
+            self.detaching = true;
+            self.pump_detach();
         }
+    }
+
+    /// Whether the session is over (see [`EdgeEvent::Failed`],
+    /// [`EdgeEvent::Detached`]), and why.
+    pub fn finished(&self) -> Option<&LinkError> {
+        self.finished.as_ref()
     }
 
     // --- internals --------------------------------------------------------
@@ -617,6 +643,10 @@ impl EdgeSession {
 
     fn request(&mut self, msg: Message, kind: RequestKind, deadline: Option<Instant>) -> u64 {
         let id = self.take_id();
+        if let Some(e) = &self.finished {
+            self.events.push_back(failed(id, &kind, e.clone()));
+            return id;
+        }
         if self.is_up() {
             self.send(id, Class::Demand, msg.clone());
         }
@@ -650,6 +680,10 @@ impl EdgeSession {
         let Some(t) = self.transport.as_ref() else {
             return;
         };
+        if self.detach_sent {
+            // The origin is letting go of the volume.
+            return;
+        }
         let class = if self.cfg.mistakes.heartbeat_liveness {
             Class::Demand
         } else {
@@ -702,6 +736,7 @@ impl EdgeSession {
     fn go_down(&mut self, now: Instant) {
         self.transport = None;
         self.next_heartbeat = None;
+        self.detach_sent = false;
         if matches!(self.conn, Conn::Gone) {
             return;
         }
@@ -745,7 +780,9 @@ impl EdgeSession {
         match (&self.conn, msg) {
             (_, Message::Error { code, message }) if header.id == 0 => {
                 let error = LinkError::Refused { code, message };
-                if matches!(self.conn, Conn::Up) {
+                if code == ErrorCode::Fenced {
+                    self.fenced(error);
+                } else if matches!(self.conn, Conn::Up) {
                     self.close(now, error);
                 } else {
                     self.refused(now, error);
@@ -826,7 +863,12 @@ impl EdgeSession {
             (Conn::Attaching { .. }, Message::Error { code, message })
                 if header.id == ATTACH_ID =>
             {
-                self.refused(now, LinkError::Refused { code, message });
+                let error = LinkError::Refused { code, message };
+                if code == ErrorCode::Fenced {
+                    self.fenced(error);
+                } else {
+                    self.refused(now, error);
+                }
                 Ok(())
             }
             (Conn::Attaching { .. }, Message::Auth { .. }) if self.cfg.psk.is_none() => {
@@ -868,6 +910,44 @@ impl EdgeSession {
         self.close(now, error);
     }
 
+    /// An operator fenced this edge off the volume. Never retried: only a
+    /// rebuilt edge (its journal emptied) may be let back in, and what
+    /// this one still holds must not reach the volume.
+    fn fenced(&mut self, error: LinkError) {
+        self.stats.fenced = true;
+        self.finish(error.clone(), EdgeEvent::Failed(error));
+    }
+
+    /// The session is over: fails every request with `error`, reports
+    /// `event`, lets go of the connection and opens no other.
+    fn finish(&mut self, error: LinkError, event: EdgeEvent) {
+        for (id, r) in std::mem::take(&mut self.requests) {
+            self.events.push_back(failed(id, &r.kind, error.clone()));
+        }
+        if matches!(event, EdgeEvent::Failed(_)) {
+            self.stats.last_error = Some(error.to_string());
+        }
+        self.stats.stopped = Some(error.to_string());
+        self.events.push_back(event);
+        self.events.push_back(EdgeEvent::Close {
+            reason: error.clone(),
+        });
+        self.transport = None;
+        self.next_heartbeat = None;
+        self.detaching = false;
+        self.detach_sent = false;
+        self.conn = Conn::Gone;
+        self.finished = Some(error);
+    }
+
+    /// Sends `Detach` once asked to and nothing shipped is unacknowledged.
+    fn pump_detach(&mut self) {
+        if self.detaching && !self.detach_sent && self.is_up() && self.batches.is_empty() {
+            self.detach_sent = true;
+            self.send(ATTACH_ID, Class::Demand, Message::Detach);
+        }
+    }
+
     fn on_attached(&mut self, a: Attachment, resume_part: u32, now: Instant) {
         if let Some(first) = &self.attachment {
             if first.size != a.size
@@ -878,10 +958,7 @@ impl EdgeSession {
                     was: format!("{} bytes, epoch {:016x}", first.size, first.volume_epoch),
                     now: format!("{} bytes, epoch {:016x}", a.size, a.volume_epoch),
                 };
-                self.events.push_back(EdgeEvent::Failed(e.clone()));
-                self.events.push_back(EdgeEvent::Close { reason: e });
-                self.transport = None;
-                self.conn = Conn::Gone;
+                self.finish(e.clone(), EdgeEvent::Failed(e));
                 return;
             }
         } else {
@@ -918,11 +995,9 @@ impl EdgeSession {
                 b.next = resume_part as usize;
             }
         }
-        if self.detaching {
-            self.send(ATTACH_ID, Class::Demand, Message::Detach);
-        }
         self.events.push_back(EdgeEvent::Attached(a));
         self.fill_batches(now);
+        self.pump_detach();
     }
 
     /// Batches up to `seq` are applied.
@@ -970,11 +1045,11 @@ impl EdgeSession {
             }
             Message::BatchAck { seq } if id == BATCH_ID => {
                 self.acknowledge(seq);
+                self.pump_detach();
                 Ok(())
             }
-            Message::Detached if id == ATTACH_ID => {
-                self.detaching = false;
-                self.events.push_back(EdgeEvent::Detached);
+            Message::Detached if id == ATTACH_ID && self.detach_sent => {
+                self.finish(LinkError::Detached, EdgeEvent::Detached);
                 Ok(())
             }
             Message::Error { code, message } if id == BATCH_ID => {
@@ -997,16 +1072,7 @@ impl EdgeSession {
                     return Ok(());
                 };
                 let error = LinkError::Refused { code, message };
-                self.events.push_back(match r.kind {
-                    RequestKind::Read { .. } => EdgeEvent::ReadDone {
-                        id,
-                        result: Err(error),
-                    },
-                    RequestKind::Prefetch => EdgeEvent::PrefetchDone {
-                        id,
-                        result: Err(error),
-                    },
-                });
+                self.events.push_back(failed(id, &r.kind, error));
                 Ok(())
             }
             Message::ReadData {
@@ -1102,5 +1168,19 @@ impl EdgeSession {
             result: Ok(ReadReply::Data { as_of, data }),
         });
         Ok(())
+    }
+}
+
+/// The completion of a request that failed with `error`.
+fn failed(id: RequestId, kind: &RequestKind, error: LinkError) -> EdgeEvent {
+    match kind {
+        RequestKind::Read { .. } => EdgeEvent::ReadDone {
+            id,
+            result: Err(error),
+        },
+        RequestKind::Prefetch => EdgeEvent::PrefetchDone {
+            id,
+            result: Err(error),
+        },
     }
 }

@@ -11,6 +11,8 @@
 //!        apply_done ──> BatchAck (or Error: everything from that batch on
 //!                       is dropped until the edge resends it from part 0)
 //!   Heartbeat ──> HeartbeatAck
+//!   Detach    ──> (once every batch received is applied) Op::Detach
+//!        detach_done ──> Detached ──> waiting for Attach again
 //! ```
 //!
 //! The session never waits for storage: reads and applies are operations
@@ -106,7 +108,8 @@ pub enum OriginOp {
     /// Apply batch `seq` atomically (or confirm it was applied before):
     /// [`OriginSession::apply_done`]. One at a time, in order.
     Apply { seq: u64, entries: Vec<WriteEntry> },
-    /// Release the volume: [`OriginSession::detach_done`].
+    /// Release the volume: [`OriginSession::detach_done`]. Asked for only
+    /// once every batch received before `Detach` was applied (or failed).
     Detach,
     /// Close the connection; the session is finished.
     Close { reason: LinkError },
@@ -240,6 +243,8 @@ pub struct OriginSession {
     /// After a failed apply: parts are dropped until this batch restarts.
     failed_from: Option<u64>,
     attach_id: u64,
+    /// `Detach` arrived (its id); `Op::Detach` waits for the applies.
+    detach_pending: Option<u64>,
     stats: OriginSessionStats,
 }
 
@@ -277,6 +282,7 @@ impl OriginSession {
             applying: None,
             failed_from: None,
             attach_id: 0,
+            detach_pending: None,
             stats: OriginSessionStats::default(),
         }
     }
@@ -499,13 +505,35 @@ impl OriginSession {
             }
         }
         self.pump_apply();
+        self.pump_detach();
     }
 
     pub fn detach_done(&mut self) {
         if self.stage == Stage::Attached {
             self.stage = Stage::Ready;
+            // Pushes are for the volume's holder only.
+            self.push_jobs.clear();
+            self.prefetches.clear();
             self.reply(self.attach_id, Message::Detached);
         }
+    }
+
+    /// The origin took the volume from this connection (an operator
+    /// fenced its edge): tells the edge why, on id 0, and closes. What
+    /// it was sending is dropped; nothing more is asked for.
+    pub fn revoke(&mut self, refusal: Refusal) {
+        if self.stage == Stage::Closed {
+            return;
+        }
+        self.assembly = None;
+        self.ready.clear();
+        self.push_jobs.clear();
+        let error = LinkError::Refused {
+            code: refusal.code,
+            message: refusal.message.clone(),
+        };
+        self.reply(0, refusal_message(refusal));
+        self.close(error);
     }
 
     // --- internals -----------------------------------------------------
@@ -673,8 +701,8 @@ impl OriginSession {
                 entries,
             } => self.write_batch(id, seq, part, last, entries),
             Message::Detach => {
-                self.ops.push_back(OriginOp::Detach);
-                self.attach_id = id;
+                self.detach_pending = Some(id);
+                self.pump_detach();
                 Ok(())
             }
             other => Err(LinkError::Unexpected(format!(
@@ -843,6 +871,18 @@ impl OriginSession {
         self.ready.push_back((a.id, a.seq, a.entries));
         self.pump_apply();
         Ok(())
+    }
+
+    /// Asks to release the volume once nothing received is left to apply,
+    /// so `Detached` means every batch before it was answered.
+    fn pump_detach(&mut self) {
+        if self.applying.is_some() || !self.ready.is_empty() {
+            return;
+        }
+        if let Some(id) = self.detach_pending.take() {
+            self.attach_id = id;
+            self.ops.push_back(OriginOp::Detach);
+        }
     }
 
     fn pump_apply(&mut self) {

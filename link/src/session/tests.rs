@@ -93,6 +93,10 @@ struct World {
     epoch: u64,
     /// The origin closed; the edge sees it once the last bytes arrived.
     closing: bool,
+    /// How the origin answers attaches (`None`: granted).
+    refuse: Option<Refusal>,
+    /// Connections the edge asked for.
+    connects: u32,
 }
 
 impl World {
@@ -129,6 +133,8 @@ impl World {
             pending_ops: VecDeque::new(),
             epoch: 77,
             closing: false,
+            refuse: None,
+            connects: 0,
         }
     }
 
@@ -212,6 +218,7 @@ impl World {
                 match ev {
                     EdgeEvent::Connect => {
                         // Connecting takes a round trip.
+                        self.connects += 1;
                         self.connected = true;
                         let nonce = [5; 32];
                         assert!(self.edge.connected(self.now, nonce));
@@ -282,6 +289,9 @@ impl World {
             return;
         };
         match op {
+            OriginOp::Attach { .. } if self.refuse.is_some() => {
+                o.attach_done(Err(self.refuse.clone().expect("checked")));
+            }
             OriginOp::Attach { .. } => o.attach_done(Ok(AttachGrant {
                 size: self.volume.len() as u64,
                 cache_key: [1; 32],
@@ -619,4 +629,110 @@ fn the_first_links_mistake_livelocks_on_a_slow_buffered_path() {
     w.run(Duration::from_secs(120), |w| w.applied_seq() == 1);
     assert_eq!(w.applied_seq(), 1);
     assert_eq!(w.edge.stats(w.now).deaths, 0);
+}
+
+fn fenced() -> Refusal {
+    Refusal::new(
+        ErrorCode::Fenced,
+        "edge \"edge-1\" is fenced off volume \"vol\"",
+    )
+}
+
+fn is_fenced(e: &crate::LinkError) -> bool {
+    matches!(
+        e,
+        crate::LinkError::Refused {
+            code: ErrorCode::Fenced,
+            ..
+        }
+    )
+}
+
+#[test]
+fn a_fenced_edge_stops_at_once_and_never_retries() {
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    w.refuse = Some(fenced());
+    w.disconnect();
+    let read = w.edge.read(0, 4096, false, w.now);
+    w.edge.ship(1, batch(1, 64 << 10), w.now);
+    w.run(Duration::from_secs(2), |w| w.edge.finished().is_some());
+    let connects = w.connects;
+    assert!(matches!(w.read_done(read), Some(Err(e)) if is_fenced(e)));
+    assert!(w
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, EdgeEvent::Failed(e) if is_fenced(e))));
+    assert!(!w
+        .events
+        .iter()
+        .any(|(_, e)| matches!(e, EdgeEvent::Refused(_))));
+    let st = w.edge.stats(w.now);
+    assert!(st.fenced, "{st:?}");
+    assert!(
+        st.last_error.as_deref().unwrap_or("").contains("fenced"),
+        "{st:?}"
+    );
+    assert!(st.stopped.is_some());
+    // No reconnection, no timer: a fenced edge waits for nothing.
+    assert_eq!(w.edge.poll_timeout(), None);
+    w.run(Duration::from_secs(30), |_| false);
+    assert_eq!(w.connects, connects);
+    assert!(w.applies.is_empty());
+    // Later requests fail at once.
+    let again = w.edge.read(0, 4096, false, w.now);
+    w.run(Duration::from_millis(1), |_| false);
+    assert!(matches!(w.read_done(again), Some(Err(e)) if is_fenced(e)));
+}
+
+#[test]
+fn a_revoked_connection_stops_the_edge() {
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    let read = w.edge.read(0, 4096, false, w.now);
+    w.origin.as_mut().expect("connected").revoke(fenced());
+    w.run(Duration::from_secs(2), |w| w.edge.finished().is_some());
+    assert!(w.edge.finished().is_some_and(is_fenced));
+    assert!(w.edge.stats(w.now).fenced);
+    // The read was answered before the revocation, or failed with it.
+    assert!(matches!(w.read_done(read), Some(Ok(_) | Err(_))));
+    let connects = w.connects;
+    w.run(Duration::from_secs(10), |_| false);
+    assert_eq!(w.connects, connects, "no reconnection after a fence");
+}
+
+#[test]
+fn detach_waits_for_every_batch_then_ends_the_session() {
+    let mut w = World::new(MBIT100, Duration::from_millis(10), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    w.edge.ship(1, batch(1, 2 << 20), w.now);
+    w.edge.ship(2, batch(2, 1 << 20), w.now);
+    w.edge.detach();
+    w.run(Duration::from_secs(10), |w| {
+        w.events
+            .iter()
+            .any(|(_, e)| matches!(e, EdgeEvent::Detached))
+    });
+    let detached_at = w
+        .events
+        .iter()
+        .position(|(_, e)| matches!(e, EdgeEvent::Detached))
+        .expect("detached");
+    let applied_at = w
+        .events
+        .iter()
+        .position(|(_, e)| matches!(e, EdgeEvent::BatchApplied { seq: 2 }))
+        .expect("batch 2 applied");
+    assert!(applied_at < detached_at, "{:?}", w.events);
+    assert_eq!(w.applies, [1, 2]);
+    assert!(w.edge.finished().is_some());
+    assert!(!w.edge.is_up());
+    assert_eq!(w.edge.poll_timeout(), None);
+    let read = w.edge.read(0, 4096, false, w.now);
+    w.run(Duration::from_millis(1), |_| false);
+    assert!(matches!(
+        w.read_done(read),
+        Some(Err(crate::LinkError::Detached))
+    ));
+    assert!(!w.edge.stats(w.now).fenced);
 }

@@ -1,0 +1,488 @@
+//! The CLI commands that talk to a running edge through its management API
+//! (`ferry volume`, `ferry status`, `ferry flush`, `ferry cache resize`,
+//! and the older `ferry edge status|flush`). Each prints a readable table
+//! or, with `--json`, the API's reply as is.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::json;
+
+use crate::api::client::ApiClient;
+use crate::edge::api::{
+    CacheInfo, EdgeSummary, Flushed, Removed, VolumeInfo, VolumeList, VolumeState,
+};
+use crate::edge::config::VolumeSpec;
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn timeout_query(timeout: Option<Duration>) -> String {
+    timeout.map_or_else(String::new, |t| {
+        format!("?timeout_secs={}", t.as_secs_f64())
+    })
+}
+
+/// `ferry volume add`.
+pub async fn volume_add(api: &ApiClient, spec: &VolumeSpec, json: bool) -> anyhow::Result<()> {
+    let body = serde_json::to_value(spec)?;
+    let info: VolumeInfo = api.call("POST", "/v1/volumes", Some(&body)).await?.json()?;
+    if json {
+        return print_json(&info);
+    }
+    println!(
+        "added {}: {} bytes from {}, NBD export {:?}{}",
+        info.name,
+        info.size,
+        info.spec.origin,
+        info.nbd_export,
+        info.iscsi_target
+            .as_deref()
+            .map(|t| format!(", iSCSI target {t}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `ferry volume rm`.
+pub async fn volume_rm(
+    api: &ApiClient,
+    name: &str,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/volumes/{name}{}", timeout_query(timeout));
+    let r: Removed = api.call("DELETE", &path, None).await?.json()?;
+    if json {
+        return print_json(&r);
+    }
+    println!(
+        "removed {}: every write was applied at its origin, and the origin released it",
+        r.name
+    );
+    Ok(())
+}
+
+/// `ferry volume set`.
+pub async fn volume_set(
+    api: &ApiClient,
+    name: &str,
+    rpo_secs: Option<f64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "rpo_secs": rpo_secs });
+    let info: VolumeInfo = api
+        .call("PATCH", &format!("/v1/volumes/{name}"), Some(&body))
+        .await?
+        .json()?;
+    if json {
+        return print_json(&info);
+    }
+    println!("{}: rpo {} s", info.name, info.spec.rpo_secs);
+    Ok(())
+}
+
+/// `ferry volume list`.
+pub async fn volume_list(api: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let list: VolumeList = api.call("GET", "/v1/volumes", None).await?.json()?;
+    if json {
+        return print_json(&list);
+    }
+    print!("{}", volume_table(&list.volumes));
+    Ok(())
+}
+
+/// `ferry status`.
+pub async fn status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let s: EdgeSummary = api.call("GET", "/v1/status", None).await?.json()?;
+    if json {
+        return print_json(&s);
+    }
+    let c = &s.cache;
+    println!(
+        "edge {} up {:.0} s; cache {} of {} used ({:.1}% hits, {} evictions){}",
+        s.version,
+        s.uptime_secs,
+        human(c.used_bytes),
+        human(c.capacity_bytes),
+        c.hit_ratio * 100.0,
+        c.evictions,
+        if c.open {
+            ""
+        } else {
+            " (opens with the first volume)"
+        }
+    );
+    print!("{}", volume_table(&s.volumes));
+    for v in &s.volumes {
+        if let Some(e) = &v.error {
+            println!("{}: {e}", v.name);
+        }
+    }
+    Ok(())
+}
+
+/// `ferry flush [VOLUME]`.
+pub async fn flush(
+    api: &ApiClient,
+    volume: Option<&str>,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = match volume {
+        Some(v) => format!("/v1/volumes/{v}/flush{}", timeout_query(timeout)),
+        None => format!("/v1/flush{}", timeout_query(timeout)),
+    };
+    let f: Flushed = api.call("POST", &path, None).await?.json()?;
+    if json {
+        return print_json(&f);
+    }
+    println!(
+        "flushed {} in {:.1} s: every journaled write is applied at the origin",
+        if f.volumes.is_empty() {
+            "nothing (no volume is attached)".to_owned()
+        } else {
+            f.volumes.join(", ")
+        },
+        f.seconds
+    );
+    Ok(())
+}
+
+/// `ferry cache resize SIZE`.
+pub async fn cache_resize(api: &ApiClient, bytes: u64, json: bool) -> anyhow::Result<()> {
+    let body = json!({ "size": bytes });
+    let c: CacheInfo = api
+        .call("PUT", "/v1/cache/size", Some(&body))
+        .await?
+        .json()?;
+    if json {
+        return print_json(&c);
+    }
+    println!(
+        "cache resized to {} ({} in use)",
+        human(c.capacity_bytes),
+        human(c.used_bytes)
+    );
+    Ok(())
+}
+
+/// `ferry cache status`.
+pub async fn cache_status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let c: CacheInfo = api.call("GET", "/v1/cache", None).await?.json()?;
+    if json {
+        return print_json(&c);
+    }
+    println!(
+        "cache {}: {} of {} used, chunk {}, {:.1}% hits ({} from memory), {} misses, {} evictions, {} dedup hits",
+        c.dir,
+        human(c.used_bytes),
+        human(c.capacity_bytes),
+        human(c.chunk_size),
+        c.hit_ratio * 100.0,
+        c.memory_hits,
+        c.misses,
+        c.evictions,
+        c.dedup_hits
+    );
+    Ok(())
+}
+
+/// `ferry edge status`: the older `key: value` lines, one block per volume.
+pub async fn edge_status_lines(api: &ApiClient) -> anyhow::Result<String> {
+    let list: VolumeList = api.call("GET", "/v1/volumes", None).await?.json()?;
+    let c: CacheInfo = api.call("GET", "/v1/cache", None).await?.json()?;
+    let mut out = String::new();
+    let several = list.volumes.len() > 1;
+    for v in &list.volumes {
+        if several {
+            let _ = writeln!(out, "volume: {}", v.name);
+        }
+        out.push_str(&status_lines(v, &c));
+    }
+    Ok(out)
+}
+
+fn status_lines(v: &VolumeInfo, cache: &CacheInfo) -> String {
+    let (Some(l), Some(vc), Some(j)) = (&v.link, &v.cache, &v.journal) else {
+        return format!(
+            "link: down\nstate: attaching\nlink_last_error: {}\n",
+            v.error.as_deref().unwrap_or("none")
+        );
+    };
+    let mut out = String::new();
+    let mut kv = |k: &str, val: String| {
+        let _ = writeln!(out, "{k}: {val}");
+    };
+    kv("link", if l.up { "up" } else { "down" }.into());
+    kv("link_connects", l.connects.to_string());
+    kv("link_deaths", l.deaths.to_string());
+    kv(
+        "link_last_error",
+        l.last_error.clone().unwrap_or_else(|| "none".into()),
+    );
+    kv("link_rtt_ms", format!("{:.1}", l.rtt_ms));
+    kv("link_queue_delay_ms", format!("{:.1}", l.queue_delay_ms));
+    kv("link_window_bytes", l.window_bytes.to_string());
+    kv(
+        "link_delivery_rate_bytes_per_sec",
+        l.delivery_rate_bytes_per_sec.to_string(),
+    );
+    kv("bytes_fetched", l.demand_bytes.to_string());
+    kv("bytes_pushed", l.push_bytes.to_string());
+    kv("signature_hits", l.signature_hits.to_string());
+    kv("signature_misses", l.signature_misses.to_string());
+    kv("cache_hits", cache.hits.to_string());
+    kv("cache_memory_hits", cache.memory_hits.to_string());
+    kv("cache_misses", cache.misses.to_string());
+    kv("cache_hit_ratio", format!("{:.3}", cache.hit_ratio));
+    kv("volume_hit_ratio", format!("{:.3}", vc.hit_ratio));
+    #[allow(clippy::cast_precision_loss)]
+    let fill = if cache.capacity_bytes == 0 {
+        0.0
+    } else {
+        cache.used_bytes as f64 / cache.capacity_bytes as f64
+    };
+    kv("cache_fill_rate", format!("{fill:.3}"));
+    kv("journal_unshipped_bytes", j.unshipped_bytes.to_string());
+    kv("journal_unshipped_records", j.unshipped_records.to_string());
+    kv("journal_batches_in_flight", j.batches_in_flight.to_string());
+    kv(
+        "journal_oldest_unshipped_age",
+        j.oldest_unshipped_age_secs
+            .map_or_else(|| "none".into(), |a| format!("{a:.1}s")),
+    );
+    kv("journal_used_bytes", j.used_bytes.to_string());
+    kv("journal_appends_waiting", j.appends_waiting.to_string());
+    kv("batches_shipped", j.batches_shipped.to_string());
+    kv("bytes_shipped", j.bytes_shipped.to_string());
+    kv("batch_bytes_sent", l.write_bytes.to_string());
+    kv("pushes_kept", vc.pushes_kept.to_string());
+    kv("pushes_dropped", vc.pushes_dropped.to_string());
+    if let Some(o) = &v.local_only {
+        kv("local_only_bytes", o.local_only_bytes.to_string());
+        kv("overlay_allocated_bytes", o.allocated_bytes.to_string());
+    }
+    out
+}
+
+/// A per-volume table: state, link, hit ratio, bytes each way, journal.
+pub fn volume_table(volumes: &[VolumeInfo]) -> String {
+    let mut rows = vec![[
+        "VOLUME".to_owned(),
+        "STATE".into(),
+        "SIZE".into(),
+        "LINK".into(),
+        "RTT".into(),
+        "HIT%".into(),
+        "IN".into(),
+        "OUT".into(),
+        "UNSHIPPED".into(),
+        "OLDEST".into(),
+        "RPO".into(),
+    ]];
+    for v in volumes {
+        let state = match v.state {
+            VolumeState::Attaching => "attaching",
+            VolumeState::Up => "up",
+            VolumeState::LinkDown => "link-down",
+            VolumeState::Removing => "removing",
+        };
+        let dash = || "-".to_owned();
+        rows.push([
+            v.name.clone(),
+            state.into(),
+            if v.size == 0 { dash() } else { human(v.size) },
+            v.link
+                .as_ref()
+                .map_or_else(dash, |l| if l.up { "up" } else { "down" }.into()),
+            v.link
+                .as_ref()
+                .map_or_else(dash, |l| format!("{:.1}ms", l.rtt_ms)),
+            v.cache
+                .as_ref()
+                .map_or_else(dash, |c| format!("{:.1}", c.hit_ratio * 100.0)),
+            v.link
+                .as_ref()
+                .map_or_else(dash, |l| human(l.wire_bytes_in)),
+            v.link
+                .as_ref()
+                .map_or_else(dash, |l| human(l.wire_bytes_out)),
+            v.journal
+                .as_ref()
+                .map_or_else(dash, |j| human(j.unshipped_bytes)),
+            v.journal.as_ref().map_or_else(dash, |j| {
+                j.oldest_unshipped_age_secs
+                    .map_or_else(dash, |a| format!("{a:.1}s"))
+            }),
+            format!("{}s", v.spec.rpo_secs),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if volumes.is_empty() {
+        out.push_str("(no volumes: add one with `ferry volume add NAME --origin HOST:PORT`)\n");
+    }
+    out
+}
+
+/// Bytes with a binary suffix.
+#[allow(clippy::cast_precision_loss)]
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes}B")
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
+}
+
+/// The socket a CLI command talks to.
+pub fn client(api: Option<std::path::PathBuf>) -> anyhow::Result<ApiClient> {
+    api.map(ApiClient::new).context(
+        "which edge? give --api PATH (its API socket: <cache-dir>/api.sock unless configured) or set FERRY_API",
+    )
+}
+
+// --- the origin's commands ----------------------------------------------
+
+use crate::origin::api::{ExportRemoved, Fencing, OriginSummary, OriginVolumeInfo};
+
+/// `ferry origin volume add`.
+pub async fn origin_volume_add(
+    api: &ApiClient,
+    name: &str,
+    source: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "name": name, "source": source });
+    let v: OriginVolumeInfo = api.call("POST", "/v1/volumes", Some(&body)).await?.json()?;
+    if json {
+        return print_json(&v);
+    }
+    println!("serving {} ({}, epoch {})", v.name, human(v.size), v.epoch);
+    Ok(())
+}
+
+/// `ferry origin volume rm`.
+pub async fn origin_volume_rm(api: &ApiClient, name: &str, json: bool) -> anyhow::Result<()> {
+    let r: ExportRemoved = api
+        .call("DELETE", &format!("/v1/volumes/{name}"), None)
+        .await?
+        .json()?;
+    if json {
+        return print_json(&r);
+    }
+    println!("no longer serving {}", r.name);
+    Ok(())
+}
+
+/// `ferry origin release --force`.
+pub async fn origin_release(
+    api: &ApiClient,
+    name: &str,
+    edge: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "force": true, "edge": edge });
+    let f: Fencing = api
+        .call("POST", &format!("/v1/volumes/{name}/release"), Some(&body))
+        .await?
+        .json()?;
+    if json {
+        return print_json(&f);
+    }
+    println!(
+        "{} released; edge {} is fenced off it (`ferry origin unfence {} {}` lets it back)",
+        f.name, f.edge, f.name, f.edge
+    );
+    Ok(())
+}
+
+/// `ferry origin unfence`.
+pub async fn origin_unfence(
+    api: &ApiClient,
+    name: &str,
+    edge: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "edge": edge });
+    let f: Fencing = api
+        .call("POST", &format!("/v1/volumes/{name}/unfence"), Some(&body))
+        .await?
+        .json()?;
+    if json {
+        return print_json(&f);
+    }
+    println!("edge {} may attach {} again", f.edge, f.name);
+    Ok(())
+}
+
+/// `ferry origin status` and `ferry origin volume list`.
+pub async fn origin_status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
+    let s: OriginSummary = api.call("GET", "/v1/status", None).await?.json()?;
+    if json {
+        return print_json(&s);
+    }
+    println!(
+        "origin {} up {:.0} s; {} edge connections ({} accepted, {} attaches refused)",
+        s.version, s.uptime_secs, s.connections_active, s.connections_accepted, s.attach_refusals
+    );
+    let mut rows = vec![[
+        "VOLUME".to_owned(),
+        "SIZE".into(),
+        "ATTACHED BY".into(),
+        "FENCED".into(),
+        "READ".into(),
+        "PUSHED".into(),
+        "APPLIED".into(),
+        "SOURCE".into(),
+    ]];
+    for v in &s.volumes {
+        rows.push([
+            v.name.clone(),
+            human(v.size),
+            v.attached_by.clone().unwrap_or_else(|| "-".into()),
+            if v.fenced.is_empty() {
+                "-".into()
+            } else {
+                v.fenced.join(",")
+            },
+            human(v.bytes_read),
+            human(v.bytes_pushed),
+            format!("{} ({})", v.batches_applied, human(v.batch_bytes_applied)),
+            v.source.clone().unwrap_or_default(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}

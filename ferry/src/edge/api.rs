@@ -1,0 +1,924 @@
+//! The edge's management API: its routes, request and reply types, and
+//! their execution on the [`EdgeDaemon`]. The document generated from
+//! these is `ferry/api/edge.openapi.json`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::config::{VolumeChange, VolumeSpec};
+use super::{EdgeDaemon, Served, Slot, DEFAULT_FLUSH_TIMEOUT};
+use crate::api::{find_route, schema_of, Api, ApiError, HttpRequest, Reply, Route};
+use crate::config::ByteSize;
+use crate::metrics::{f, Scrape};
+
+/// Every request the edge's API takes, parsed and checked.
+#[derive(Debug)]
+pub enum Request {
+    Status,
+    ListVolumes,
+    AddVolume(VolumeSpec),
+    GetVolume(String),
+    ChangeVolume(String, VolumeChange),
+    RemoveVolume { name: String, timeout: Duration },
+    FlushVolume { name: String, timeout: Duration },
+    FlushAll { timeout: Duration },
+    CacheStatus,
+    ResizeCache(CacheResize),
+    Metrics,
+    OpenApi,
+}
+
+/// `PUT /v1/cache/size`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CacheResize {
+    /// The new capacity.
+    pub size: ByteSize,
+}
+
+/// Where a volume is in its life.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeState {
+    /// Declared, not attached yet (the origin is unreachable or refused;
+    /// see `error`); retried in the background.
+    Attaching,
+    /// Served, link up.
+    Up,
+    /// Served from the cache and journal while the link is down.
+    LinkDown,
+    /// Its exports are gone; its journal is being drained to the origin.
+    Removing,
+}
+
+/// A volume's state and counters.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub state: VolumeState,
+    /// Why it is not up, when it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub spec: VolumeSpec,
+    /// The volume's size in bytes (0 until attached).
+    pub size: u64,
+    pub nbd_export: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iscsi_target: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<LinkInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<VolumeCacheInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal: Option<JournalInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_only: Option<OverlayInfo>,
+}
+
+/// A volume's link to its origin.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct LinkInfo {
+    pub up: bool,
+    pub connects: u64,
+    /// Times the link was declared dead for lack of progress.
+    pub deaths: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub rtt_ms: f64,
+    pub queue_delay_ms: f64,
+    pub window_bytes: u64,
+    pub delivery_rate_bytes_per_sec: u64,
+    /// Payload bytes by class: demand reads, pushes, write batches.
+    pub demand_bytes: u64,
+    pub push_bytes: u64,
+    pub write_bytes: u64,
+    /// Bytes on the wire (after compression), each way.
+    pub wire_bytes_in: u64,
+    pub wire_bytes_out: u64,
+    pub signature_hits: u64,
+    pub signature_misses: u64,
+}
+
+/// A volume's reads through the shared cache.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct VolumeCacheInfo {
+    pub bytes_from_cache: u64,
+    pub bytes_from_origin: u64,
+    /// Of the bytes this volume read: the share the cache served.
+    pub hit_ratio: f64,
+    pub pushes_kept: u64,
+    pub pushes_dropped: u64,
+}
+
+/// A volume's write journal.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct JournalInfo {
+    pub rpo_secs: f64,
+    pub unshipped_bytes: u64,
+    pub unshipped_records: u64,
+    pub batches_in_flight: u64,
+    /// Age of the oldest write the origin has not applied: the real
+    /// recovery point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oldest_unshipped_age_secs: Option<f64>,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub appends_waiting: u64,
+    pub batches_shipped: u64,
+    pub bytes_shipped: u64,
+}
+
+/// A volume's local-only ranges.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct OverlayInfo {
+    pub local_only_bytes: u64,
+    pub allocated_bytes: u64,
+}
+
+/// `GET /v1/volumes`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct VolumeList {
+    pub volumes: Vec<VolumeInfo>,
+}
+
+/// The shared cache.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct CacheInfo {
+    pub dir: String,
+    /// False until the first volume attaches (the origin hands out its keys).
+    pub open: bool,
+    /// The configured capacity (what a resize sets).
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub chunk_size: u64,
+    pub hits: u64,
+    pub memory_hits: u64,
+    pub misses: u64,
+    pub hit_ratio: f64,
+    pub evictions: u64,
+    pub dedup_hits: u64,
+    pub dedup_bytes: u64,
+    pub integrity_errors: u64,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct EdgeSummary {
+    pub version: String,
+    pub uptime_secs: f64,
+    /// Whether API changes are saved to a configuration file.
+    pub persisted: bool,
+    pub volumes: Vec<VolumeInfo>,
+    pub cache: CacheInfo,
+}
+
+/// `DELETE /v1/volumes/{name}`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct Removed {
+    pub name: String,
+    /// Every journaled write was applied at the origin before removal.
+    pub flushed: bool,
+}
+
+/// `POST .../flush`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct Flushed {
+    /// The volumes whose every journaled write the origin has applied.
+    pub volumes: Vec<String>,
+    pub seconds: f64,
+}
+
+const TIMEOUT_QUERY: &[(&str, &str)] = &[(
+    "timeout_secs",
+    "How long to wait for the origin to apply the journal (default 120)",
+)];
+
+/// The edge's routes; the order is the document's.
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/v1/status",
+        summary: "The edge: version, uptime, every volume and the cache",
+        request: None,
+        reply: (200, Some(schema_of::<EdgeSummary>)),
+        errors: &[],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/volumes",
+        summary: "List the volumes with their state and counters",
+        request: None,
+        reply: (200, Some(schema_of::<VolumeList>)),
+        errors: &[],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes",
+        summary: "Add a volume: attach it at its origin and serve it over NBD (and iSCSI)",
+        request: Some(schema_of::<VolumeSpec>),
+        reply: (201, Some(schema_of::<VolumeInfo>)),
+        errors: &[409, 502, 504],
+        query: &[],
+        example: Some(r#"{"name": "walk", "origin": "{origin}", "rpo_secs": 5}"#),
+    },
+    Route {
+        method: "GET",
+        path: "/v1/volumes/{name}",
+        summary: "One volume's state and counters",
+        request: None,
+        reply: (200, Some(schema_of::<VolumeInfo>)),
+        errors: &[404],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "PATCH",
+        path: "/v1/volumes/{name}",
+        summary: "Change a running volume (its RPO)",
+        request: Some(schema_of::<VolumeChange>),
+        reply: (200, Some(schema_of::<VolumeInfo>)),
+        errors: &[404, 409],
+        query: &[],
+        example: Some(r#"{"rpo_secs": 2}"#),
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes/{name}/flush",
+        summary: "Ship every journaled write of a volume and wait until the origin applied it",
+        request: None,
+        reply: (200, Some(schema_of::<Flushed>)),
+        errors: &[404, 409, 504],
+        query: TIMEOUT_QUERY,
+        example: None,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/volumes/{name}",
+        summary: "Remove a volume: stop its exports, drain its journal to the origin, detach",
+        request: None,
+        reply: (200, Some(schema_of::<Removed>)),
+        errors: &[404, 504],
+        query: TIMEOUT_QUERY,
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/flush",
+        summary: "Flush every volume to its origin",
+        request: None,
+        reply: (200, Some(schema_of::<Flushed>)),
+        errors: &[504],
+        query: TIMEOUT_QUERY,
+        example: None,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/cache",
+        summary: "The shared cache's size, occupancy and counters",
+        request: None,
+        reply: (200, Some(schema_of::<CacheInfo>)),
+        errors: &[],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "PUT",
+        path: "/v1/cache/size",
+        summary: "Resize the cache while in use (shrinking evicts)",
+        request: Some(schema_of::<CacheResize>),
+        reply: (200, Some(schema_of::<CacheInfo>)),
+        errors: &[409],
+        query: &[],
+        example: Some(r#"{"size": "96M"}"#),
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        summary: "Prometheus metrics (text format 0.0.4)",
+        request: None,
+        reply: (200, None),
+        errors: &[],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "GET",
+        path: "/v1/openapi.json",
+        summary: "This document",
+        request: None,
+        reply: (200, Some(schema_of::<serde_json::Value>)),
+        errors: &[],
+        query: &[],
+        example: None,
+    },
+];
+
+fn timeout(req: &HttpRequest) -> Result<Duration, ApiError> {
+    Ok(req
+        .query_f64("timeout_secs")?
+        .map_or(DEFAULT_FLUSH_TIMEOUT, Duration::from_secs_f64))
+}
+
+/// Parses an HTTP request into a [`Request`]; nothing runs before this
+/// succeeds.
+pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
+    let (route, params) = find_route(ROUTES, &req.method, &req.path)?;
+    let name = || params.first().cloned().unwrap_or_default();
+    if route.request.is_none() && !req.body.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "{} {} takes no body",
+            route.method, route.path
+        )));
+    }
+    Ok(match (route.method, route.path) {
+        ("GET", "/v1/status") => Request::Status,
+        ("GET", "/v1/volumes") => Request::ListVolumes,
+        ("POST", "/v1/volumes") => Request::AddVolume(req.json()?),
+        ("GET", "/v1/volumes/{name}") => Request::GetVolume(name()),
+        ("PATCH", "/v1/volumes/{name}") => Request::ChangeVolume(name(), req.json()?),
+        ("POST", "/v1/volumes/{name}/flush") => Request::FlushVolume {
+            name: name(),
+            timeout: timeout(req)?,
+        },
+        ("DELETE", "/v1/volumes/{name}") => Request::RemoveVolume {
+            name: name(),
+            timeout: timeout(req)?,
+        },
+        ("POST", "/v1/flush") => Request::FlushAll {
+            timeout: timeout(req)?,
+        },
+        ("GET", "/v1/cache") => Request::CacheStatus,
+        ("PUT", "/v1/cache/size") => Request::ResizeCache(req.json()?),
+        ("GET", "/metrics") => Request::Metrics,
+        ("GET", "/v1/openapi.json") => Request::OpenApi,
+        (m, p) => return Err(ApiError::internal(format!("route {m} {p} has no parser"))),
+    })
+}
+
+/// The edge's [`Api`].
+#[derive(Debug)]
+pub struct EdgeApi {
+    daemon: Arc<EdgeDaemon>,
+}
+
+impl EdgeApi {
+    pub fn new(daemon: Arc<EdgeDaemon>) -> Self {
+        EdgeApi { daemon }
+    }
+
+    /// Runs a parsed request.
+    pub async fn execute(&self, req: Request) -> Result<Reply, ApiError> {
+        let d = &self.daemon;
+        match req {
+            Request::Status => Reply::ok(&self.summary()),
+            Request::ListVolumes => Reply::ok(&VolumeList {
+                volumes: self.volume_infos(),
+            }),
+            Request::AddVolume(spec) => {
+                let name = spec.name.clone();
+                d.add(spec).await?;
+                Reply::with_status(201, &self.info(&name)?)
+            }
+            Request::GetVolume(name) => Reply::ok(&self.info(&name)?),
+            Request::ChangeVolume(name, change) => {
+                d.change(&name, change).await?;
+                Reply::ok(&self.info(&name)?)
+            }
+            Request::RemoveVolume { name, timeout } => {
+                d.remove(&name, timeout).await?;
+                Reply::ok(&Removed {
+                    name,
+                    flushed: true,
+                })
+            }
+            Request::FlushVolume { name, timeout } => {
+                let t = std::time::Instant::now();
+                d.flush(&name, timeout).await?;
+                Reply::ok(&Flushed {
+                    volumes: vec![name],
+                    seconds: t.elapsed().as_secs_f64(),
+                })
+            }
+            Request::FlushAll { timeout } => {
+                let t = std::time::Instant::now();
+                let served: Vec<(String, Arc<Served>)> = d
+                    .volumes()
+                    .into_iter()
+                    .filter_map(|(n, s)| match s {
+                        Slot::Up(s) | Slot::Removing { served: s, .. } => Some((n, s)),
+                        Slot::Attaching { .. } => None,
+                    })
+                    .collect();
+                let results =
+                    futures::future::join_all(served.iter().map(|(_, s)| s.flush(timeout))).await;
+                let mut done = Vec::new();
+                for ((name, _), r) in served.into_iter().zip(results) {
+                    r.map_err(|e| ApiError {
+                        message: format!("volume {name}: {}", e.message),
+                        ..e
+                    })?;
+                    done.push(name);
+                }
+                Reply::ok(&Flushed {
+                    volumes: done,
+                    seconds: t.elapsed().as_secs_f64(),
+                })
+            }
+            Request::CacheStatus => Reply::ok(&self.cache_info()),
+            Request::ResizeCache(r) => {
+                d.resize_cache(r.size.0).await?;
+                Reply::ok(&self.cache_info())
+            }
+            Request::Metrics => Ok(Reply::Metrics(self.metrics())),
+            Request::OpenApi => Ok(Reply::Json {
+                status: 200,
+                body: crate::api::openapi::document(self.title(), ROUTES),
+            }),
+        }
+    }
+
+    fn info(&self, name: &str) -> Result<VolumeInfo, ApiError> {
+        let slot = self.daemon.volume(name)?;
+        Ok(self.volume_info(name, &slot))
+    }
+
+    fn volume_infos(&self) -> Vec<VolumeInfo> {
+        self.daemon
+            .volumes()
+            .iter()
+            .map(|(n, s)| self.volume_info(n, s))
+            .collect()
+    }
+
+    fn volume_info(&self, name: &str, slot: &Slot) -> VolumeInfo {
+        let daemon = &self.daemon;
+        let mut info = VolumeInfo {
+            name: name.to_owned(),
+            state: VolumeState::Attaching,
+            error: None,
+            spec: daemon
+                .spec(name)
+                .unwrap_or_else(|| VolumeSpec::new(name, "unknown:0")),
+            size: 0,
+            nbd_export: name.to_owned(),
+            iscsi_target: daemon.has_iscsi().then(|| super::target_name(name)),
+            link: None,
+            cache: None,
+            journal: None,
+            local_only: None,
+        };
+        let served = match slot {
+            Slot::Attaching { last_error, .. } => {
+                info.error.clone_from(last_error);
+                return info;
+            }
+            Slot::Up(s) => s,
+            Slot::Removing { served, last_error } => {
+                info.state = VolumeState::Removing;
+                info.error.clone_from(last_error);
+                served
+            }
+        };
+        let s = served.status();
+        let l = &s.link.link;
+        if info.state != VolumeState::Removing {
+            info.state = if l.connected {
+                VolumeState::Up
+            } else {
+                VolumeState::LinkDown
+            };
+            if !l.connected {
+                info.error.clone_from(&l.last_error);
+            }
+        }
+        info.spec = super::lock(&served.spec).clone();
+        info.size = served.size;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        info.link = Some(LinkInfo {
+            up: l.connected,
+            connects: l.connects,
+            deaths: l.deaths,
+            last_error: l.last_error.clone(),
+            rtt_ms: ms(l.transport.cc.srtt),
+            queue_delay_ms: ms(l.transport.cc.queue_delay),
+            window_bytes: l.transport.cc.cwnd,
+            delivery_rate_bytes_per_sec: l.transport.cc.delivery_rate,
+            demand_bytes: l.bytes_read,
+            push_bytes: l.bytes_pushed,
+            write_bytes: l.batch_bytes_sent,
+            wire_bytes_in: l.transport.bytes_in,
+            wire_bytes_out: l.transport.bytes_out,
+            signature_hits: s.link.signature_hits,
+            signature_misses: s.link.signature_misses,
+        });
+        let layer = &s.cache_layer;
+        let read = layer.bytes_from_cache + layer.bytes_from_inner;
+        info.cache = Some(VolumeCacheInfo {
+            bytes_from_cache: layer.bytes_from_cache,
+            bytes_from_origin: layer.bytes_from_inner,
+            hit_ratio: if read == 0 {
+                0.0
+            } else {
+                f(layer.bytes_from_cache) / f(read)
+            },
+            pushes_kept: s.pushes_kept,
+            pushes_dropped: s.pushes_dropped,
+        });
+        let j = &s.journal;
+        info.journal = Some(JournalInfo {
+            rpo_secs: s.rpo.as_secs_f64(),
+            unshipped_bytes: j.unshipped_bytes,
+            unshipped_records: j.unshipped_records,
+            batches_in_flight: j.batches_in_flight,
+            oldest_unshipped_age_secs: j.oldest_unshipped_age.map(|d| d.as_secs_f64()),
+            used_bytes: j.used_bytes,
+            capacity_bytes: j.capacity,
+            appends_waiting: j.appends_waiting,
+            batches_shipped: s.batches_shipped,
+            bytes_shipped: s.bytes_shipped,
+        });
+        info.local_only = served.overlay.as_ref().map(|o| OverlayInfo {
+            local_only_bytes: o.ranges().iter().map(|r| r.end - r.start).sum(),
+            allocated_bytes: o.allocated_bytes().unwrap_or(0),
+        });
+        info
+    }
+
+    fn cache_info(&self) -> CacheInfo {
+        let d = &self.daemon;
+        let file = d.file();
+        let mut info = CacheInfo {
+            dir: file.cache_dir.display().to_string(),
+            open: false,
+            capacity_bytes: file.cache_size.0,
+            used_bytes: 0,
+            chunk_size: 0,
+            hits: 0,
+            memory_hits: 0,
+            misses: 0,
+            hit_ratio: 0.0,
+            evictions: 0,
+            dedup_hits: 0,
+            dedup_bytes: 0,
+            integrity_errors: 0,
+        };
+        if let Some(cache) = d.cache() {
+            let s = cache.stats();
+            let chunk = u64::from(cache.chunk_size());
+            info.open = true;
+            info.capacity_bytes = s.slots * chunk;
+            info.used_bytes = s.used_slots * chunk;
+            info.chunk_size = chunk;
+            info.hits = s.hits;
+            info.memory_hits = s.memory_hits;
+            info.misses = s.misses;
+            info.hit_ratio = s.hit_rate();
+            info.evictions = s.evictions;
+            info.dedup_hits = s.dedup_hits;
+            info.dedup_bytes = s.dedup_bytes;
+            info.integrity_errors = s.integrity_errors;
+        }
+        info
+    }
+
+    fn summary(&self) -> EdgeSummary {
+        EdgeSummary {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.daemon.started.elapsed().as_secs_f64(),
+            persisted: self.daemon.persisted(),
+            volumes: self.volume_infos(),
+            cache: self.cache_info(),
+        }
+    }
+
+    /// Every metric, read now.
+    fn metrics(&self) -> String {
+        let mut m = Scrape::new();
+        let daemon = &self.daemon;
+        m.gauge(
+            "ferry_edge_uptime_seconds",
+            "Seconds since the edge started.",
+            &[],
+            daemon.started.elapsed().as_secs_f64(),
+        );
+        let mut by_state = std::collections::BTreeMap::new();
+        for (name, slot) in daemon.volumes() {
+            let info = self.volume_info(&name, &slot);
+            *by_state.entry(info.state).or_insert(0u64) += 1;
+            let vl = [("volume", name.as_str())];
+            let up = matches!(info.state, VolumeState::Up);
+            m.gauge(
+                "ferry_edge_volume_up",
+                "1 when the volume is served with its link up.",
+                &vl,
+                f(u64::from(up)),
+            );
+            let (Some(l), Some(c), Some(j)) = (&info.link, &info.cache, &info.journal) else {
+                continue;
+            };
+            m.gauge(
+                "ferry_edge_volume_size_bytes",
+                "The volume's size.",
+                &vl,
+                f(info.size),
+            );
+            m.gauge(
+                "ferry_edge_link_up",
+                "1 while the volume's link is up.",
+                &vl,
+                f(u64::from(l.up)),
+            );
+            m.counter(
+                "ferry_edge_link_connects_total",
+                "Times the volume's link was established (the first included).",
+                &vl,
+                l.connects,
+            );
+            m.counter(
+                "ferry_edge_link_deaths_total",
+                "Times the link was declared dead for lack of progress.",
+                &vl,
+                l.deaths,
+            );
+            m.gauge(
+                "ferry_edge_link_rtt_seconds",
+                "Smoothed round-trip time to the origin.",
+                &vl,
+                l.rtt_ms / 1000.0,
+            );
+            m.gauge(
+                "ferry_edge_link_queue_delay_seconds",
+                "Queueing delay the congestion controller measures on the path.",
+                &vl,
+                l.queue_delay_ms / 1000.0,
+            );
+            m.gauge(
+                "ferry_edge_link_window_bytes",
+                "Background bytes the congestion controller allows in flight.",
+                &vl,
+                f(l.window_bytes),
+            );
+            for (class, bytes) in [
+                ("demand", l.demand_bytes),
+                ("push", l.push_bytes),
+                ("writes", l.write_bytes),
+            ] {
+                m.counter(
+                    "ferry_edge_link_payload_bytes_total",
+                    "Payload bytes over the link by class, before compression.",
+                    &[("volume", name.as_str()), ("class", class)],
+                    bytes,
+                );
+            }
+            for (dir, bytes) in [("in", l.wire_bytes_in), ("out", l.wire_bytes_out)] {
+                m.counter(
+                    "ferry_edge_link_wire_bytes_total",
+                    "Bytes on the wire (after compression and framing), by direction.",
+                    &[("volume", name.as_str()), ("direction", dir)],
+                    bytes,
+                );
+            }
+            m.counter(
+                "ferry_edge_signature_hits_total",
+                "Reads the origin answered with signatures of chunks the cache held.",
+                &vl,
+                l.signature_hits,
+            );
+            m.counter(
+                "ferry_edge_signature_misses_total",
+                "Signature answers naming chunks the cache no longer held (fetched).",
+                &vl,
+                l.signature_misses,
+            );
+            for (source, bytes) in [
+                ("cache", c.bytes_from_cache),
+                ("origin", c.bytes_from_origin),
+            ] {
+                m.counter(
+                    "ferry_edge_volume_read_bytes_total",
+                    "Bytes the volume's reads got from the cache or fetched from the origin.",
+                    &[("volume", name.as_str()), ("source", source)],
+                    bytes,
+                );
+            }
+            m.counter(
+                "ferry_edge_pushes_kept_total",
+                "Pushed chunks stored in the cache.",
+                &vl,
+                c.pushes_kept,
+            );
+            m.counter(
+                "ferry_edge_pushes_dropped_total",
+                "Pushed chunks dropped (stale or no room).",
+                &vl,
+                c.pushes_dropped,
+            );
+            m.gauge(
+                "ferry_edge_journal_unshipped_bytes",
+                "Journaled write bytes the origin has not applied.",
+                &vl,
+                f(j.unshipped_bytes),
+            );
+            m.gauge(
+                "ferry_edge_journal_unshipped_records",
+                "Journaled writes the origin has not applied.",
+                &vl,
+                f(j.unshipped_records),
+            );
+            m.gauge(
+                "ferry_edge_journal_oldest_unshipped_age_seconds",
+                "Age of the oldest write the origin has not applied (0: none).",
+                &vl,
+                j.oldest_unshipped_age_secs.unwrap_or(0.0),
+            );
+            m.gauge(
+                "ferry_edge_journal_used_bytes",
+                "Bytes of live journal segments.",
+                &vl,
+                f(j.used_bytes),
+            );
+            m.gauge(
+                "ferry_edge_journal_capacity_bytes",
+                "The journal's capacity.",
+                &vl,
+                f(j.capacity_bytes),
+            );
+            m.gauge(
+                "ferry_edge_rpo_seconds",
+                "The recovery point objective in force.",
+                &vl,
+                j.rpo_secs,
+            );
+            m.counter(
+                "ferry_edge_batches_shipped_total",
+                "Write batches the origin applied.",
+                &vl,
+                j.batches_shipped,
+            );
+            m.counter(
+                "ferry_edge_shipped_bytes_total",
+                "Write bytes the origin applied.",
+                &vl,
+                j.bytes_shipped,
+            );
+        }
+        for (state, n) in by_state {
+            let state = serde_json::to_value(state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            m.gauge(
+                "ferry_edge_volumes",
+                "Volumes on this edge by state.",
+                &[("state", state.as_str())],
+                f(n),
+            );
+        }
+        let c = self.cache_info();
+        m.gauge(
+            "ferry_edge_cache_capacity_bytes",
+            "The shared cache's capacity.",
+            &[],
+            f(c.capacity_bytes),
+        );
+        m.gauge(
+            "ferry_edge_cache_used_bytes",
+            "Bytes of the shared cache holding chunks.",
+            &[],
+            f(c.used_bytes),
+        );
+        for (tier, n) in [
+            ("memory", c.memory_hits),
+            ("disk", c.hits.saturating_sub(c.memory_hits)),
+        ] {
+            m.counter(
+                "ferry_edge_cache_hits_total",
+                "Chunk lookups the cache answered, by tier.",
+                &[("tier", tier)],
+                n,
+            );
+        }
+        m.counter(
+            "ferry_edge_cache_misses_total",
+            "Chunk lookups the cache could not answer.",
+            &[],
+            c.misses,
+        );
+        m.counter(
+            "ferry_edge_cache_evictions_total",
+            "Chunks evicted from the cache.",
+            &[],
+            c.evictions,
+        );
+        m.counter(
+            "ferry_edge_cache_dedup_hits_total",
+            "Fills answered by content the cache already held.",
+            &[],
+            c.dedup_hits,
+        );
+        m.counter(
+            "ferry_edge_cache_integrity_errors_total",
+            "Cache records that failed authentication.",
+            &[],
+            c.integrity_errors,
+        );
+        m.render(Some(&daemon.metrics))
+    }
+}
+
+#[async_trait::async_trait]
+impl Api for EdgeApi {
+    fn title(&self) -> &'static str {
+        "ferry edge management API"
+    }
+
+    fn routes(&self) -> &'static [Route] {
+        ROUTES
+    }
+
+    async fn handle(&self, req: HttpRequest) -> Result<Reply, ApiError> {
+        let parsed = parse(&req)?;
+        self.execute(parsed).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn req(method: &str, path: &str, body: &str) -> HttpRequest {
+        HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: BTreeMap::new(),
+            body: bytes::Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn every_route_parses_and_bad_requests_say_why() {
+        assert!(matches!(
+            parse(&req("GET", "/v1/volumes", "")).unwrap(),
+            Request::ListVolumes
+        ));
+        let Request::AddVolume(spec) = parse(&req(
+            "POST",
+            "/v1/volumes",
+            r#"{"name":"a","origin":"h:1","journal_size":"64M"}"#,
+        ))
+        .unwrap() else {
+            panic!("not an add");
+        };
+        assert_eq!(spec.journal_size, ByteSize(64 << 20));
+        assert!(matches!(
+            parse(&req("DELETE", "/v1/volumes/a", "")).unwrap(),
+            Request::RemoveVolume { name, .. } if name == "a"
+        ));
+        let e = parse(&req("POST", "/v1/volumes", "{nope")).unwrap_err();
+        assert_eq!((e.status, e.error.as_str()), (400, "bad_request"));
+        assert!(e.message.contains("malformed JSON"), "{e}");
+        let e = parse(&req(
+            "POST",
+            "/v1/volumes",
+            r#"{"name":"a","origin":"h:1","bogus":1}"#,
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("bogus"), "{e}");
+        assert_eq!(parse(&req("GET", "/v2/x", "")).unwrap_err().status, 404);
+        assert_eq!(
+            parse(&req("PUT", "/v1/volumes", "")).unwrap_err().status,
+            405
+        );
+        assert_eq!(
+            parse(&req("GET", "/v1/volumes", "{}")).unwrap_err().status,
+            400
+        );
+        let mut q = req("POST", "/v1/flush", "");
+        q.query.insert("timeout_secs".into(), "soon".into());
+        assert!(parse(&q).unwrap_err().message.contains("timeout_secs"));
+    }
+
+    #[test]
+    fn the_committed_document_matches_the_code() {
+        let doc = crate::api::openapi::render("ferry edge management API", ROUTES);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/api/edge.openapi.json");
+        if std::env::var_os("FERRY_WRITE_OPENAPI").is_some() {
+            std::fs::write(path, &doc).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == doc,
+            "{path} is out of date: run `FERRY_WRITE_OPENAPI=1 cargo nextest run -p ferry openapi` and commit it"
+        );
+    }
+}
