@@ -81,7 +81,9 @@ fn ferry_cli(e: &Ferry, args: &[&str]) -> String {
 /// sends FLUSH (qemu-io flushes when it closes the image).
 fn write_unflushed(e: &Ferry, export: &str, offset: u64, byte: u8) {
     let mut c = ferry_tests::nbd::Client::handshake(e.connect(), export).unwrap();
-    let r = c.write(offset, &vec![byte; usize::try_from(MIB).unwrap()]).unwrap();
+    let r = c
+        .write(offset, &vec![byte; usize::try_from(MIB).unwrap()])
+        .unwrap();
     assert_eq!(r.error, 0);
 }
 
