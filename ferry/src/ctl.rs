@@ -321,20 +321,26 @@ pub fn volume_table(volumes: &[VolumeInfo]) -> String {
             format!("{}s", v.spec.rpo_secs),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    let mut out = render_table(&rows);
+    if volumes.is_empty() {
+        out.push_str("(no volumes: add one with `ferry volume add NAME --origin HOST:PORT`)\n");
+    }
+    out
+}
+
+/// Rows as left-aligned columns, two spaces apart.
+fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
-    }
-    if volumes.is_empty() {
-        out.push_str("(no volumes: add one with `ferry volume add NAME --origin HOST:PORT`)\n");
     }
     out
 }
@@ -473,16 +479,6 @@ pub async fn origin_status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
             v.source.clone().unwrap_or_default(),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
-        .collect();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    print!("{}", render_table(&rows));
     Ok(())
 }

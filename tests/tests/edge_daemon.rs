@@ -586,6 +586,32 @@ fn every_documented_endpoint_does_what_the_document_says() {
     e.stop_ok();
 }
 
+/// Runs `promtool check metrics` (Prometheus's own parser and linter) on
+/// a scrape.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut promtool = cmd("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
 /// The value of the sample `name{labels}` in a text exposition.
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
@@ -630,29 +656,7 @@ fn metrics_parse_with_promtool_and_count_known_traffic() {
     run(cmd("qemu-io").args(["-f", "raw", "-c", "read 4M 1M", &iscsi]));
     ferry_cli(&e, &["flush", "m"]);
     let text = scrape();
-    let mut promtool = cmd("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_check(&text);
     let series = |name: &str, protocol: &str, op: &str| {
         format!(r#"{name}{{op="{op}",protocol="{protocol}",volume="m"}}"#)
     };
@@ -826,28 +830,7 @@ fn a_force_released_edge_never_writes_again() {
         "--fail",
         &format!("http://{}/metrics", o.announced("metrics")),
     ]));
-    let mut promtool = cmd("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        promtool
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "{}\n{text}",
-        String::from_utf8_lossy(&checked.stdout)
-    );
+    promtool_check(&text);
     assert!(
         sample(&text, "ferry_origin_attach_refusals_total") >= 1.0,
         "{text}"
