@@ -7,7 +7,7 @@
 //!   edge / tools ┘      │                 └── MemDevice (sparse, in memory)
 //!                       │
 //!            layers wrap any device and are devices themselves:
-//!            ReadAhead<D>, Stats<D>, LocalOverlay<D>
+//!            ReadAhead<D>, Stats<D>, LocalOverlay<D>, CowDevice
 //! ```
 //!
 //! Buffers are owned (`bytes::Bytes`): a read returns the bytes it produced,
@@ -38,6 +38,7 @@ pub use device::{
 pub use entry::WriteEntry;
 pub use error::{BlockError, Result};
 pub use file::{FileDevice, FileEngine, OpenOptions};
+pub use layers::cow::CowDevice;
 pub use layers::overlay::{LocalOverlay, LocalRanges};
 pub use layers::readahead::{ReadAhead, ReadAheadConfig, ReadAheadStats};
 pub use layers::stats::{OpStats, Stats, StatsSnapshot};

@@ -23,12 +23,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use blockcore::{
-    check_range, BlockDevice, BlockError, BlockSizes, Capabilities, DeviceInfo, Op, WriteEntry,
-    WriteFlags, ZeroFlags,
+    check_range, BlockDevice, BlockError, BlockSizes, Capabilities, DeviceInfo, Extent, ExtentKind,
+    Op, WriteEntry, WriteFlags, ZeroFlags,
 };
 use bytes::{Bytes, BytesMut};
 use link::io::{gather, now, random, sleep_until, ConnIo};
-use link::proto::{ErrorCode, MAX_DATA_LEN};
+use link::proto::{Disposition, ErrorCode, MAX_DATA_LEN};
 use link::session::{
     Attachment, EdgeEvent, EdgeLinkStats, EdgeSession, EdgeSessionConfig, ReadReply, RequestId,
 };
@@ -99,17 +99,28 @@ enum Cmd {
         ranges: Vec<(u64, u32)>,
         reply: oneshot::Sender<Result<(), LinkError>>,
     },
+    Fetch {
+        ranges: Vec<(u64, u32)>,
+        reply: oneshot::Sender<Result<Vec<Push>, LinkError>>,
+    },
     Ship {
         seq: u64,
         entries: Vec<WriteEntry>,
     },
+    Extents {
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<Vec<Extent>, LinkError>>,
+    },
+    /// A detach, or with a disposition a release.
     Detach {
         reply: oneshot::Sender<Result<(), LinkError>>,
         timeout: Duration,
+        disposition: Option<Disposition>,
     },
 }
 
-/// Detach calls waiting for the origin's `Detached`.
+/// Detach (and release) calls waiting for the origin's `Detached`.
 struct Detaching {
     waiters: Vec<oneshot::Sender<Result<(), LinkError>>>,
     deadline: Instant,
@@ -127,6 +138,12 @@ fn detach_outcome(reason: LinkError) -> Result<(), LinkError> {
 enum Waiter {
     Read(oneshot::Sender<Result<ReadReply, LinkError>>),
     Prefetch(oneshot::Sender<Result<(), LinkError>>),
+    Extents(oneshot::Sender<Result<Vec<Extent>, LinkError>>),
+    /// A prefetch whose pushes go to its caller, not to the cache.
+    Fetch {
+        pushes: Vec<Push>,
+        reply: oneshot::Sender<Result<Vec<Push>, LinkError>>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -218,8 +235,8 @@ impl LinkClient {
     }
 
     /// Why the link stopped for good ([`LinkError::Detached`], a
-    /// `Fenced` refusal, [`LinkError::VolumeChanged`]), if it did: what
-    /// every call fails with from then on.
+    /// `Fenced` or `Migrated` refusal, [`LinkError::VolumeChanged`]), if
+    /// it did: what every call fails with from then on.
     pub fn finished(&self) -> Option<LinkError> {
         lock(&self.shared.finished).clone()
     }
@@ -239,14 +256,81 @@ impl LinkClient {
     /// Drain the journal first ([`crate::EdgeDevice::drain`]) so nothing
     /// is left behind.
     pub async fn detach(&self, timeout: Duration) -> Result<(), LinkError> {
+        self.detach_as(None, timeout).await
+    }
+
+    /// Releases the volume as `disposition` says: as
+    /// [`detach`](Self::detach) (once every batch shipped is applied, then
+    /// this client stops; `Timeout` without the origin's confirmation),
+    /// with the origin recording, durably, before it confirms, that the
+    /// volume was migrated to this edge ([`Disposition::CutOver`]: every
+    /// other edge is refused it from then on) or is home again
+    /// ([`Disposition::Home`]). A refusal (`Migrated`: the volume is
+    /// another edge's; `Io`: the record could not be written) leaves the
+    /// volume attached and this client running, and fails every detach
+    /// waiting with it. A timeout leaves it unknown whether the origin
+    /// recorded it: releasing again (from a new client with the same
+    /// edge id) settles it either way.
+    pub async fn release(
+        &self,
+        disposition: Disposition,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        self.detach_as(Some(disposition), timeout).await
+    }
+
+    async fn detach_as(
+        &self,
+        disposition: Option<Disposition>,
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
         let (reply, rx) = oneshot::channel();
-        if self.cmd.send(Cmd::Detach { reply, timeout }).is_err() {
+        let cmd = Cmd::Detach {
+            reply,
+            timeout,
+            disposition,
+        };
+        if self.cmd.send(cmd).is_err() {
             return detach_outcome(self.gone());
         }
         match rx.await {
             Ok(r) => r,
             Err(_) => detach_outcome(self.gone()),
         }
+    }
+
+    /// How a prefix of `[offset, offset + len)` is allocated at the origin
+    /// (its volume's `BlockDevice::extents`): contiguous extents from
+    /// `offset`, at least one byte and at most the range; ask again from
+    /// where they end for the rest, or use
+    /// [`allocation`](Self::allocation). `len` must not be 0.
+    pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, LinkError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Extents { offset, len, reply })
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// The allocation of all of `[offset, offset + len)` at the origin,
+    /// asking as often as it takes: contiguous extents covering exactly
+    /// the range, neighbours of one kind merged (none for an empty range).
+    pub async fn allocation(&self, offset: u64, len: u64) -> Result<Vec<Extent>, LinkError> {
+        let end = offset.checked_add(len).ok_or_else(|| {
+            LinkError::Unexpected(format!("an allocation query of {len} bytes at {offset}"))
+        })?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut at = offset;
+        while at < end {
+            for e in self.extents(at, end - at).await? {
+                at = e.offset + e.len;
+                match out.last_mut() {
+                    Some(last) if last.kind == e.kind => last.len += e.len,
+                    _ => out.push(e),
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Reads `[offset, offset + len)` from the origin (`len` up to 16 MiB).
@@ -289,6 +373,26 @@ impl LinkClient {
         let (reply, rx) = oneshot::channel();
         self.cmd
             .send(Cmd::Prefetch { ranges, reply })
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Reads `len` bytes at `offset` in the background class: the origin
+    /// sends them as pushes, which never queue ahead of demand reads, and
+    /// they come back here instead of going to the push channel. For bulk
+    /// copies (a migration) that must not slow the guest down. The pieces
+    /// may come in any order; each carries its `as_of`.
+    pub async fn fetch_background(&self, offset: u64, len: u64) -> Result<Vec<Push>, LinkError> {
+        let ranges = (offset..offset + len)
+            .step_by(link::proto::MAX_DATA_LEN)
+            .map(|s| {
+                let n = (offset + len - s).min(link::proto::MAX_DATA_LEN as u64);
+                (s, u32::try_from(n).expect("at most MAX_DATA_LEN"))
+            })
+            .collect();
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Fetch { ranges, reply })
             .map_err(|_| self.gone())?;
         rx.await.map_err(|_| self.gone())?
     }
@@ -483,8 +587,34 @@ impl Driver {
                 let id = self.session.prefetch(ranges);
                 self.waiters.insert(id, Waiter::Prefetch(reply));
             }
+            Cmd::Fetch { ranges, reply } => {
+                let id = self.session.prefetch(ranges);
+                self.waiters.insert(
+                    id,
+                    Waiter::Fetch {
+                        pushes: Vec::new(),
+                        reply,
+                    },
+                );
+            }
             Cmd::Ship { seq, entries } => self.session.ship(seq, entries, t),
-            Cmd::Detach { reply, timeout } => {
+            Cmd::Extents { offset, len, reply } => {
+                let id = self.session.extents(offset, len, t);
+                self.waiters.insert(id, Waiter::Extents(reply));
+            }
+            Cmd::Detach {
+                reply,
+                timeout,
+                disposition,
+            } => {
+                if let Some(d) = disposition {
+                    // Refused at once (another detach under way, or the
+                    // session over): this caller only.
+                    if let Err(e) = self.session.release(d) {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
                 let deadline = t + timeout;
                 match &mut self.detach {
                     Some(d) => {
@@ -501,7 +631,9 @@ impl Driver {
                         });
                     }
                 }
-                self.session.detach();
+                if disposition.is_none() {
+                    self.session.detach();
+                }
             }
         }
         // Reads given up on by their callers need no answer any more.
@@ -512,6 +644,8 @@ impl Driver {
                 .filter(|(_, w)| match w {
                     Waiter::Read(r) => r.is_closed(),
                     Waiter::Prefetch(r) => r.is_closed(),
+                    Waiter::Extents(r) => r.is_closed(),
+                    Waiter::Fetch { reply, .. } => reply.is_closed(),
                 })
                 .map(|(id, _)| *id)
                 .collect();
@@ -570,9 +704,31 @@ impl Driver {
                         let _ = w.send(result);
                     }
                 }
-                EdgeEvent::PrefetchDone { id, result } => {
-                    if let Some(Waiter::Prefetch(w)) = self.waiters.remove(&id) {
+                EdgeEvent::PrefetchDone { id, result } => match self.waiters.remove(&id) {
+                    Some(Waiter::Prefetch(w)) => {
                         let _ = w.send(result);
+                    }
+                    Some(Waiter::Fetch { pushes, reply }) => {
+                        let _ = reply.send(result.map(|()| pushes));
+                    }
+                    Some(w @ (Waiter::Read(_) | Waiter::Extents(_))) => {
+                        self.waiters.insert(id, w);
+                    }
+                    None => {}
+                },
+                EdgeEvent::Push {
+                    id,
+                    offset,
+                    as_of,
+                    data,
+                } if matches!(self.waiters.get(&id), Some(Waiter::Fetch { .. })) => {
+                    if let Some(Waiter::Fetch { pushes, .. }) = self.waiters.get_mut(&id) {
+                        pushes.push(Push {
+                            id,
+                            offset,
+                            as_of,
+                            data,
+                        });
                     }
                 }
                 EdgeEvent::Push {
@@ -605,6 +761,19 @@ impl Driver {
                     self.stop(&LinkError::Detached);
                     return false;
                 }
+                EdgeEvent::ExtentsDone { id, result } => {
+                    if let Some(Waiter::Extents(w)) = self.waiters.remove(&id) {
+                        let _ = w.send(result);
+                    }
+                }
+                EdgeEvent::DetachRefused(e) => {
+                    tracing::error!(origin = %self.origin, volume = %self.session.config().volume, error = %e, "the origin refused to release the volume; it stays attached");
+                    if let Some(d) = self.detach.take() {
+                        for w in d.waiters {
+                            let _ = w.send(Err(e.clone()));
+                        }
+                    }
+                }
             }
         }
         true
@@ -624,6 +793,12 @@ impl Driver {
                 }
                 Waiter::Prefetch(w) => {
                     let _ = w.send(Err(reason.clone()));
+                }
+                Waiter::Extents(w) => {
+                    let _ = w.send(Err(reason.clone()));
+                }
+                Waiter::Fetch { reply, .. } => {
+                    let _ = reply.send(Err(reason.clone()));
                 }
             }
         }
@@ -776,7 +951,7 @@ impl BlockDevice for RemoteDevice {
                 trim: false,
                 write_zeroes: false,
                 fast_zero: false,
-                extents: false,
+                extents: true,
                 prefetch: true,
                 multi_conn: true,
             },
@@ -833,6 +1008,22 @@ impl BlockDevice for RemoteDevice {
         Err(BlockError::ReadOnly {
             op: Op::WriteZeroes,
         })
+    }
+
+    /// The origin's allocation map (one query: a prefix of the range).
+    async fn extents(&self, offset: u64, len: u64) -> blockcore::Result<Vec<Extent>> {
+        check_range(&self.info(), Op::Extents, offset, len)?;
+        if len == 0 {
+            return Ok(vec![Extent {
+                offset,
+                len: 0,
+                kind: ExtentKind::Data,
+            }]);
+        }
+        self.client
+            .extents(offset, len)
+            .await
+            .map_err(|e| link_block_error(Op::Extents, offset, e))
     }
 
     async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {

@@ -22,8 +22,13 @@ use journal::{Journal, JournalError, JournalStats};
 use link::session::Mistakes;
 use tokio::sync::Notify;
 
-use crate::client::{LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore};
-use crate::volume::{EdgeVolume, ReadThrough};
+use crate::client::{
+    link_block_error, LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore,
+};
+use crate::migrate::{Command, LocalCopy, LocalError, LocalStatus, Refusal, Stage};
+use crate::volume::{
+    AllocationWindow, CopyOutcome, EdgeVolume, Fetched, MirrorSource, ReadThrough,
+};
 
 /// How the edge ships writes.
 #[derive(Clone, Debug)]
@@ -55,6 +60,8 @@ pub struct EdgeStatus {
     /// The recovery point objective in force.
     pub rpo: Duration,
     pub journal: JournalStats,
+    /// The migration, once one started.
+    pub migration: Option<LocalStatus>,
     pub batches_shipped: u64,
     pub bytes_shipped: u64,
     pub pushes_kept: u64,
@@ -109,6 +116,10 @@ impl<D: BlockDevice + 'static> ReadThrough for CachedDevice<D> {
     async fn offer(&self, offset: u64, data: Bytes, since: &EpochSnapshot) {
         CachedDevice::offer(self, offset, data, since).await;
     }
+
+    async fn read_cached(&self, offset: u64, len: usize) -> blockcore::Result<Option<Bytes>> {
+        CachedDevice::read_cached(self, offset, len).await
+    }
 }
 
 type Volume = EdgeVolume<CachedDevice<RemoteDevice>>;
@@ -126,12 +137,18 @@ struct Shared {
     drain: Notify,
     /// Bumped after every batch applied, and when a drain finds nothing.
     shipped: tokio::sync::watch::Sender<u64>,
+    /// A forced cut-over: the copy ignores the pause and the rate limit.
+    copy_forced: std::sync::atomic::AtomicBool,
+    /// One lifecycle change at a time.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Callers waiting for the running cut-over task (none: no task).
+    cutover_waiters: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<(), MigrateError>>>>,
 }
 
 /// The edge's block device. See the module docs.
 pub struct EdgeDevice {
     shared: Arc<Shared>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for EdgeDevice {
@@ -144,7 +161,12 @@ impl std::fmt::Debug for EdgeDevice {
 
 impl Drop for EdgeDevice {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
             t.abort();
         }
     }
@@ -179,13 +201,190 @@ impl EdgeDevice {
             config,
             drain: Notify::new(),
             shipped,
+            copy_forced: std::sync::atomic::AtomicBool::new(false),
+            lifecycle: tokio::sync::Mutex::new(()),
+            cutover_waiters: std::sync::Mutex::new(Vec::new()),
         });
         let tasks = vec![
             tokio::spawn(ship_loop(shared.clone())),
             tokio::spawn(applied_loop(shared.clone())),
             tokio::spawn(push_loop(shared.clone(), pushes)),
         ];
-        Ok(EdgeDevice { shared, tasks })
+        Ok(EdgeDevice {
+            shared,
+            tasks: std::sync::Mutex::new(tasks),
+        })
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self
+            .tasks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(task));
+    }
+
+    /// The volume's size and the origin's epoch of it.
+    pub fn attachment(&self) -> &link::session::Attachment {
+        self.shared.client.attachment()
+    }
+
+    /// The local copy, if a migration started.
+    pub fn local(&self) -> Option<Arc<LocalCopy>> {
+        self.shared.volume.local().cloned()
+    }
+
+    /// Gives the volume its local copy (a new migration, or one a previous
+    /// run recorded) and carries on with what its stage asks: the copy
+    /// while migrating, the rest of a cut-over interrupted by a crash.
+    pub async fn attach_local(&self, copy: Arc<LocalCopy>) -> Result<(), MigrateError> {
+        self.shared
+            .volume
+            .attach_local(copy.clone())
+            .await
+            .map_err(|e| MigrateError::Local(e.to_string()))?;
+        match copy.stage() {
+            Stage::Migrating => self.spawn(mirror_loop(self.shared.clone(), copy)),
+            Stage::CuttingOver => {
+                // Interrupted by a crash: it completes now.
+                drop(self.finish_cutover_in_background(copy));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Pauses or resumes the copy.
+    pub async fn set_copy_paused(&self, paused: bool) -> Result<(), MigrateError> {
+        let local = self.migrating()?;
+        let command = if paused {
+            Command::Pause
+        } else {
+            Command::Resume
+        };
+        local.stage().check(command)?;
+        local.set_paused(paused).await?;
+        // A forced cut-over that timed out gave way to the user's word.
+        self.shared.copy_forced.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Limits the copy to `bytes_per_sec` (0: no limit).
+    pub async fn set_copy_rate(&self, bytes_per_sec: u64) -> Result<(), MigrateError> {
+        let local = self.migrating()?;
+        local.stage().check(Command::SetRate)?;
+        local.set_rate(bytes_per_sec).await?;
+        self.shared.copy_forced.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn migrating(&self) -> Result<Arc<LocalCopy>, MigrateError> {
+        self.local().ok_or_else(|| {
+            MigrateError::Refused(
+                Stage::Streaming
+                    .check(Command::Pause)
+                    .expect_err("streaming refuses a pause"),
+            )
+        })
+    }
+
+    /// Cuts the volume over to its local copy: once every chunk is local
+    /// (`force`: finishes the copy first, at full rate), drains the
+    /// journal to the origin, releases the volume there as migrated to
+    /// this edge, and serves it from the copy alone. Each step is
+    /// persisted first, so a crash resumes the cut-over on restart.
+    pub async fn cutover(&self, force: bool, timeout: Duration) -> Result<(), MigrateError> {
+        let _one = self.shared.lifecycle.lock().await;
+        let local = self.migrating()?;
+        let remaining = local.bytes_remaining();
+        let next = local.stage().check(Command::CutOver { remaining, force })?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        if next == Stage::Migrating {
+            self.shared.copy_forced.store(true, Ordering::Relaxed);
+            local.wake.notify_one();
+            let mut changed = local.watch();
+            while local.stage() == Stage::Migrating {
+                if tokio::time::timeout_at(deadline, changed.changed())
+                    .await
+                    .is_err()
+                {
+                    return Err(MigrateError::Timeout(format!(
+                        "the copy still lacks {} bytes; it goes on at full rate and the \
+                         cut-over can be asked again",
+                        local.bytes_remaining()
+                    )));
+                }
+            }
+            local.stage().check(Command::CutOver {
+                remaining: 0,
+                force,
+            })?;
+        }
+        if local.stage() != Stage::CuttingOver {
+            // From here writes go to the copy alone: what the journal got
+            // before must be durable there, or a power loss would drop
+            // writes the copy holds and the dirty map does not name.
+            let journal = self.shared.volume.journal();
+            let synced = async {
+                journal
+                    .sync_all()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| LocalError::Io {
+                        path: journal.dir().to_owned(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+            };
+            local.set_stage_after(Stage::CuttingOver, synced).await?;
+        }
+        let done = self.finish_cutover_in_background(local);
+        match tokio::time::timeout_at(deadline, done).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(MigrateError::Link("the cut-over task ended".into())),
+            Err(_) => Err(MigrateError::Timeout(
+                "the journal is not drained to the origin yet; the cut-over goes on in the \
+                 background"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Runs the rest of a cut-over in a task of its own (one at a time),
+    /// so a caller giving up does not stop it halfway.
+    fn finish_cutover_in_background(
+        &self,
+        local: Arc<LocalCopy>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), MigrateError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut waiters = self
+            .shared
+            .cutover_waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        waiters.push(tx);
+        if waiters.len() == 1 {
+            let shared = self.shared.clone();
+            self.spawn(async move {
+                let r = finish_cutover(&shared, &local).await;
+                if let Err(e) = &r {
+                    tracing::error!(volume = %shared.client.volume(), error = %e, "the cut-over failed");
+                }
+                let waiters = std::mem::take(
+                    &mut *shared
+                        .cutover_waiters
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                );
+                for w in waiters {
+                    let _ = w.send(match &r {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(MigrateError::Link(e.to_string())),
+                    });
+                }
+            });
+        }
+        rx
     }
 
     /// Ships everything journaled before the call and waits until the
@@ -193,16 +392,7 @@ impl EdgeDevice {
     /// detaching. A barrier: writes that arrive meanwhile are shipped in
     /// their turn but not waited for, so a busy volume cannot hold it up.
     pub async fn drain(&self) -> Result<(), JournalError> {
-        let journal = self.shared.volume.journal();
-        let barrier = journal.sync_all().await?;
-        let mut shipped = self.shared.shipped.subscribe();
-        loop {
-            if journal.unshipped_through(barrier) == 0 {
-                return Ok(());
-            }
-            self.shared.drain.notify_one();
-            let _ = tokio::time::timeout(Duration::from_millis(200), shipped.changed()).await;
-        }
+        drain_journal(&self.shared).await
     }
 
     /// Changes the recovery point objective; the shipper applies it at
@@ -231,12 +421,305 @@ impl EdgeDevice {
             cache_layer: v.cache().stats(),
             rpo: self.shared.rpo(),
             journal: v.journal().stats(),
+            migration: v.local().map(|l| l.status()),
             batches_shipped: c.batches_shipped.load(Ordering::Relaxed),
             bytes_shipped: c.bytes_shipped.load(Ordering::Relaxed),
             pushes_kept: c.pushes_kept.load(Ordering::Relaxed),
             pushes_dropped: c.pushes_dropped.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Why a lifecycle command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("the local copy: {0}")]
+    Local(String),
+    #[error("the link to the origin: {0}")]
+    Link(String),
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl From<LocalError> for MigrateError {
+    fn from(e: LocalError) -> Self {
+        MigrateError::Local(e.to_string())
+    }
+}
+
+/// The rest of a cut-over, from `cutting-over`: every write journaled
+/// before the stage changed reaches the origin, the origin records the
+/// volume as migrated to this edge, and the stage becomes `cut-over`.
+async fn finish_cutover(shared: &Arc<Shared>, local: &Arc<LocalCopy>) -> Result<(), MigrateError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match drain_journal(shared).await {
+            Ok(()) => break,
+            Err(e) if shared.client.finished().is_some() => {
+                return Err(MigrateError::Link(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "draining the journal for the cut-over; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    shared
+        .client
+        .release(link::proto::Disposition::CutOver, Duration::from_secs(60))
+        .await
+        .map_err(|e| MigrateError::Link(e.to_string()))?;
+    local.set_stage(Stage::CutOver).await?;
+    tracing::info!(target: "ferry::audit", volume = %shared.client.volume(), "cut over: served from the local copy alone");
+    Ok(())
+}
+
+async fn drain_journal(shared: &Shared) -> Result<(), JournalError> {
+    let journal = shared.volume.journal();
+    let barrier = journal.sync_all().await?;
+    let mut shipped = shared.shipped.subscribe();
+    loop {
+        if journal.unshipped_through(barrier) == 0 {
+            return Ok(());
+        }
+        if let Some(e) = shared.client.finished() {
+            return Err(JournalError::Failed(
+                format!("the link to the origin ended ({e}) with writes unshipped").into(),
+            ));
+        }
+        // Not `notify_one`: a permit left over after the shipper cut this
+        // batch by itself would make it cut the next one early, in the
+        // middle of the guest's writes. A wake-up missed while the shipper
+        // is busy is retried below.
+        shared.drain.notify_waiters();
+        let _ = tokio::time::timeout(Duration::from_millis(200), shipped.changed()).await;
+    }
+}
+
+/// Chunks copied at once: enough to keep a WAN link's pipe full.
+const COPY_PARALLEL: usize = 4;
+/// New progress is saved at most this often: what a crash can cost is
+/// this much copying (12 MB at 100 Mbit/s), for a few syncs a second.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// The origin as the copy's source, through the link.
+struct LinkSource {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl MirrorSource for LinkSource {
+    async fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> blockcore::Result<(Vec<blockcore::Extent>, u64)> {
+        let as_of = self.shared.volume.newest_applied();
+        let extents = self
+            .shared
+            .client
+            .allocation(offset, len)
+            .await
+            .map_err(|e| link_block_error(blockcore::Op::Read, offset, e))?;
+        Ok((extents, as_of))
+    }
+
+    async fn fetch(&self, offset: u64, len: u64) -> blockcore::Result<Vec<Fetched>> {
+        let mut pushes = self
+            .shared
+            .client
+            .fetch_background(offset, len)
+            .await
+            .map_err(|e| link_block_error(blockcore::Op::Read, offset, e))?;
+        pushes.sort_by_key(|p| p.offset);
+        Ok(pushes
+            .into_iter()
+            .map(|p| Fetched {
+                offset: p.offset,
+                as_of: p.as_of,
+                data: p.data,
+            })
+            .collect())
+    }
+}
+
+/// A token bucket over the bytes the copy takes from the link.
+struct Pace {
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+/// Chunks are charged when they start (so copies in parallel cannot
+/// overshoot the rate) and refunded when they did not cross the link
+/// (holes, the cache, the journal). The bucket starts empty, so a restart
+/// does not bring a burst.
+impl Pace {
+    const BURST: f64 = 2.0 * (1 << 20) as f64;
+
+    fn new() -> Pace {
+        Pace {
+            tokens: 0.0,
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// How long until the next copy may start at `rate` bytes/s (0: none).
+    #[allow(clippy::cast_precision_loss)] // rates and chunk sizes are far below 2^52
+    fn delay(&mut self, rate: u64) -> Duration {
+        if rate == 0 {
+            self.tokens = Self::BURST;
+            return Duration::ZERO;
+        }
+        let now = tokio::time::Instant::now();
+        let rate = rate as f64;
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(Self::BURST);
+        self.at = now;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / rate)
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)] // chunk sizes are far below 2^52
+    fn charge(&mut self, bytes: u64) {
+        self.tokens -= bytes as f64;
+    }
+
+    #[allow(clippy::cast_precision_loss)] // chunk sizes are far below 2^52
+    fn refund(&mut self, bytes: u64) {
+        self.tokens = (self.tokens + bytes as f64).min(Self::BURST);
+    }
+}
+
+/// Fills the local copy: demand-read chunks first, then in ascending
+/// order, a few at a time, paced by the rate limit; saves its progress
+/// soon after it grows (at most every `SAVE_EVERY`); moves the stage to
+/// `mirrored` once every chunk is local.
+async fn mirror_loop(shared: Arc<Shared>, local: Arc<LocalCopy>) {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let source = LinkSource {
+        shared: shared.clone(),
+    };
+    let window = tokio::sync::Mutex::new(AllocationWindow::default());
+    let volume = &shared.volume;
+    let mut cursor = 0u64;
+    let mut running = FuturesUnordered::new();
+    let mut pace = Pace::new();
+    // The first progress is saved at once; later saves at most every
+    // SAVE_EVERY.
+    let mut last_save = tokio::time::Instant::now()
+        .checked_sub(SAVE_EVERY)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let mut failures = 0u32;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    tracing::info!(volume = %shared.client.volume(), remaining = local.bytes_remaining(), "migration copy running");
+    loop {
+        if local.stage() != Stage::Migrating {
+            break;
+        }
+        // Also while paused or waiting for the rate limit: what finished
+        // last is saved (a save with nothing new costs nothing).
+        if local.has_unsaved() && last_save.elapsed() >= SAVE_EVERY {
+            last_save = tokio::time::Instant::now();
+            if let Err(e) = local.save().await {
+                tracing::error!(error = %e, "saving the copy's progress failed");
+            }
+        }
+        // Progress waiting to be saved wakes the loop when it is due, also
+        // while the pace or a slow chunk holds it.
+        let save_at = if local.has_unsaved() {
+            last_save + SAVE_EVERY
+        } else {
+            tokio::time::Instant::now() + Duration::from_secs(3600)
+        };
+        let forced = shared.copy_forced.load(Ordering::Relaxed);
+        let paused = local.paused() && !forced;
+        let rate = if forced { 0 } else { local.rate_limit() };
+        let mut wait = None;
+        if retry_at.is_some_and(|t| tokio::time::Instant::now() < t) {
+            wait = retry_at;
+        } else {
+            retry_at = None;
+            while !paused && running.len() < COPY_PARALLEL {
+                let d = pace.delay(rate);
+                if !d.is_zero() {
+                    wait = Some(tokio::time::Instant::now() + d);
+                    break;
+                }
+                let Some(chunk) = local.next_to_copy(&mut cursor) else {
+                    break;
+                };
+                let (start, end) = local.range(chunk);
+                if rate > 0 {
+                    pace.charge(end - start);
+                }
+                let (local, source, window) = (&local, &source, &window);
+                running.push(async move {
+                    let r = volume.copy_chunk(local, chunk, source, window).await;
+                    (chunk, r)
+                });
+            }
+        }
+        if running.is_empty() {
+            if local.is_complete() {
+                if let Err(e) = local.save().await {
+                    tracing::error!(error = %e, "saving the copy's progress failed");
+                }
+                match local.stage().check(Command::CopyComplete) {
+                    Ok(next) => {
+                        if let Err(e) = local.set_stage(next).await {
+                            tracing::error!(error = %e, "recording the finished copy failed");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        tracing::info!(volume = %shared.client.volume(), "migration copy complete: mirrored");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the copy finished in an unexpected stage");
+                    }
+                }
+                break;
+            }
+            let until =
+                wait.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                () = local.wake.notified() => {}
+                () = tokio::time::sleep_until(until.min(save_at)) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            Some((chunk, r)) = running.next() => match r {
+                Ok(CopyOutcome::Copied { source, bytes }) => {
+                    failures = 0;
+                    if source != crate::migrate::CopySource::Link {
+                        pace.refund(bytes);
+                    }
+                }
+                // An overtaken copy may have crossed the link: no refund.
+                Ok(CopyOutcome::Overtaken) => {}
+                Ok(CopyOutcome::Skipped) => {
+                    let (start, end) = local.range(chunk);
+                    pace.refund(end - start);
+                }
+                Err(e) => {
+                    failures += 1;
+                    let backoff = Duration::from_millis(200 << failures.min(5));
+                    tracing::warn!(chunk, error = %e, "copying a chunk failed; retrying");
+                    retry_at = Some(tokio::time::Instant::now() + backoff);
+                    // Come back to it after a wrap-around.
+                }
+            },
+            () = local.wake.notified() => {}
+            () = tokio::time::sleep_until(save_at) => {}
+        }
+    }
+    // In-flight copies are dropped with the loop; their chunks stay clear.
 }
 
 fn duration_nanos(d: Duration) -> u64 {

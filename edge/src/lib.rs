@@ -22,6 +22,7 @@
 pub mod client;
 #[cfg(feature = "device")]
 pub mod device;
+pub mod migrate;
 pub mod volume;
 
 pub use client::{
@@ -29,6 +30,9 @@ pub use client::{
     SignatureStore,
 };
 #[cfg(feature = "device")]
-pub use device::{cache_volume_name, EdgeConfig, EdgeDevice, EdgeStatus};
+pub use device::{cache_volume_name, EdgeConfig, EdgeDevice, EdgeStatus, MigrateError};
 pub use link::session::{Attachment, ReadReply};
-pub use volume::{journal_block_error, EdgeVolume, ReadThrough};
+pub use volume::{
+    journal_block_error, AllocationWindow, CopyOutcome, EdgeVolume, Fetched, MirrorSource,
+    ReadThrough,
+};

@@ -35,14 +35,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use blockcore::{BlockError, Op};
+use blockcore::{BlockError, Extent, Op, WriteFlags, ZeroFlags};
 use bytes::{Bytes, BytesMut};
-use journal::{Batch, Journal, JournalError, PieceData};
+use journal::{Batch, Journal, JournalError, Lsn, PieceData};
 use link::session::Mistakes;
+
+use crate::migrate::{local_block_error, CopySource, LocalCopy};
 
 /// What the edge reads through: the cache over the origin.
 #[async_trait]
@@ -59,6 +61,83 @@ pub trait ReadThrough: Send + Sync + 'static {
     /// Offers data obtained outside the layer (a push) for caching, kept
     /// only where nothing changed since `since` was taken.
     async fn offer(&self, offset: u64, data: Bytes, since: &Self::Snapshot);
+    /// The range's bytes if the layer holds all of them, without reading
+    /// through (what a migration copies without crossing the link).
+    async fn read_cached(&self, _offset: u64, _len: usize) -> blockcore::Result<Option<Bytes>> {
+        Ok(None)
+    }
+}
+
+/// Where a migration's copy gets what neither the journal nor the cache
+/// holds: the origin, in the link's background class so the copy never
+/// queues ahead of the guest's demand reads.
+#[async_trait]
+pub trait MirrorSource: Send + Sync {
+    /// The origin's allocation of the range, and the newest batch the
+    /// edge had seen applied when it asked (the map is trusted for a chunk
+    /// only if no batch applied since touched it).
+    async fn allocation(&self, offset: u64, len: u64) -> blockcore::Result<(Vec<Extent>, u64)>;
+    /// The range's bytes from the origin: pieces in order, each read
+    /// there with every batch up to its `as_of` applied.
+    async fn fetch(&self, offset: u64, len: u64) -> blockcore::Result<Vec<Fetched>>;
+}
+
+/// A piece of data a [`MirrorSource`] fetched.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    pub offset: u64,
+    pub as_of: u64,
+    pub data: Bytes,
+}
+
+/// What copying one chunk came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyOutcome {
+    /// Local now.
+    Copied { source: CopySource, bytes: u64 },
+    /// Already local or being copied by another task.
+    Skipped,
+    /// A guest write or a newer batch overtook the copy: try again.
+    Overtaken,
+}
+
+/// How much of the origin's allocation map the copy asks for at a time.
+const ALLOCATION_WINDOW: u64 = 1 << 30;
+
+/// A window of the origin's allocation map, as the copy last asked for it.
+#[derive(Debug, Default)]
+pub struct AllocationWindow {
+    extents: Vec<Extent>,
+    /// The newest batch applied the edge had seen when it asked.
+    as_of: u64,
+}
+
+impl AllocationWindow {
+    fn covers(&self, offset: u64, len: u64) -> bool {
+        let end = self.extents.last().map_or(0, |e| e.offset + e.len);
+        self.extents.first().is_some_and(|e| e.offset <= offset) && offset + len <= end
+    }
+
+    /// Whether the extents cover the range without a gap and all read as
+    /// zero.
+    fn reads_zero(&self, offset: u64, len: u64) -> bool {
+        let end = offset + len;
+        let mut at = offset;
+        for e in &self.extents {
+            let e_end = e.offset + e.len;
+            if e_end <= at {
+                continue;
+            }
+            if e.offset > at || !e.kind.reads_zero() {
+                return false;
+            }
+            at = e_end;
+            if at >= end {
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// Writes up to this size are copied into a buffer of their own before the
@@ -123,7 +202,57 @@ impl AckedLog {
 struct ShipState {
     /// Batches cut and not yet applied: their ranges.
     cut: BTreeMap<u64, Vec<(u64, u64)>>,
+    /// The same batches' last journal records.
+    cut_last_lsn: BTreeMap<u64, Lsn>,
     acked: AckedLog,
+}
+
+/// Journaled writes still on their way into the local copy, by journal
+/// record: the journal may not forget a batch before its writes are in the
+/// copy (see [`EdgeVolume::applied`]).
+#[derive(Debug, Default)]
+struct CopyWrites {
+    lsns: Mutex<BTreeMap<Lsn, usize>>,
+    done: tokio::sync::Notify,
+}
+
+impl CopyWrites {
+    fn enter(&self, lsn: Lsn) -> CopyWriteGuard<'_> {
+        *lock(&self.lsns).entry(lsn).or_default() += 1;
+        CopyWriteGuard { writes: self, lsn }
+    }
+
+    /// Waits until no write of a record up to `lsn` is on its way.
+    async fn wait_through(&self, lsn: Lsn) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if lock(&self.lsns).range(..=lsn).next().is_none() {
+                return;
+            }
+            done.await;
+        }
+    }
+}
+
+struct CopyWriteGuard<'a> {
+    writes: &'a CopyWrites,
+    lsn: Lsn,
+}
+
+impl Drop for CopyWriteGuard<'_> {
+    fn drop(&mut self) {
+        let mut lsns = lock(&self.writes.lsns);
+        if let Some(n) = lsns.get_mut(&self.lsn) {
+            *n -= 1;
+            if *n == 0 {
+                lsns.remove(&self.lsn);
+            }
+        }
+        drop(lsns);
+        self.writes.done.notify_waiters();
+    }
 }
 
 /// Counters of the shipping side.
@@ -149,6 +278,9 @@ pub struct EdgeVolume<R> {
     /// forget a batch whose chunks an earlier one is still dropping.
     applying: tokio::sync::Mutex<()>,
     counters: VolumeCounters,
+    /// The local copy, once a migration started (see [`crate::migrate`]).
+    local: OnceLock<Arc<LocalCopy>>,
+    copy_writes: CopyWrites,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -185,6 +317,9 @@ const fn libc_enospc() -> i32 {
     28
 }
 
+/// A batch's sequence number and the ranges it wrote.
+type BatchRanges = (u64, Vec<(u64, u64)>);
+
 fn ranges(batch: &Batch) -> Vec<(u64, u64)> {
     batch
         .entries
@@ -204,12 +339,64 @@ impl<R: ReadThrough> EdgeVolume<R> {
             mistakes,
             state: Mutex::new(ShipState {
                 cut: BTreeMap::new(),
+                cut_last_lsn: BTreeMap::new(),
                 acked: AckedLog::new(acked),
             }),
             cut_bytes: Mutex::new(BTreeMap::new()),
             applying: tokio::sync::Mutex::new(()),
             counters: VolumeCounters::default(),
+            local: OnceLock::new(),
+            copy_writes: CopyWrites::default(),
         }
+    }
+
+    /// The local copy, if a migration started.
+    pub fn local(&self) -> Option<&Arc<LocalCopy>> {
+        self.local.get()
+    }
+
+    /// Routes reads of local chunks to `copy` and writes into it from now
+    /// on. A copy opened after a crash while writes were journaled may
+    /// lack writes the journal kept (it is synced only before the journal
+    /// lets go of a batch): the journal's content of every local chunk is
+    /// written into it first. From `cutting-over` on, the copy was synced
+    /// at the switch and has every later write, which the journal does
+    /// not: nothing is replayed.
+    pub async fn attach_local(&self, copy: Arc<LocalCopy>) -> blockcore::Result<()> {
+        let replay = if copy.stage().journals_writes() {
+            copy.local_chunks()
+        } else {
+            Vec::new()
+        };
+        for chunk in replay {
+            let (s, e) = copy.range(chunk);
+            let pieces = self
+                .journal
+                .read(s, e - s)
+                .map_err(|err| journal_block_error(Op::Write, s, err))?;
+            for p in pieces {
+                let n = p.len;
+                match p.data {
+                    PieceData::Absent => {}
+                    PieceData::Data(d) => {
+                        copy.device()
+                            .write(p.offset, d, WriteFlags::default())
+                            .await?;
+                    }
+                    PieceData::Zero => {
+                        copy.device()
+                            .write_zeroes(p.offset, n, ZeroFlags::default())
+                            .await?;
+                    }
+                }
+            }
+        }
+        copy.device().flush().await?;
+        self.local.set(copy).map_err(|_| BlockError::Io {
+            op: Op::Write,
+            offset: 0,
+            source: std::io::Error::other("the volume already has a local copy"),
+        })
     }
 
     pub fn journal(&self) -> &Journal {
@@ -245,6 +432,28 @@ impl<R: ReadThrough> EdgeVolume<R> {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        let Some(local) = self.local.get() else {
+            return self.read_view(offset, len).await;
+        };
+        let runs = local.runs(offset, len as u64);
+        if let [(_, _, true)] = runs.as_slice() {
+            return local.device().read(offset, len).await;
+        }
+        let mut out = BytesMut::with_capacity(len);
+        for (s, n, is_local) in runs {
+            let n_usize = usize::try_from(n).expect("within the request");
+            if is_local {
+                out.extend_from_slice(&local.device().read(s, n_usize).await?);
+            } else {
+                local.note_demand(s, n);
+                out.extend_from_slice(&self.read_view(s, n_usize).await?);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// A read through the journal, then the cache and the origin.
+    async fn read_view(&self, offset: u64, len: usize) -> blockcore::Result<Bytes> {
         let pieces = self
             .journal
             .read(offset, len as u64)
@@ -283,6 +492,16 @@ impl<R: ReadThrough> EdgeVolume<R> {
         } else {
             data
         };
+        if let Some(local) = self.local.get() {
+            let len = data.len() as u64;
+            return self
+                .write_with_local(local, offset, Some(data), len, fua)
+                .await;
+        }
+        self.journal_write(offset, data, fua).await
+    }
+
+    async fn journal_write(&self, offset: u64, data: Bytes, fua: bool) -> blockcore::Result<()> {
         let j = &self.journal;
         let lsn = j
             .append_write(offset, data)
@@ -296,11 +515,7 @@ impl<R: ReadThrough> EdgeVolume<R> {
         Ok(())
     }
 
-    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> blockcore::Result<()> {
-        self.check(Op::WriteZeroes, offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
+    async fn journal_zero(&self, offset: u64, len: u64, fua: bool) -> blockcore::Result<()> {
         let j = &self.journal;
         let lsn = j
             .append_zero(offset, len)
@@ -314,9 +529,116 @@ impl<R: ReadThrough> EdgeVolume<R> {
         Ok(())
     }
 
+    /// A write (`Some(data)`) or zeroing (`None`, `len` bytes) of a
+    /// migrating volume: under the stripes of its chunks, to the journal
+    /// while the stage journals writes, and to the local chunks of the
+    /// copy (see [`crate::migrate::local`]).
+    async fn write_with_local(
+        &self,
+        local: &LocalCopy,
+        offset: u64,
+        data: Option<Bytes>,
+        len: u64,
+        fua: bool,
+    ) -> blockcore::Result<()> {
+        let op = if data.is_some() {
+            Op::Write
+        } else {
+            Op::WriteZeroes
+        };
+        let _stripes = local.lock_range(offset, len).await;
+        let noted = local.note_write(offset, len);
+        if !noted.journal {
+            // From cut-over on the copy is the volume: the dirty bit
+            // first, then the data, durable by itself for FUA.
+            local.persist_dirty(noted.newly_dirty, op, offset).await?;
+            return Self::write_copy(local, offset, data.as_ref(), &noted.local, fua).await;
+        }
+        let j = &self.journal;
+        let lsn = match &data {
+            Some(d) => j.append_write(offset, d.clone()).await,
+            None => j.append_zero(offset, len).await,
+        }
+        .map_err(|e| journal_block_error(op, offset, e))?;
+        // Until the copy has it, the journal keeps the write's batch (a
+        // batch is acknowledged a round trip after its cut, long after
+        // this registration that follows the append).
+        let _on_its_way = (!noted.local.is_empty()).then(|| self.copy_writes.enter(lsn));
+        let copied = Self::write_copy(local, offset, data.as_ref(), &noted.local, false).await;
+        if let Err(e) = &copied {
+            // The journal has the write: the guest's view is whole, the
+            // copy gives those chunks up and copies them again.
+            tracing::warn!(offset, len, error = %e, "writing into the local copy failed; its chunks will be copied again");
+            local.forget(offset, len);
+        }
+        if fua {
+            j.sync(lsn)
+                .await
+                .map_err(|e| journal_block_error(op, offset, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` (or zeroes) into the copy's `parts` of a write at
+    /// `offset`.
+    async fn write_copy(
+        local: &LocalCopy,
+        offset: u64,
+        data: Option<&Bytes>,
+        parts: &[(u64, u64)],
+        fua: bool,
+    ) -> blockcore::Result<()> {
+        for &(s, n) in parts {
+            match data {
+                Some(d) => {
+                    let from = usize::try_from(s - offset).expect("within the write");
+                    let part = d.slice(from..from + usize::try_from(n).expect("within the write"));
+                    local.device().write(s, part, WriteFlags { fua }).await?;
+                }
+                None => {
+                    local
+                        .device()
+                        .write_zeroes(
+                            s,
+                            n,
+                            ZeroFlags {
+                                fua,
+                                may_trim: true,
+                                ..ZeroFlags::default()
+                            },
+                        )
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> blockcore::Result<()> {
+        self.check(Op::WriteZeroes, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if let Some(local) = self.local.get() {
+            return self.write_with_local(local, offset, None, len, fua).await;
+        }
+        self.journal_zero(offset, len, fua).await
+    }
+
     /// A FLUSH: a batch boundary, answered once everything before it is
     /// durable in the journal.
     pub async fn flush(&self) -> blockcore::Result<()> {
+        if let Some(local) = self.local.get() {
+            if !local.stage().journals_writes() {
+                // The copy holds every write from cut-over on: it and its
+                // dirty map are what a FLUSH makes durable.
+                local.device().flush().await?;
+                return local
+                    .save()
+                    .await
+                    .map_err(|e| local_block_error(Op::Flush, 0, e));
+            }
+        }
         let j = &self.journal;
         let lsn = j
             .append_flush()
@@ -359,7 +681,11 @@ impl<R: ReadThrough> EdgeVolume<R> {
     }
 
     fn note_cut(&self, b: &Batch) {
-        lock(&self.state).cut.insert(b.seq, ranges(b));
+        {
+            let mut st = lock(&self.state);
+            st.cut.insert(b.seq, ranges(b));
+            st.cut_last_lsn.insert(b.seq, b.last_lsn);
+        }
         lock(&self.cut_bytes).insert(b.seq, b.data_bytes());
     }
 
@@ -368,14 +694,16 @@ impl<R: ReadThrough> EdgeVolume<R> {
     /// the module docs for why in this order).
     pub async fn applied(&self, seq: u64) -> Result<(), JournalError> {
         let _one_at_a_time = self.applying.lock().await;
-        let done: Vec<(u64, Vec<(u64, u64)>)> = {
+        let (done, last_lsn): (Vec<BatchRanges>, Option<Lsn>) = {
             let mut st = lock(&self.state);
             let later = st.cut.split_off(&(seq + 1));
             let done = std::mem::replace(&mut st.cut, later);
+            let later = st.cut_last_lsn.split_off(&(seq + 1));
+            let lsns = std::mem::replace(&mut st.cut_last_lsn, later);
             for (s, r) in &done {
                 st.acked.record(*s, r.clone());
             }
-            done.into_iter().collect()
+            (done.into_iter().collect(), lsns.into_values().max())
         };
         if done.is_empty() {
             return Ok(());
@@ -388,6 +716,19 @@ impl<R: ReadThrough> EdgeVolume<R> {
             }
         }
         let newest = done.last().map_or(seq, |(s, _)| *s);
+        if let Some(local) = self.local.get() {
+            // The copy gets these writes after the journal; they must be
+            // in it, and durable there, before the journal forgets them.
+            if let Some(lsn) = last_lsn {
+                self.copy_writes.wait_through(lsn).await;
+            }
+            if let Err(e) = local.device().flush().await {
+                return Err(JournalError::Failed(
+                    format!("syncing the local copy before acknowledging batch {newest}: {e}")
+                        .into(),
+                ));
+            }
+        }
         self.journal.ack(newest).await?;
         let bytes: u64 = {
             let mut cb = lock(&self.cut_bytes);
@@ -401,6 +742,153 @@ impl<R: ReadThrough> EdgeVolume<R> {
             .bytes_shipped
             .fetch_add(bytes, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Copies one chunk of the volume into the local copy: the journal's
+    /// content over the origin's (known zero from its allocation map,
+    /// from the cache, or fetched in the background). The journal is read
+    /// first: a batch it lets go of meanwhile was logged as applied
+    /// before, so data or a map from before that batch is caught by the
+    /// applied log and the copy is redone (as the read path relies on).
+    pub async fn copy_chunk(
+        &self,
+        local: &LocalCopy,
+        chunk: u64,
+        source: &dyn MirrorSource,
+        allocation: &tokio::sync::Mutex<AllocationWindow>,
+    ) -> blockcore::Result<CopyOutcome> {
+        if !local.begin_copy(chunk).await {
+            return Ok(CopyOutcome::Skipped);
+        }
+        match self.copy_chunk_data(local, chunk, source, allocation).await {
+            Ok(Some((from, bytes))) => {
+                if local.finish_copy(chunk, from, bytes).await {
+                    Ok(CopyOutcome::Copied {
+                        source: from,
+                        bytes,
+                    })
+                } else {
+                    Ok(CopyOutcome::Overtaken)
+                }
+            }
+            Ok(None) => {
+                local.abort_copy(chunk);
+                Ok(CopyOutcome::Overtaken)
+            }
+            Err(e) => {
+                local.abort_copy(chunk);
+                Err(e)
+            }
+        }
+    }
+
+    async fn copy_chunk_data(
+        &self,
+        local: &LocalCopy,
+        chunk: u64,
+        source: &dyn MirrorSource,
+        allocation: &tokio::sync::Mutex<AllocationWindow>,
+    ) -> blockcore::Result<Option<(CopySource, u64)>> {
+        let (start, end) = local.range(chunk);
+        let len = end - start;
+        let n = usize::try_from(len).expect("a chunk fits in memory");
+        let pieces = self
+            .journal
+            .read(start, len)
+            .map_err(|e| journal_block_error(Op::Read, start, e))?;
+        let journaled = pieces.iter().all(|p| !matches!(p.data, PieceData::Absent));
+        let (base, from) = if journaled {
+            (None, CopySource::Journal)
+        } else if self.origin_zero(start, len, source, allocation).await? {
+            (None, CopySource::Zero)
+        } else if let Some(d) = self.cache.read_cached(start, n).await? {
+            (Some(d), CopySource::Cache)
+        } else {
+            let fetched = source.fetch(start, len).await?;
+            let mut out = BytesMut::with_capacity(n);
+            {
+                let st = lock(&self.state);
+                for f in &fetched {
+                    if !st.acked.current(f.as_of, f.offset, f.data.len() as u64) {
+                        return Ok(None);
+                    }
+                }
+            }
+            // Sorted by offset by the source; a request resent after a
+            // reconnection may bring pieces twice.
+            let mut at = start;
+            for f in fetched {
+                let f_end = f.offset + f.data.len() as u64;
+                if f_end <= at {
+                    continue;
+                }
+                if f.offset > at {
+                    break;
+                }
+                let skip = usize::try_from(at - f.offset).expect("within a piece");
+                let take = usize::try_from(f_end.min(end) - at).expect("within the chunk");
+                out.extend_from_slice(&f.data[skip..skip + take]);
+                at += take as u64;
+            }
+            if at != end {
+                return Err(BlockError::io(
+                    Op::Read,
+                    at,
+                    std::io::Error::other("the origin's pieces do not cover the chunk"),
+                ));
+            }
+            (Some(out.freeze()), CopySource::Link)
+        };
+        let data = if pieces.iter().all(|p| matches!(p.data, PieceData::Absent)) {
+            base.unwrap_or_else(|| Bytes::from(vec![0u8; n]))
+        } else {
+            let mut out = match base {
+                Some(b) => BytesMut::from(&b[..]),
+                None => BytesMut::zeroed(n),
+            };
+            for p in pieces {
+                let s = usize::try_from(p.offset - start).expect("within the chunk");
+                let e = s + usize::try_from(p.len).expect("within the chunk");
+                match p.data {
+                    PieceData::Absent => {}
+                    PieceData::Data(d) => out[s..e].copy_from_slice(&d),
+                    PieceData::Zero => out[s..e].fill(0),
+                }
+            }
+            out.freeze()
+        };
+        local.write_chunk(start, data).await?;
+        Ok(Some((from, len)))
+    }
+
+    /// Whether the origin's image reads as zero over the range, by its
+    /// allocation map (asked for a window at a time).
+    async fn origin_zero(
+        &self,
+        offset: u64,
+        len: u64,
+        source: &dyn MirrorSource,
+        window: &tokio::sync::Mutex<AllocationWindow>,
+    ) -> blockcore::Result<bool> {
+        let mut window = window.lock().await;
+        for attempt in 0..2 {
+            if !window.covers(offset, len) || attempt == 1 {
+                let want = ALLOCATION_WINDOW.min(self.size - offset).max(len);
+                let (extents, as_of) = source.allocation(offset, want).await?;
+                *window = AllocationWindow { extents, as_of };
+            }
+            let current = lock(&self.state).acked.current(window.as_of, offset, len);
+            if current {
+                return Ok(window.reads_zero(offset, len));
+            }
+        }
+        // Batches keep landing in the range: read it instead.
+        Ok(false)
+    }
+
+    /// The newest batch applied, as the edge saw it.
+    pub fn newest_applied(&self) -> u64 {
+        lock(&self.state).acked.newest
     }
 
     /// Offers pushed data, read at the origin with batches up to `as_of`

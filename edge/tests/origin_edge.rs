@@ -500,3 +500,272 @@ async fn a_force_released_edge_is_refused_until_unfenced() {
     assert!(s.origin.counters().snapshot().attach_refusals >= 1);
     s.server.abort();
 }
+
+/// An origin serving `volumes` from `state`, straight on loopback.
+async fn start_origin(
+    state: &std::path::Path,
+    volumes: Vec<(String, Arc<dyn BlockDevice>)>,
+) -> (Arc<Origin>, SocketAddr, tokio::task::JoinHandle<()>) {
+    let origin = Arc::new(
+        Origin::open(state, volumes, OriginConfig::default())
+            .await
+            .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = origin.clone();
+    let server = tokio::spawn(async move {
+        let _ = origin::serve(served, listener, None).await;
+    });
+    (origin, addr, server)
+}
+
+fn edge_at(addr: SocketAddr, id: &str) -> EdgeLinkConfig {
+    let mut cfg = EdgeLinkConfig::new(addr.to_string(), "vol");
+    cfg.session.edge_id = id.into();
+    cfg.session.request_timeout = Duration::from_secs(5);
+    cfg.session.reconnect_min = Duration::from_millis(20);
+    cfg.session.reconnect_max = Duration::from_millis(200);
+    cfg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allocation_map_of_a_sparse_file_crosses_the_link() {
+    use blockcore::{Extent, ExtentKind, FileDevice, OpenOptions, WriteFlags};
+    const FILE: u64 = 40 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.raw");
+    std::fs::File::create(&path).unwrap().set_len(FILE).unwrap();
+    let file = Arc::new(FileDevice::open(&path, &OpenOptions::default()).unwrap());
+    // Data: 1 MiB at 2 MiB, then 16 KiB pieces every 32 KiB from 8 MiB to
+    // 32 MiB (1536 runs: more than the file device describes at once, so
+    // the map takes several queries), and the last 64 KiB; holes
+    // everywhere else.
+    let mut written = vec![(2u64 << 20, 1u64 << 20)];
+    written.extend((0..768).map(|i| ((8 << 20) + i * (32 << 10), 16 << 10)));
+    written.push((FILE - (64 << 10), 64 << 10));
+    for &(off, len) in &written {
+        let data = Bytes::from(pattern(off, usize::try_from(len).unwrap()));
+        file.write(off, data, WriteFlags::default()).await.unwrap();
+    }
+    file.flush().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (_origin, addr, server) = start_origin(
+        state.path(),
+        vec![("vol".into(), file.clone() as Arc<dyn BlockDevice>)],
+    )
+    .await;
+    let (client, _pushes) = LinkClient::connect(edge_at(addr, "edge-a")).await.unwrap();
+
+    // What the file itself says, asked until covered.
+    let mut local: Vec<Extent> = Vec::new();
+    let mut at = 0;
+    while at < FILE {
+        for e in file.extents(at, FILE - at).await.unwrap() {
+            at = e.offset + e.len;
+            match local.last_mut() {
+                Some(l) if l.kind == e.kind => l.len += e.len,
+                _ => local.push(e),
+            }
+        }
+    }
+    let map = client.allocation(0, FILE).await.unwrap();
+    assert_eq!(map, local);
+    // Contiguous over the whole file, alternating kinds (merged).
+    assert_eq!(map[0].offset, 0);
+    for w in map.windows(2) {
+        assert_eq!(w[0].offset + w[0].len, w[1].offset);
+        assert_ne!(w[0].kind, w[1].kind);
+    }
+    assert_eq!(map.last().map(|e| e.offset + e.len), Some(FILE));
+    // What was written is data; the gaps between are holes.
+    let kind_at = |off: u64| {
+        map.iter()
+            .find(|e| e.offset <= off && off < e.offset + e.len)
+            .unwrap()
+            .kind
+    };
+    for &(off, len) in &written {
+        assert_eq!(kind_at(off), ExtentKind::Data, "at {off}");
+        assert_eq!(
+            kind_at(off + len - 1),
+            ExtentKind::Data,
+            "at {}",
+            off + len - 1
+        );
+    }
+    for hole in [
+        0,
+        (2 << 20) - 1,
+        3 << 20,
+        (8 << 20) - 1,
+        (8 << 20) + (16 << 10),
+        (8 << 20) + (32 << 10) - 1,
+        36 << 20,
+    ] {
+        assert_eq!(kind_at(hole), ExtentKind::Hole, "at {hole}: {map:?}");
+    }
+    assert_eq!(map.len(), 3 + 2 * 768 + 1, "{map:?}");
+    // What reads as zero does, through the link.
+    for e in map.iter().filter(|e| e.kind.reads_zero()) {
+        let mut off = e.offset;
+        while off < e.offset + e.len {
+            let n = (e.offset + e.len - off).min(4 << 20);
+            let got = client.read(off, u32::try_from(n).unwrap()).await.unwrap();
+            assert!(got.iter().all(|&b| b == 0), "non-zero in a hole at {off}");
+            off += n;
+        }
+    }
+
+    // One query: a prefix, from where it was asked. Over more runs than
+    // the file device describes at once (1024), it stops short.
+    let part = client.extents(5 << 20, 25 << 20).await.unwrap();
+    assert_eq!(part[0].offset, 5 << 20);
+    assert_eq!(part[0].kind, ExtentKind::Hole);
+    let end = part.last().map(|e| e.offset + e.len).unwrap();
+    assert!(end > 8 << 20 && end < 30 << 20, "ends at {end}");
+    assert_eq!(part[0].offset + part[0].len, map[2].offset + map[2].len);
+    assert_eq!(part[1..], map[3..2 + part.len()], "a prefix of the map");
+    // The device says the same, and it has the capability.
+    let dev = RemoteDevice::new(client.clone());
+    assert!(dev.info().caps.extents);
+    let first = dev.extents(0, FILE).await.unwrap();
+    assert_eq!(first[0], map[0]);
+    assert!(dev.extents(FILE - 1, 2).await.is_err());
+    assert!(client.extents(0, 0).await.is_err());
+    assert!(client.allocation(0, 0).await.unwrap().is_empty());
+    // Out of range is the origin's refusal, not a hang.
+    let err = client.extents(FILE - 4096, 8192).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LinkError::Refused {
+                code: ErrorCode::OutOfRange,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    server.abort();
+}
+
+fn is_migrated(e: &LinkError) -> bool {
+    matches!(
+        e,
+        LinkError::Refused {
+            code: ErrorCode::Migrated,
+            ..
+        }
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_volume_is_refused_to_other_edges_until_it_comes_home() {
+    let state = tempfile::tempdir().unwrap();
+    let image = Arc::new(MemDevice::from_bytes(&pattern(1, SIZE)));
+    let vols = || vec![("vol".to_owned(), image.clone() as Arc<dyn BlockDevice>)];
+    let (origin, addr, server) = start_origin(state.path(), vols()).await;
+
+    // Edge a ships a batch, and releases the volume as migrated to it:
+    // the release waits for the batch shipped just before.
+    let (a, _p) = LinkClient::connect(edge_at(addr, "edge-a")).await.unwrap();
+    ship(&a, 1, marked(1)).await.unwrap();
+    a.ship(2, marked(2)).unwrap();
+    a.release(link::proto::Disposition::CutOver, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(matches!(a.finished(), Some(LinkError::Detached)));
+    let v = origin.volume("vol").unwrap();
+    assert_eq!(v.migrated_to().as_deref(), Some("edge-a"));
+    assert_eq!(v.holder(), None);
+    assert_eq!(v.applied(), 2, "the release left a batch behind");
+
+    // Another edge is refused, told who holds it and what to do.
+    let err = LinkClient::connect(edge_at(addr, "edge-b"))
+        .await
+        .unwrap_err();
+    assert!(is_migrated(&err), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("edge-a") && msg.contains("move it back"),
+        "{msg}"
+    );
+
+    // The record survives a restart of the origin.
+    server.abort();
+    let _ = server.await;
+    drop((v, origin));
+    let (origin, addr, server) = start_origin(state.path(), vols()).await;
+    let v = origin.volume("vol").unwrap();
+    assert_eq!(v.migrated_to().as_deref(), Some("edge-a"));
+    let err = LinkClient::connect(edge_at(addr, "edge-b"))
+        .await
+        .unwrap_err();
+    assert!(is_migrated(&err), "{err}");
+
+    // Edge a comes back (moving the volume back), ships what it wrote
+    // meanwhile, and brings the volume home.
+    let (a, _p) = LinkClient::connect(edge_at(addr, "edge-a")).await.unwrap();
+    assert_eq!(a.attachment().next_seq, 3);
+    a.ship(3, marked(3)).unwrap();
+    a.release(link::proto::Disposition::Home, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(has_mark_in(&image, 3).await);
+    assert_eq!(v.migrated_to(), None);
+
+    // Any edge may attach it now; home again with no record is a detach.
+    let (b, _p) = LinkClient::connect(edge_at(addr, "edge-b")).await.unwrap();
+    assert_eq!(b.read(3 * 4096, 4096).await.unwrap()[..], [3; 4096]);
+    b.release(link::proto::Disposition::Home, Duration::from_secs(5))
+        .await
+        .unwrap();
+    server.abort();
+    let _ = server.await;
+    drop((v, origin));
+    let (origin, _addr, server) = start_origin(state.path(), vols()).await;
+    assert_eq!(origin.volume("vol").unwrap().migrated_to(), None);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_release_brings_a_cut_over_volume_home() {
+    let state = tempfile::tempdir().unwrap();
+    let image = Arc::new(MemDevice::from_bytes(&pattern(1, SIZE)));
+    let (origin, addr, server) = start_origin(
+        state.path(),
+        vec![("vol".to_owned(), image.clone() as Arc<dyn BlockDevice>)],
+    )
+    .await;
+    let (a, _p) = LinkClient::connect(edge_at(addr, "edge-a")).await.unwrap();
+    a.release(link::proto::Disposition::CutOver, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Its edge is gone for good: the operator takes the volume back.
+    assert_eq!(origin.force_release("vol").unwrap(), "edge-a");
+    let v = origin.volume("vol").unwrap();
+    assert_eq!(v.migrated_to(), None);
+    assert_eq!(v.fenced(), ["edge-a"]);
+    let err = LinkClient::connect(edge_at(addr, "edge-a"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LinkError::Refused {
+                code: ErrorCode::Fenced,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let (b, _p) = LinkClient::connect(edge_at(addr, "edge-b")).await.unwrap();
+    b.detach(Duration::from_secs(5)).await.unwrap();
+    server.abort();
+}
+
+/// Whether `image` holds batch `seq`'s mark.
+async fn has_mark_in(image: &MemDevice, seq: u64) -> bool {
+    let got = image.read(seq * 4096, 4096).await.unwrap();
+    got.iter().all(|&b| u64::from(b) == seq)
+}

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::api::client::ApiClient;
 use crate::edge::api::{
-    CacheInfo, EdgeSummary, Flushed, Removed, VolumeInfo, VolumeList, VolumeState,
+    CacheInfo, EdgeSummary, Flushed, MigrationInfo, Removed, VolumeInfo, VolumeList, VolumeState,
 };
 use crate::edge::config::VolumeSpec;
 
@@ -207,6 +207,30 @@ pub async fn edge_status_lines(api: &ApiClient) -> anyhow::Result<String> {
 }
 
 fn status_lines(v: &VolumeInfo, cache: &CacheInfo) -> String {
+    let mut head = String::new();
+    let _ = writeln!(head, "stage: {}", stage_name(v));
+    if let Some(m) = &v.migration {
+        let _ = writeln!(head, "migration_target: {}", m.target);
+        let _ = writeln!(head, "migration_bytes_local: {}", m.bytes_local);
+        let _ = writeln!(head, "migration_bytes_remaining: {}", m.bytes_remaining);
+        let _ = writeln!(head, "migration_bytes_from_link: {}", m.bytes_from_link);
+        let _ = writeln!(head, "migration_bytes_dirty: {}", m.bytes_dirty);
+    }
+    if v.state == VolumeState::CutOver && v.link.is_none() {
+        head.push_str("link: none (cut over: served from the local copy alone)\n");
+        return head;
+    }
+    head + &status_lines_linked(v, cache)
+}
+
+fn stage_name(v: &VolumeInfo) -> String {
+    serde_json::to_value(v.stage)
+        .ok()
+        .and_then(|s| s.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn status_lines_linked(v: &VolumeInfo, cache: &CacheInfo) -> String {
     let (Some(l), Some(vc), Some(j)) = (&v.link, &v.cache, &v.journal) else {
         return format!(
             "link: down\nstate: attaching\nlink_last_error: {}\n",
@@ -274,6 +298,7 @@ pub fn volume_table(volumes: &[VolumeInfo]) -> String {
     let mut rows = vec![[
         "VOLUME".to_owned(),
         "STATE".into(),
+        "STAGE".into(),
         "SIZE".into(),
         "LINK".into(),
         "RTT".into(),
@@ -290,11 +315,17 @@ pub fn volume_table(volumes: &[VolumeInfo]) -> String {
             VolumeState::Up => "up",
             VolumeState::LinkDown => "link-down",
             VolumeState::Removing => "removing",
+            VolumeState::CutOver => "cut-over",
         };
         let dash = || "-".to_owned();
+        let stage = match &v.migration {
+            Some(m) if m.bytes_remaining > 0 => format!("{} {:.1}%", stage_name(v), m.percent),
+            _ => stage_name(v),
+        };
         rows.push([
             v.name.clone(),
             state.into(),
+            stage,
             if v.size == 0 { dash() } else { human(v.size) },
             v.link
                 .as_ref()
@@ -329,7 +360,7 @@ pub fn volume_table(volumes: &[VolumeInfo]) -> String {
 }
 
 /// Rows as left-aligned columns, two spaces apart.
-fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
     let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
@@ -360,6 +391,175 @@ pub fn human(bytes: u64) -> String {
     } else {
         format!("{v:.1}{}", UNITS[i])
     }
+}
+
+// --- migration ------------------------------------------------------------
+
+fn migration_line(m: &MigrationInfo) -> String {
+    let eta = m
+        .eta_secs
+        .map_or_else(|| "-".to_owned(), |e| format!("{e:.0}s"));
+    format!(
+        "{}: {} {} of {} ({:.1}%), {}/s, eta {eta}; from link {}, cache {}, holes {}, own writes {}{}{}",
+        m.volume,
+        serde_json::to_value(m.stage)
+            .ok()
+            .and_then(|s| s.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        human(m.bytes_local),
+        human(m.bytes_total),
+        m.percent,
+        human(whole_bytes(m.rate_bytes_per_sec)),
+        human(m.bytes_from_link),
+        human(m.bytes_from_cache),
+        human(m.bytes_zero),
+        human(m.bytes_from_journal),
+        if m.paused { ", paused" } else { "" },
+        m.rate_limit_mbit
+            .map(|r| format!(", limited to {r} Mbit/s"))
+            .unwrap_or_default(),
+    )
+}
+
+/// `ferry migrate start`.
+pub async fn migrate_start(
+    api: &ApiClient,
+    name: &str,
+    target: &std::path::Path,
+    rate_mbit: Option<f64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let target = std::path::absolute(target).context("resolving the target path")?;
+    let body = json!({ "target": target, "rate_mbit": rate_mbit });
+    let m: MigrationInfo = api
+        .call(
+            "POST",
+            &format!("/v1/volumes/{name}/migration"),
+            Some(&body),
+        )
+        .await?
+        .json()?;
+    if json {
+        return print_json(&m);
+    }
+    println!("migrating {name} into {}", m.target);
+    println!("{}", migration_line(&m));
+    Ok(())
+}
+
+/// `ferry migrate status`: once, or with `wait` a progress bar until the
+/// copy is complete.
+pub async fn migrate_status(
+    api: &ApiClient,
+    name: Option<&str>,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = if let Some(n) = name {
+        vec![n.to_owned()]
+    } else {
+        let list: VolumeList = api.call("GET", "/v1/volumes", None).await?.json()?;
+        list.volumes
+            .into_iter()
+            .filter(|v| v.migration.is_some())
+            .map(|v| v.name)
+            .collect()
+    };
+    if names.is_empty() {
+        println!("(no volume is migrating: start with `ferry migrate start VOLUME --target PATH`)");
+        return Ok(());
+    }
+    loop {
+        let mut all: Vec<MigrationInfo> = Vec::new();
+        for n in &names {
+            all.push(
+                api.call("GET", &format!("/v1/volumes/{n}/migration"), None)
+                    .await?
+                    .json()?,
+            );
+        }
+        let done = all.iter().all(|m| m.bytes_remaining == 0);
+        if json {
+            print_json(&all)?;
+        } else if wait {
+            for m in &all {
+                eprint!("\r{} {}\x1b[K", progress_bar(m.percent), migration_line(m));
+                if all.len() > 1 {
+                    eprintln!();
+                }
+            }
+        } else {
+            for m in &all {
+                println!("{}", migration_line(m));
+            }
+        }
+        if !wait || done {
+            if wait && !json {
+                eprintln!();
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // clamped to 0..=WIDTH
+fn progress_bar(percent: f64) -> String {
+    const WIDTH: u8 = 30;
+    let width = usize::from(WIDTH);
+    let full = ((percent / 100.0) * f64::from(WIDTH))
+        .round()
+        .clamp(0.0, f64::from(WIDTH)) as usize;
+    format!("[{}{}]", "#".repeat(full), "-".repeat(width - full))
+}
+
+/// `ferry migrate pause|resume|rate`.
+pub async fn migrate_change(
+    api: &ApiClient,
+    name: &str,
+    paused: Option<bool>,
+    rate_mbit: Option<f64>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let body = json!({ "paused": paused, "rate_mbit": rate_mbit });
+    let m: MigrationInfo = api
+        .call(
+            "PATCH",
+            &format!("/v1/volumes/{name}/migration"),
+            Some(&body),
+        )
+        .await?
+        .json()?;
+    if json {
+        return print_json(&m);
+    }
+    println!("{}", migration_line(&m));
+    Ok(())
+}
+
+/// `ferry migrate cutover`.
+pub async fn migrate_cutover(
+    api: &ApiClient,
+    name: &str,
+    force: bool,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut path = format!("/v1/volumes/{name}/cutover{}", timeout_query(timeout));
+    if force {
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str("force=true");
+    }
+    let m: MigrationInfo = api.call("POST", &path, None).await?.json()?;
+    if json {
+        return print_json(&m);
+    }
+    println!(
+        "{name} is cut over: served from {} alone; the origin released it to this edge \
+         (it may be stopped)",
+        m.target
+    );
+    Ok(())
 }
 
 /// The socket a CLI command talks to.
@@ -481,4 +681,10 @@ pub async fn origin_status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
     }
     print!("{}", render_table(&rows));
     Ok(())
+}
+
+/// A byte rate for display: rounded, negative and NaN as 0.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // saturating, for display
+fn whole_bytes(rate: f64) -> u64 {
+    rate.round().max(0.0) as u64
 }

@@ -144,7 +144,9 @@ pub async fn run(
         every.tick().await;
         loop {
             every.tick().await;
-            let s = served.status();
+            let Some(s) = served.status() else {
+                continue;
+            };
             let l = shown.stats();
             let age = s
                 .journal

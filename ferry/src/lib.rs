@@ -10,3 +10,4 @@ pub mod edge;
 pub mod metrics;
 pub mod origin;
 pub mod serve;
+pub mod snapshot;

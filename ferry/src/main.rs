@@ -54,6 +54,14 @@ enum Command {
     /// Ship every journaled write of a running edge (or of VOLUME) to the
     /// origin and wait until it is applied.
     Flush(FlushArgs),
+    /// Migrate a running edge's volume into local storage in the
+    /// background, then cut it over to that copy.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+    /// A running origin's snapshots of a volume: create, list, roll back
+    /// to, delete (VOLUME@SNAPSHOT).
+    #[command(subcommand)]
+    Snapshot(ferry::snapshot::SnapshotCommand),
     /// Relay TCP connections to TARGET like a WAN link (one-way delay,
     /// bandwidth cap), for tests and benchmarks on one machine.
     LinkEmulator(LinkEmuArgs),
@@ -232,6 +240,150 @@ struct FlushArgs {
     timeout: Option<f64>,
     #[command(flatten)]
     ctl: CtlArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateCommand {
+    /// Start copying VOLUME into TARGET (a new sparse raw image, or a
+    /// block device) while it runs: demand reads first, then in order;
+    /// holes and what the cache holds never cross the link. Resumes after
+    /// restarts of the edge or the origin.
+    Start(MigrateStartArgs),
+    /// Progress: bytes local and total, rate, ETA (`--wait`: a progress
+    /// bar until done).
+    Status(MigrateStatusArgs),
+    /// Pause the copy (reads and writes go on).
+    Pause(MigrateNameArgs),
+    /// Resume a paused copy.
+    Resume(MigrateNameArgs),
+    /// Limit the copy to MBIT Mbit/s (0: no limit).
+    Rate(MigrateRateArgs),
+    /// Once the copy is complete: drain the journal, release the volume at
+    /// the origin and serve it from the local copy alone.
+    Cutover(MigrateCutoverArgs),
+}
+
+#[derive(Args, Debug)]
+struct MigrateStartArgs {
+    volume: String,
+    /// The local storage: a path that does not exist yet (a sparse raw
+    /// image is created there), an empty file, or a block device.
+    #[arg(long, value_name = "PATH")]
+    target: PathBuf,
+    /// Limit the copy's use of the link, Mbit/s.
+    #[arg(long, value_name = "MBIT")]
+    rate: Option<f64>,
+    /// Show a progress bar until the copy is complete.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct MigrateStatusArgs {
+    /// Only this volume (default: every migrating volume).
+    volume: Option<String>,
+    /// Refresh a progress bar until every copy is complete.
+    #[arg(long)]
+    wait: bool,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct MigrateNameArgs {
+    volume: String,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct MigrateRateArgs {
+    volume: String,
+    /// Mbit/s; 0 removes the limit.
+    mbit: f64,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct MigrateCutoverArgs {
+    volume: String,
+    /// Cut over even if the copy is not complete: it is finished first, at
+    /// full rate (the pause and the rate limit are ignored).
+    #[arg(long)]
+    force: bool,
+    /// How long to wait, in seconds (default 120); the cut-over goes on in
+    /// the background after.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+async fn migrate(cmd: MigrateCommand) -> anyhow::Result<()> {
+    use ferry::ctl;
+    match cmd {
+        MigrateCommand::Start(a) => {
+            let api = ctl::client(a.ctl.api)?;
+            ctl::migrate_start(&api, &a.volume, &a.target, a.rate, a.ctl.json).await?;
+            if a.wait {
+                ctl::migrate_status(&api, Some(&a.volume), true, a.ctl.json).await?;
+            }
+            Ok(())
+        }
+        MigrateCommand::Status(a) => {
+            ctl::migrate_status(
+                &ctl::client(a.ctl.api)?,
+                a.volume.as_deref(),
+                a.wait,
+                a.ctl.json,
+            )
+            .await
+        }
+        MigrateCommand::Pause(a) => {
+            ctl::migrate_change(
+                &ctl::client(a.ctl.api)?,
+                &a.volume,
+                Some(true),
+                None,
+                a.ctl.json,
+            )
+            .await
+        }
+        MigrateCommand::Resume(a) => {
+            ctl::migrate_change(
+                &ctl::client(a.ctl.api)?,
+                &a.volume,
+                Some(false),
+                None,
+                a.ctl.json,
+            )
+            .await
+        }
+        MigrateCommand::Rate(a) => {
+            ctl::migrate_change(
+                &ctl::client(a.ctl.api)?,
+                &a.volume,
+                None,
+                Some(a.mbit),
+                a.ctl.json,
+            )
+            .await
+        }
+        MigrateCommand::Cutover(a) => {
+            let timeout = a.timeout.map(|t| secs(t, "timeout")).transpose()?;
+            ctl::migrate_cutover(
+                &ctl::client(a.ctl.api)?,
+                &a.volume,
+                a.force,
+                timeout,
+                a.ctl.json,
+            )
+            .await
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -842,6 +994,7 @@ fn main() -> ExitCode {
                     .await
             }
             Command::Volume(cmd) => volume(cmd).await,
+            Command::Migrate(cmd) => migrate(cmd).await,
             Command::Status(c) => ferry::ctl::status(&ferry::ctl::client(c.api)?, c.json).await,
             Command::Flush(a) => {
                 let timeout = a.timeout.map(|t| secs(t, "timeout")).transpose()?;
@@ -854,6 +1007,7 @@ fn main() -> ExitCode {
                 .await
             }
             Command::Origin(cmd) => origin(cmd).await,
+            Command::Snapshot(cmd) => ferry::snapshot::run(cmd).await,
             Command::Edge(cmd) => edge(cmd).await,
             Command::LinkEmulator(a) => link_emulator(a).await,
         }

@@ -13,18 +13,22 @@
 //! Invariants checked:
 //! - nothing panics, and every frame the session writes decodes;
 //! - the origin asks for at most one apply at a time, only for batches it
-//!   received whole, and only reads inside the volume it granted;
-//! - the edge completes only requests it was given, each once, and a
-//!   completed read has exactly the length asked for;
+//!   received whole, and only reads and allocation queries inside the
+//!   volume it granted (queries never empty);
+//! - the edge completes only requests it was given, each once, a
+//!   completed read has exactly the length asked for, and an allocation
+//!   map is contiguous from the asked offset, non-empty and within the
+//!   asked range;
 //! - once closed, the origin asks for nothing more.
 #![no_main]
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use blockcore::{Extent, ExtentKind};
 use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use link::proto::{Class, Decoder, Encoder, Message, Role, PROTOCOL_VERSION};
+use link::proto::{Class, Decoder, Disposition, Encoder, Message, Role, PROTOCOL_VERSION};
 use link::session::{
     AttachGrant, EdgeEvent, EdgeSession, EdgeSessionConfig, OriginOp, OriginSession,
     OriginSessionConfig, ReadAnswer, ReadReply, Refusal,
@@ -60,6 +64,8 @@ fn origin(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
     let mut granted = false;
     let mut applying: Option<u64> = None;
     let mut reads: Vec<(u64, u32)> = Vec::new();
+    let mut queries: Vec<(u64, u64, u64)> = Vec::new();
+    let mut releasing = false;
     let mut closed = false;
     let mut pos = 0;
     let mut step = u64::from(chunk_seed);
@@ -98,9 +104,43 @@ fn origin(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
                     assert!(applying.is_none(), "two applies at once");
                     applying = Some(seq);
                 }
+                OriginOp::Extents { tag, offset, len } => {
+                    assert!(granted, "an allocation query before the volume was granted");
+                    assert!(len > 0, "an empty allocation query");
+                    assert!(offset + len <= SIZE, "allocation query outside the volume");
+                    queries.push((tag, offset, len));
+                }
                 OriginOp::Detach => s.detach_done(),
+                OriginOp::Release { .. } => releasing = true,
                 OriginOp::Close { .. } => closed = true,
             }
+        }
+        // Answer allocation queries as a device might, sometimes badly
+        // (a gap, an extent past the range, nothing at all).
+        if step & 16 != 0 {
+            if let Some((tag, offset, len)) = queries.pop() {
+                let half = (len / 2).max(1);
+                let kinds = [ExtentKind::Data, ExtentKind::Hole, ExtentKind::Zero];
+                let kind = kinds[(step >> 8) as usize % 3];
+                let extents = match (step >> 12) % 5 {
+                    0 => Vec::new(),
+                    1 => vec![Extent { offset: offset + 1, len, kind }],
+                    2 => vec![Extent { offset, len: len + 4096, kind }],
+                    _ => vec![
+                        Extent { offset, len: half, kind },
+                        Extent { offset: offset + half, len: len - half, kind: ExtentKind::Data },
+                    ],
+                };
+                s.extents_done(tag, Ok(extents));
+            }
+        }
+        if releasing && step & 32 != 0 {
+            releasing = false;
+            s.release_done(if step & 64 != 0 {
+                Ok(())
+            } else {
+                Err(Refusal::new(link::proto::ErrorCode::Migrated, "migrated"))
+            });
         }
         // Complete some storage work, in a data-dependent order.
         if step & 2 != 0 {
@@ -133,6 +173,7 @@ fn edge(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
     let (mut dec, mut out) = (Decoder::new(), BytesMut::new());
     let mut asked: BTreeSet<u64> = BTreeSet::new();
     let mut lens = std::collections::BTreeMap::new();
+    let mut ranges = std::collections::BTreeMap::new();
     let mut step = u64::from(chunk_seed);
     let mut pos = 0;
     let mut seq = 0;
@@ -151,6 +192,20 @@ fn edge(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
                 EdgeEvent::PrefetchDone { id, .. } => {
                     assert!(asked.remove(&id), "completion of unknown prefetch {id}");
                 }
+                EdgeEvent::ExtentsDone { id, result } => {
+                    assert!(asked.remove(&id), "completion of unknown query {id}");
+                    let (offset, len): (u64, u64) = ranges[&id];
+                    if let Ok(extents) = result {
+                        let mut at = offset;
+                        for e in &extents {
+                            assert_eq!(e.offset, at, "allocation map not contiguous");
+                            assert!(e.len > 0, "an empty extent");
+                            at += e.len;
+                        }
+                        assert!(at > offset, "an empty allocation map");
+                        assert!(at <= offset + len, "allocation map past the range");
+                    }
+                }
                 _ => {}
             }
         }
@@ -160,6 +215,17 @@ fn edge(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
             let id = s.read((step >> 30) % SIZE, len, step & 16 != 0, now);
             asked.insert(id);
             lens.insert(id, len);
+        }
+        if step % 13 == 0 {
+            let offset = (step >> 24) % SIZE;
+            let len = ((step >> 44) % SIZE).min(SIZE - offset);
+            let id = s.extents(offset, len, now);
+            asked.insert(id);
+            ranges.insert(id, (offset, len));
+        }
+        if step % 97 == 0 {
+            let d = if step & 32 != 0 { Disposition::CutOver } else { Disposition::Home };
+            let _ = s.release(d);
         }
         if step % 11 == 0 {
             seq += 1;

@@ -272,6 +272,13 @@ impl ApplyJournal {
         self.applied
     }
 
+    /// A batch begun and not committed: its apply failed part way (the
+    /// device may hold some of it) and it waits to be resent. `None`
+    /// between batches.
+    pub fn pending(&self) -> Option<u64> {
+        self.begun
+    }
+
     /// Reintroduces a known mistake for the simulator's tests: a batch
     /// at or below [`ApplyJournal::applied`] is applied again.
     pub fn set_apply_twice(&mut self, on: bool) {

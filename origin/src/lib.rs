@@ -19,9 +19,12 @@
 //! lost the volume never changes it.
 //!
 //! Per volume, the origin keeps a state directory with the apply journal,
-//! the volume's epoch (a random id fixed when the volume is first
-//! served: an edge keys its cache by it, so a volume re-created under the
-//! same name is not served from a stale cache) and its fenced edges.
+//! its snapshots (`snapshot.rs`: a chain of copy-on-write layers whose
+//! head is the device everything here uses), the volume's epoch (a random
+//! id fixed when the volume is first served and changed only by a
+//! rollback to a snapshot: an edge keys its cache by it, so a volume
+//! re-created under the same name, or rolled back, is not served from a
+//! stale cache) and its fenced edges.
 //! Volumes come and go at run time (`add_volume`, `remove_volume`); a
 //! removed volume's directory stays, so adding it again resumes it.
 //!
@@ -31,13 +34,21 @@
 //! and the connection closed, and its attaches are refused (`Fenced`)
 //! until `unfence`, for a rebuilt edge whose journal holds nothing old.
 //!
+//! A migration (`migration.rs`) asks for a volume's allocation map
+//! (`Extents`), and its cut-over releases the volume as migrated to the
+//! edge (`Release { CutOver }`): recorded durably, and every other edge's
+//! attach is refused (`Migrated`) until the edge moves it back (`Release
+//! { Home }`) or an operator force-releases it.
+//!
 //! One deployment master key (`master.key`) stays at the origin. At attach an edge gets a cache key
 //! derived from it and the edge's id (its cache derives the encryption key
 //! from that and its own cache id) and the deployment's dedup key, the
 //! same for every edge, so clones of one template dedup across volumes and
 //! the origin's signature replies name content the edge's cache knows.
 
+mod migration;
 mod serve;
+mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -58,6 +69,9 @@ use zeroize::Zeroizing;
 use keys::{edge_cache_key, SignatureKey};
 use link::BoundedSet;
 pub use serve::{serve, serve_connection, TlsAcceptor};
+pub use snapshot::{
+    auto_snapshot_name, check_snapshot_name, SnapshotError, SnapshotInfo, SnapshotList,
+};
 
 /// The signatures of chunks an edge was sent, newest kept: what the origin
 /// believes the edge's cache holds. A wrong belief (the edge evicted the
@@ -180,12 +194,19 @@ pub enum OriginError {
          or, if the edge is gone for good, force-release it (which fences the edge)"
     )]
     Held { volume: String, edge: String },
+    #[error(
+        "volume {volume:?} was migrated to edge {edge:?}, which serves it from its own copy: \
+         move it back first"
+    )]
+    MigratedAway { volume: String, edge: String },
     #[error("volume {0:?} is not attached by any edge")]
     NotHeld(String),
     #[error("volume {0:?} is applying a write batch; try again")]
     Applying(String),
     #[error("edge id {0:?} is empty or longer than a wire string")]
     BadEdgeId(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// Who holds a volume: an edge, on one connection.
@@ -237,8 +258,12 @@ pub struct VolumeCounters {
 /// One served volume.
 pub struct Volume {
     name: String,
+    /// The head of `chain`: what reads, pushes and applies use.
     device: Arc<dyn BlockDevice>,
-    epoch: u64,
+    /// The device it was added with, under its snapshots' layers.
+    chain: Arc<snapshot::Chain>,
+    /// Changed only by a rollback to a snapshot.
+    epoch: AtomicU64,
     /// Its state directory: epoch, fences, apply journal.
     dir: PathBuf,
     storage: Arc<dyn Storage>,
@@ -256,6 +281,10 @@ pub struct Volume {
     /// Edges an operator fenced off this volume (as persisted in
     /// `dir/fenced`): refused at attach.
     fenced: Mutex<BTreeSet<String>>,
+    /// The edge the volume was migrated to (as persisted in
+    /// `dir/migrated`): every other edge is refused at attach. Taken
+    /// after `holder`, never with `fenced` or `partial`.
+    migrated: Mutex<Option<String>>,
     /// A batch an edge was sending when its connection ended.
     partial: Mutex<Option<(String, PartialBatch)>>,
     stats: VolumeStats,
@@ -265,7 +294,7 @@ impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Volume")
             .field("name", &self.name)
-            .field("epoch", &self.epoch)
+            .field("epoch", &self.epoch())
             .finish_non_exhaustive()
     }
 }
@@ -336,6 +365,12 @@ impl Volume {
             || random()[..8].try_into().expect("8 of 32 bytes"),
         )?);
         let fenced = read_fences(storage.as_ref(), &dir.join(FENCED_FILE))?;
+        let migrated =
+            migration::read_migrated(storage.as_ref(), &dir.join(migration::MIGRATED_FILE))?;
+        let chain = Arc::new(
+            snapshot::Chain::open(storage.clone(), &dir, &name, device, config.file_io).await?,
+        );
+        let device: Arc<dyn BlockDevice> = chain.clone();
         let mut journal =
             ApplyJournal::open_with(storage.clone(), &dir.join("apply"), device.as_ref()).await?;
         journal.set_apply_twice(config.mistakes.apply_twice);
@@ -343,7 +378,8 @@ impl Volume {
         Ok(Volume {
             name,
             device,
-            epoch,
+            chain,
+            epoch: AtomicU64::new(epoch),
             dir,
             storage,
             journal: Arc::new(Mutex::new(journal)),
@@ -352,6 +388,7 @@ impl Volume {
             holder: Mutex::new(None),
             last_holder: Mutex::new(None),
             fenced: Mutex::new(fenced),
+            migrated: Mutex::new(migrated),
             partial: Mutex::new(None),
             stats: VolumeStats::default(),
         })
@@ -372,7 +409,7 @@ impl Volume {
 
     /// The random id edges key their caches by (see the module docs).
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// Where its epoch, fences and apply journal live.
@@ -725,7 +762,7 @@ impl Origin {
         device: Arc<dyn BlockDevice>,
     ) -> Result<Arc<Volume>, OriginError> {
         let v = self.add(name, device, random).await?;
-        tracing::info!(target: "ferry::audit", volume = %v.name, epoch = v.epoch, size = v.size(), "volume added");
+        tracing::info!(target: "ferry::audit", volume = %v.name, epoch = v.epoch(), size = v.size(), "volume added");
         Ok(v)
     }
 
@@ -785,6 +822,10 @@ impl Origin {
         if v.apply_order.try_lock().is_err() {
             return Err(OriginError::Applying(name.to_owned()));
         }
+        // Nor may a snapshot operation still work on its files.
+        if v.chain.busy() {
+            return Err(SnapshotError::Busy(name.to_owned()).into());
+        }
         vols.served.remove(name);
         drop(vols);
         tracing::info!(target: "ferry::audit", volume = %name, "volume removed");
@@ -792,14 +833,16 @@ impl Origin {
     }
 
     /// For an operator whose edge is gone for good: takes `name` from the
-    /// edge holding it and fences that edge off it (see [`Origin::fence`]).
-    /// Returns the edge's id.
+    /// edge holding it, or else from the edge it was migrated to, and
+    /// fences that edge off it (see [`Origin::fence`]; a migrated volume
+    /// comes home by force). Returns the edge's id.
     pub fn force_release(&self, name: &str) -> Result<String, OriginError> {
         let v = self
             .volume(name)
             .ok_or_else(|| OriginError::NoSuchVolume(name.to_owned()))?;
         let mut holder = lock(&v.holder);
-        let Some(edge_id) = holder.as_ref().map(|h| h.edge_id.clone()) else {
+        let held = holder.as_ref().map(|h| h.edge_id.clone());
+        let Some(edge_id) = held.or_else(|| v.migrated_to()) else {
             return Err(OriginError::NotHeld(name.to_owned()));
         };
         self.fence_held(&v, &mut holder, &edge_id)?;
@@ -812,10 +855,11 @@ impl Origin {
     /// survives a restart. From then on the edge's attaches are refused
     /// (`Fenced`), and so are reads and applies still arriving on its
     /// connection (`NotAttached`; `serve` also closes the connection); the
-    /// partial batch kept for it is dropped. An apply already writing
-    /// finishes: it was accepted while the edge held the volume. Does one
-    /// small durable write on the calling thread. Returns whether it was
-    /// not fenced before.
+    /// partial batch kept for it is dropped, and a migration record naming
+    /// it is cleared (the volume comes home by force: nobody could attach
+    /// it otherwise). An apply already writing finishes: it was accepted
+    /// while the edge held the volume. Does small durable writes on the
+    /// calling thread. Returns whether it was not fenced before.
     pub fn fence(&self, name: &str, edge_id: &str) -> Result<bool, OriginError> {
         let v = self
             .volume(name)
@@ -847,6 +891,9 @@ impl Origin {
             }
             newly
         };
+        // Fenced first: a crash before the record is cleared leaves the
+        // volume refusing every edge, not open to the migrated one.
+        v.force_home(edge_id)?;
         let held = holder.as_ref().is_some_and(|h| h.edge_id == edge_id);
         if held {
             *holder = None;
@@ -936,6 +983,9 @@ impl Origin {
             if v.is_fenced(edge_id) {
                 return Err(fenced_refusal(name, edge_id));
             }
+            if let Some(to) = v.migrated_to().filter(|to| to != edge_id) {
+                return Err(migration::migrated_refusal(name, &to));
+            }
             match &*holder {
                 Some(h) if h.edge_id != edge_id => {
                     return Err(refusal(
@@ -965,7 +1015,7 @@ impl Origin {
             size: v.size(),
             cache_key: *edge_cache_key(&self.master_key, edge_id),
             dedup_key: *self.signature_key.dedup_key(),
-            volume_epoch: v.epoch,
+            volume_epoch: v.epoch(),
             next_seq,
             resume,
         };
@@ -976,14 +1026,7 @@ impl Origin {
     /// holds it), leaving the batch it was receiving for the edge's next
     /// connection.
     pub fn release(&self, conn: u64, v: &Volume, partial: Option<PartialBatch>) {
-        let mut holder = lock(&v.holder);
-        if let Some(h) = holder.as_ref().filter(|h| h.conn == conn) {
-            if let Some(p) = partial {
-                *lock(&v.partial) = Some((h.edge_id.clone(), p));
-            }
-            tracing::info!(volume = %v.name, edge = %h.edge_id, "edge detached");
-            *holder = None;
-        }
+        migration::release_held(v, &mut lock(&v.holder), conn, partial);
     }
 
     /// The signer for an edge's chunks: what it was sent, to answer later

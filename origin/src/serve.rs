@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use link::io::{gather, now, random, sleep_until, ConnIo};
+use link::proto::ErrorCode;
 use link::session::{OriginOp, OriginSession, ReadAnswer, Refusal};
 use link::LinkError;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -73,6 +74,8 @@ pub async fn serve(
 enum Done {
     Read(u64, Result<ReadAnswer, Refusal>),
     Apply(u64, Result<(), Refusal>),
+    Extents(u64, Result<Vec<blockcore::Extent>, Refusal>),
+    Release(Result<(), Refusal>),
 }
 
 /// Counts a connection as active while it lives.
@@ -159,11 +162,36 @@ where
                         let _ = done.send(Done::Apply(seq, r));
                     });
                 }
+                OriginOp::Extents { tag, offset, len } => {
+                    let Some((v, _, _)) = volume.clone() else {
+                        continue;
+                    };
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let r = origin.extents(conn, &v, offset, len).await;
+                        let _ = done.send(Done::Extents(tag, r));
+                    });
+                }
                 OriginOp::Detach => {
                     if let Some((v, _, _)) = volume.take() {
                         origin.release(conn, &v, session.take_partial());
                     }
                     session.detach_done();
+                }
+                OriginOp::Release { disposition } => {
+                    let Some((v, _, _)) = volume.clone() else {
+                        session.release_done(Err(Refusal::new(
+                            ErrorCode::NotAttached,
+                            "this connection holds no volume to release",
+                        )));
+                        continue;
+                    };
+                    let partial = session.take_partial();
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let r = origin.release_as(conn, &v, disposition, partial).await;
+                        let _ = done.send(Done::Release(r));
+                    });
                 }
                 OriginOp::Close { reason } => {
                     closed = Some(reason);
@@ -196,6 +224,15 @@ where
             Some(done) = done_rx.recv() => match done {
                 Done::Read(tag, r) => session.read_done(tag, r),
                 Done::Apply(seq, r) => session.apply_done(seq, r),
+                Done::Extents(tag, r) => session.extents_done(tag, r),
+                Done::Release(r) => {
+                    if r.is_ok() {
+                        // Released at the origin: nothing to let go of
+                        // when the connection ends.
+                        volume = None;
+                    }
+                    session.release_done(r);
+                }
             },
             input = io.input.recv() => match input {
                 Some(Ok(bytes)) => session.handle_input(&bytes, now()),

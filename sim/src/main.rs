@@ -33,6 +33,9 @@ struct Args {
     /// No crashes, cuts or disk faults.
     #[arg(long)]
     no_faults: bool,
+    /// The edge asks for no allocation maps at attach.
+    #[arg(long)]
+    no_allocation_queries: bool,
     /// Keep going after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
             duration: Duration::from_secs(a.secs),
             mistakes,
             faults: !a.no_faults,
+            allocation_queries: !a.no_allocation_queries,
         };
         match sim::run(cfg) {
             Ok(r) => {

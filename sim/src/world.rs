@@ -12,6 +12,10 @@
 //!   failed disk writes, a full journal disk
 //! ```
 //!
+//! Besides the workload's reads, every attach of the edge asks the origin
+//! for the allocation map of the volume from a point that moves with each
+//! reconnection (as a migration's copy does), and checks the answer.
+//!
 //! One seeded RNG decides everything: the scenario (link shape, RPO, batch
 //! size, fault rates), the workload, the fault times, the order in which
 //! ready tasks run. The same seed replays the same run exactly.
@@ -23,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use blockcore::{BlockDevice, WriteEntry};
+use blockcore::{BlockDevice, Extent, ExtentKind, WriteEntry};
 use bytes::Bytes;
 use edge::EdgeVolume;
 use journal::apply::Applied;
@@ -55,6 +59,10 @@ pub struct SimConfig {
     pub mistakes: Mistakes,
     /// Crashes, cuts and disk faults; off, only the workload runs.
     pub faults: bool,
+    /// At every attach the edge asks for a window of the allocation map,
+    /// as a migration's copy does. The extra replies change what crosses
+    /// the link; off gives the traffic of the link before migrations.
+    pub allocation_queries: bool,
 }
 
 impl SimConfig {
@@ -64,6 +72,7 @@ impl SimConfig {
             duration: Duration::from_secs(120),
             mistakes: Mistakes::default(),
             faults: true,
+            allocation_queries: true,
         }
     }
 
@@ -88,6 +97,9 @@ impl SimConfig {
         }
         if !self.faults {
             cmd.push_str(" --no-faults");
+        }
+        if !self.allocation_queries {
+            cmd.push_str(" --no-allocation-queries");
         }
         cmd
     }
@@ -126,6 +138,8 @@ pub struct Report {
     pub disk_faults: u64,
     pub batches_applied: u64,
     pub reconnects: u64,
+    /// Allocation maps the edge received and checked.
+    pub extent_maps_checked: u64,
     /// Digest of the run's events: equal for equal seeds.
     pub trace: u64,
 }
@@ -228,6 +242,35 @@ enum Ev {
     Wake,
 }
 
+/// Checks an allocation map the edge received for `[offset, offset +
+/// len)`: contiguous extents from `offset`, none empty, at least one byte
+/// and never past the range. The origin's disk reports no allocation (all
+/// data), so the map must say just that: anything else came from nowhere.
+fn check_extent_map(offset: u64, len: u64, extents: &[Extent]) -> Result<(), String> {
+    let mut at = offset;
+    for e in extents {
+        if e.offset != at || e.len == 0 {
+            return Err(format!(
+                "allocation map for {len} bytes at {offset} is not contiguous from there: {extents:?}"
+            ));
+        }
+        if e.kind != ExtentKind::Data {
+            return Err(format!(
+                "allocation map for {len} bytes at {offset} reports {:?} at {}, but the origin's disk reports all data",
+                e.kind, e.offset
+            ));
+        }
+        at += e.len;
+    }
+    if at == offset || at > offset + len {
+        return Err(format!(
+            "allocation map for {len} bytes at {offset} covers {} bytes: {extents:?}",
+            at - offset
+        ));
+    }
+    Ok(())
+}
+
 /// What a cut task hands back: a batch, nothing due, or why it failed.
 type CutResult = Result<Option<Batch>, String>;
 
@@ -237,6 +280,8 @@ struct EdgeProc {
     volume: Arc<EdgeVolume<SimCache>>,
     remote: Arc<RemoteQueue>,
     reads: BTreeMap<RequestId, u64>,
+    /// Allocation queries waiting: (offset, len).
+    extent_queries: BTreeMap<RequestId, (u64, u64)>,
     conn: Option<u64>,
     cutting: Arc<AtomicBool>,
     ship: Arc<Mutex<VecDeque<CutResult>>>,
@@ -254,6 +299,8 @@ struct OriginConn {
 enum Done {
     Read(u64, Result<ReadAnswer, Refusal>),
     Apply(u64, Result<(), Refusal>),
+    Extents(u64, Result<Vec<Extent>, Refusal>),
+    Release(Result<(), Refusal>),
 }
 
 struct OriginProc {
@@ -516,6 +563,7 @@ impl Sim {
         r.link_faults = self.report.link_faults;
         r.disk_faults = self.report.disk_faults;
         r.reconnects = self.report.reconnects;
+        r.extent_maps_checked = self.report.extent_maps_checked;
         r.batches_applied = lock(&self.model).applied;
         r.trace = self.trace;
         Ok(r)
@@ -777,6 +825,7 @@ impl Sim {
             volume,
             remote,
             reads: BTreeMap::new(),
+            extent_queries: BTreeMap::new(),
             conn: None,
             cutting: Arc::default(),
             ship: Arc::default(),
@@ -889,7 +938,25 @@ impl Sim {
                         self.drop_origin_conn(c);
                     }
                 }
-                EdgeEvent::Attached(_) => self.report.reconnects += 1,
+                EdgeEvent::Attached(_) => {
+                    self.report.reconnects += 1;
+                    if self.cfg.allocation_queries {
+                        // A window of the allocation map, from a point that
+                        // moves with each attach (no draw from the RNG).
+                        let offset = (self.report.reconnects * 7 * 65536) % VOLUME as u64;
+                        let len = (VOLUME as u64 - offset).min(1 << 20);
+                        let id = e.session.extents(offset, len, now);
+                        e.extent_queries.insert(id, (offset, len));
+                    }
+                }
+                EdgeEvent::ExtentsDone { id, result } => {
+                    if let (Some((offset, len)), Ok(extents)) =
+                        (e.extent_queries.remove(&id), result)
+                    {
+                        check_extent_map(offset, len, &extents).map_err(|w| self.fail(w))?;
+                        self.report.extent_maps_checked += 1;
+                    }
+                }
                 EdgeEvent::Failed(err) => {
                     return Err(self.fail(format!("the edge's session failed for good: {err}")));
                 }
@@ -918,7 +985,8 @@ impl Sim {
                 EdgeEvent::Refused(_)
                 | EdgeEvent::PrefetchDone { .. }
                 | EdgeEvent::BatchFailed { .. }
-                | EdgeEvent::Detached => {}
+                | EdgeEvent::Detached
+                | EdgeEvent::DetachRefused(_) => {}
             }
         }
         // Settle applied batches, one call at a time.
@@ -1137,6 +1205,13 @@ impl Sim {
                 match d {
                     Done::Read(tag, r) => c.session.read_done(tag, r),
                     Done::Apply(seq, r) => c.session.apply_done(seq, r),
+                    Done::Extents(tag, r) => c.session.extents_done(tag, r),
+                    Done::Release(r) => {
+                        if r.is_ok() {
+                            c.volume = None;
+                        }
+                        c.session.release_done(r);
+                    }
                 }
             }
         }
@@ -1222,11 +1297,31 @@ impl Sim {
                             lock(&out).push_back((id, Done::Apply(seq, r.map(|_| ()))));
                         });
                     }
+                    OriginOp::Extents { tag, offset, len } => {
+                        let Some(v) = c.volume.clone() else { continue };
+                        let (origin, out, no) = (o.origin.clone(), o.done.clone(), c.no);
+                        // A fixed latency: no draw from the RNG.
+                        let sleep = self.clock.sleep(self.sc.storage_latency);
+                        self.exec.spawn(Owner::Origin(o.gen), async move {
+                            sleep.await;
+                            let r = origin.extents(no, &v, offset, len).await;
+                            lock(&out).push_back((id, Done::Extents(tag, r)));
+                        });
+                    }
                     OriginOp::Detach => {
                         if let Some(v) = c.volume.take() {
                             o.origin.release(c.no, &v, c.session.take_partial());
                         }
                         c.session.detach_done();
+                    }
+                    OriginOp::Release { disposition } => {
+                        let Some(v) = c.volume.clone() else { continue };
+                        let (origin, out, no) = (o.origin.clone(), o.done.clone(), c.no);
+                        let partial = c.session.take_partial();
+                        self.exec.spawn(Owner::Origin(o.gen), async move {
+                            let r = origin.release_as(no, &v, disposition, partial).await;
+                            lock(&out).push_back((id, Done::Release(r)));
+                        });
                     }
                     OriginOp::Close { .. } => {
                         closed.push(id);

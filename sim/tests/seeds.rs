@@ -13,16 +13,22 @@ const CLEAN_SEEDS: u64 = 150;
 #[test]
 fn a_campaign_of_seeds_runs_clean() {
     let mut hours = 0.0;
+    let mut maps = 0;
     for seed in 0..CLEAN_SEEDS {
         match sim::run(SimConfig::new(seed)) {
             Ok(r) => {
                 assert!(r.reads_checked > 0, "seed {seed} checked no reads: {r:?}");
                 hours += r.virtual_time.as_secs_f64() / 3600.0;
+                maps += r.extent_maps_checked;
             }
             Err(f) => panic!("seed {seed}: {f}"),
         }
     }
-    eprintln!("{CLEAN_SEEDS} seeds clean, {hours:.2} simulated hours");
+    eprintln!(
+        "{CLEAN_SEEDS} seeds clean, {hours:.2} simulated hours, {maps} allocation maps checked"
+    );
+    // Most attaches see their allocation query answered.
+    assert!(maps >= CLEAN_SEEDS, "{maps} allocation maps checked");
 }
 
 #[test]
@@ -43,10 +49,20 @@ fn a_seed_replays_exactly() {
 
 /// Runs seeds from 0 with `mistakes` until one fails; returns the failure.
 fn first_failure(mistakes: Mistakes, secs: u64, within: u64) -> (u64, sim::Failure) {
+    first_failure_with(mistakes, secs, within, true)
+}
+
+fn first_failure_with(
+    mistakes: Mistakes,
+    secs: u64,
+    within: u64,
+    allocation_queries: bool,
+) -> (u64, sim::Failure) {
     for seed in 0..within {
         let cfg = SimConfig {
             mistakes,
             duration: Duration::from_secs(secs),
+            allocation_queries,
             ..SimConfig::new(seed)
         };
         if let Err(f) = sim::run(cfg) {
@@ -109,13 +125,18 @@ fn applying_a_batch_twice_after_a_reconnect_is_found() {
 
 #[test]
 fn the_heartbeat_behind_batch_livelock_is_found() {
-    let (_, f) = first_failure(
+    // The livelock needs a heartbeat stuck behind a batch part for the
+    // whole liveness timeout; the allocation replies after each attach
+    // make that rarer (first found in seed 52 instead of 5), so this runs
+    // the link's traffic without them.
+    let (_, f) = first_failure_with(
         Mistakes {
             heartbeat_liveness: true,
             ..Mistakes::default()
         },
         300,
         30,
+        false,
     );
     assert!(
         f.what.contains("liveness") || f.what.contains("did not drain"),

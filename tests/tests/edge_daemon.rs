@@ -404,11 +404,16 @@ fn every_documented_endpoint_does_what_the_document_says() {
             ops.push((method.to_uppercase(), path.clone(), op.clone()));
         }
     }
+    // The migration starts before its other calls; the cut-over ends it
+    // (the volume is then served from its copy), before the removal.
     let rank = |(m, p, _): &(String, String, Value)| match (m.as_str(), p.as_str()) {
         ("POST", "/v1/volumes") => 0,
-        ("DELETE", _) => 2,
-        _ => 1,
+        ("POST", "/v1/volumes/{name}/migration") => 1,
+        ("POST", "/v1/volumes/{name}/cutover") => 3,
+        ("DELETE", _) => 4,
+        _ => 2,
     };
+    let copy = dir.path().join("walk.raw");
     ops.sort_by_key(rank);
     assert!(ops.len() >= 12, "{} operations documented", ops.len());
     for (method, path, op) in &ops {
@@ -419,6 +424,10 @@ fn every_documented_endpoint_does_what_the_document_says() {
                 ("POST", "/v1/volumes") => {
                     format!(r#"{{"name": "walk", "origin": "{origin_addr}", "rpo_secs": 5}}"#)
                 }
+                ("POST", "/v1/volumes/{name}/migration") => {
+                    format!(r#"{{"target": "{}", "rate_mbit": 800}}"#, copy.display())
+                }
+                ("PATCH", "/v1/volumes/{name}/migration") => r#"{"paused": false}"#.to_owned(),
                 ("PATCH", _) => r#"{"rpo_secs": 2}"#.to_owned(),
                 ("PUT", "/v1/cache/size") => r#"{"size": "96M"}"#.to_owned(),
                 other => panic!("no example body for {other:?}"),
@@ -447,8 +456,15 @@ fn every_documented_endpoint_does_what_the_document_says() {
                 &format!("{method} {concrete}"),
             );
         }
-        if method == "PATCH" {
+        if method == "PATCH" && path == "/v1/volumes/{name}" {
             assert_eq!(r.json()["spec"]["rpo_secs"], 2.0);
+        }
+        if path == "/v1/volumes/{name}/migration" && method == "POST" {
+            // The cut-over below needs the whole copy.
+            let done = wait_until(Duration::from_secs(60), || {
+                api(&sock, "GET", "/v1/volumes/walk/migration", None, 200)["bytes_remaining"] == 0
+            });
+            assert!(done, "the walk volume's copy did not finish");
         }
     }
 

@@ -410,7 +410,10 @@ impl<D: BlockDevice> LocalOverlay<D> {
             size,
             block_sizes: inner_info.block_sizes,
             caps: Capabilities {
-                read_only: inner_info.caps.read_only,
+                // Covering everything, the overlay never writes to the
+                // inner device: it is writable over a read-only one (the
+                // copy-on-write layer, `cow.rs`, is exactly that).
+                read_only: inner_info.caps.read_only && !all_local,
                 flush: true,
                 fua: true,
                 trim: true,
@@ -628,6 +631,71 @@ impl<D: BlockDevice> LocalOverlay<D> {
             let len = usize::try_from(next - pos).expect("at most one chunk");
             self.overlay_write(pos, self.zeros.slice(..len), fua)
                 .await?;
+            pos = next;
+        }
+        Ok(())
+    }
+
+    /// The byte ranges of `[offset, offset + len)` the overlay holds data
+    /// for (inside the local-only ranges): what was written locally there,
+    /// whole blocks. Sorted, disjoint, not touching.
+    pub async fn local_data(&self, offset: u64, len: u64) -> Result<Vec<Range<u64>>> {
+        check_range(&self.info, Op::Extents, offset, len)?;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for (a, b, local) in self.split(offset, offset + len) {
+            if !local {
+                continue;
+            }
+            for (x, y, data) in self.overlay_map(a, b).await? {
+                if !data {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(last) if last.end == x => last.end = y,
+                    _ => out.push(x..y),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the overlay hold data over `[offset, offset + len)` (inside
+    /// the local-only ranges, widened to whole blocks) without changing
+    /// what reads return: every hole there is written with what it shows
+    /// of the inner device now. Holes are whole filesystem blocks, so this
+    /// never composes; it takes the same block locks as writes, so a write
+    /// racing with it is neither lost nor overwritten. A crash part way
+    /// leaves some holes filled, each with the bytes it showed: reads are
+    /// the same either way.
+    ///
+    /// What it is for: before the inner device is replaced by another that
+    /// reads the same only where this overlay already has data (a
+    /// copy-on-write layer whose base is merged away, see `cow.rs`).
+    pub async fn materialize(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(&self.info, Op::Write, offset, len)?;
+        let size = self.info.size;
+        let lo = offset / self.block * self.block;
+        let hi = (offset + len)
+            .div_ceil(self.block)
+            .saturating_mul(self.block)
+            .min(size);
+        let mut pos = lo;
+        while pos < hi {
+            let next = ((pos / ZERO_CHUNK + 1) * ZERO_CHUNK).min(hi);
+            let _guard = self.locks.lock(pos..next).await;
+            for (a, b, local) in self.split(pos, next) {
+                if !local {
+                    continue;
+                }
+                for (x, y, data) in self.overlay_map(a, b).await? {
+                    if data {
+                        continue;
+                    }
+                    let n = usize::try_from(y - x).expect("at most one chunk");
+                    let bytes = self.inner.read(x, n).await?;
+                    self.overlay.write(x, bytes, WriteFlags::default()).await?;
+                }
+            }
             pos = next;
         }
         Ok(())
@@ -1235,6 +1303,32 @@ mod tests {
         let err =
             LocalOverlay::open(Recording::new(SIZE), dir.path().join("b.img"), &bad).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+    }
+
+    #[tokio::test]
+    async fn materialize_fills_the_ranges_holes_and_changes_no_byte() {
+        let dir = tmp();
+        let inner = Recording::new(SIZE);
+        let local = vec![5000..9000, 20_000..30_001];
+        let dev = open_in(
+            dir.path(),
+            inner.clone(),
+            &LocalRanges::Ranges(local.clone()),
+        );
+        dev.write(6000, Bytes::from(vec![1; 100]), WriteFlags::default())
+            .await
+            .unwrap();
+        let all = usize::try_from(SIZE).unwrap();
+        let before = dev.read(0, all).await.unwrap();
+        assert_eq!(dev.local_data(0, SIZE).await.unwrap().len(), 1);
+        dev.materialize(0, SIZE).await.unwrap();
+        assert!(dev.read(0, all).await.unwrap() == before, "a byte changed");
+        assert_eq!(dev.local_data(0, SIZE).await.unwrap(), local);
+        assert!(inner.mutations_in(&[0..SIZE]).is_empty());
+        // Nothing left to fill: nothing more is read from the inner device.
+        let reads = inner.count(Op::Read);
+        dev.materialize(4000, 30_000).await.unwrap();
+        assert_eq!(inner.count(Op::Read), reads);
     }
 
     #[test]

@@ -115,6 +115,16 @@ impl HttpRequest {
     }
 
     /// A numeric query parameter.
+    pub fn query_bool(&self, key: &str) -> Result<bool, ApiError> {
+        match self.query.get(key).map(String::as_str) {
+            None | Some("false" | "0") => Ok(false),
+            Some("true" | "1" | "") => Ok(true),
+            Some(v) => Err(ApiError::bad_request(format!(
+                "query parameter {key}={v:?} is not true or false"
+            ))),
+        }
+    }
+
     pub fn query_f64(&self, key: &str) -> Result<Option<f64>, ApiError> {
         self.query
             .get(key)

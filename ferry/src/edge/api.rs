@@ -22,11 +22,27 @@ pub enum Request {
     AddVolume(VolumeSpec),
     GetVolume(String),
     ChangeVolume(String, VolumeChange),
-    RemoveVolume { name: String, timeout: Duration },
-    FlushVolume { name: String, timeout: Duration },
-    FlushAll { timeout: Duration },
+    RemoveVolume {
+        name: String,
+        timeout: Duration,
+    },
+    FlushVolume {
+        name: String,
+        timeout: Duration,
+    },
+    FlushAll {
+        timeout: Duration,
+    },
     CacheStatus,
     ResizeCache(CacheResize),
+    StartMigration(String, MigrationStart),
+    GetMigration(String),
+    ChangeMigration(String, MigrationChange),
+    CutOver {
+        name: String,
+        force: bool,
+        timeout: Duration,
+    },
     Metrics,
     OpenApi,
 }
@@ -37,6 +53,132 @@ pub enum Request {
 pub struct CacheResize {
     /// The new capacity.
     pub size: ByteSize,
+}
+
+/// `POST /v1/volumes/{name}/migration`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationStart {
+    /// The local persistent storage: an absolute path where a sparse raw
+    /// image is created (it must not exist, or be empty), or a block
+    /// device at least as large as the volume.
+    pub target: String,
+    /// Limits the copy's use of the link, in Mbit/s (absent or 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<f64>,
+}
+
+/// `PATCH /v1/volumes/{name}/migration`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+    /// Mbit/s; 0 removes the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mbit: Option<f64>,
+}
+
+/// A volume's lifecycle stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum LifecycleStage {
+    Streaming,
+    Migrating,
+    Mirrored,
+    CuttingOver,
+    CutOver,
+    MovingBack,
+    OnPremises,
+}
+
+impl From<edge::migrate::Stage> for LifecycleStage {
+    fn from(s: edge::migrate::Stage) -> Self {
+        use edge::migrate::Stage as S;
+        match s {
+            S::Streaming => LifecycleStage::Streaming,
+            S::Migrating => LifecycleStage::Migrating,
+            S::Mirrored => LifecycleStage::Mirrored,
+            S::CuttingOver => LifecycleStage::CuttingOver,
+            S::CutOver => LifecycleStage::CutOver,
+            S::MovingBack => LifecycleStage::MovingBack,
+            S::OnPremises => LifecycleStage::OnPremises,
+        }
+    }
+}
+
+/// A volume's migration: where its local copy is and how far it got.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct MigrationInfo {
+    pub volume: String,
+    pub stage: LifecycleStage,
+    pub target: String,
+    pub paused: bool,
+    /// The copy's rate limit in Mbit/s (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_mbit: Option<f64>,
+    pub bytes_total: u64,
+    /// Bytes the local copy holds (holes at the origin count as held).
+    pub bytes_local: u64,
+    pub bytes_remaining: u64,
+    pub percent: f64,
+    /// How the bytes held got there: from the link, the cache, the
+    /// origin's holes (nothing sent), the edge's own writes.
+    pub bytes_from_link: u64,
+    pub bytes_from_cache: u64,
+    pub bytes_zero: u64,
+    pub bytes_from_journal: u64,
+    /// Copies redone because a guest write landed meanwhile.
+    pub copies_redone: u64,
+    /// Bytes written on the edge since cut-over (what a move back ships).
+    pub bytes_dirty: u64,
+    /// Local bytes per second over the last seconds.
+    pub rate_bytes_per_sec: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<f64>,
+}
+
+impl MigrationInfo {
+    pub fn of(volume: &str, s: &edge::migrate::LocalStatus) -> MigrationInfo {
+        let remaining = s.bytes_total - s.bytes_local;
+        MigrationInfo {
+            volume: volume.to_owned(),
+            stage: s.stage.into(),
+            target: s.target.clone(),
+            paused: s.paused,
+            rate_limit_mbit: (s.rate_limit_bytes_per_sec > 0)
+                .then(|| f(s.rate_limit_bytes_per_sec) * 8.0 / 1e6),
+            bytes_total: s.bytes_total,
+            bytes_local: s.bytes_local,
+            bytes_remaining: remaining,
+            percent: if s.bytes_total == 0 {
+                100.0
+            } else {
+                100.0 * f(s.bytes_local) / f(s.bytes_total)
+            },
+            bytes_from_link: s.bytes_link,
+            bytes_from_cache: s.bytes_cache,
+            bytes_zero: s.bytes_zero,
+            bytes_from_journal: s.bytes_journal,
+            copies_redone: s.respoiled,
+            bytes_dirty: s.bytes_dirty,
+            rate_bytes_per_sec: s.rate_bytes_per_sec,
+            eta_secs: s.eta.map(|d| d.as_secs_f64()),
+        }
+    }
+}
+
+/// Mbit/s to bytes/s (0 or absent: no limit).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked finite and >= 0; saturates
+fn rate_bytes(mbit: Option<f64>) -> Result<u64, ApiError> {
+    match mbit {
+        None | Some(0.0) => Ok(0),
+        // A tiny positive rate is one byte/s, not "no limit".
+        Some(m) if m.is_finite() && m > 0.0 => Ok(((m * 1e6 / 8.0) as u64).max(1)),
+        Some(m) => Err(ApiError::bad_request(format!(
+            "rate_mbit {m} is not a non-negative number"
+        ))),
+    }
 }
 
 /// Where a volume is in its life.
@@ -54,6 +196,8 @@ pub enum VolumeState {
     LinkDown,
     /// Its exports are gone; its journal is being drained to the origin.
     Removing,
+    /// Served from its local copy alone; the origin no longer serves it.
+    CutOver,
 }
 
 /// A volume's state and counters.
@@ -78,6 +222,10 @@ pub struct VolumeInfo {
     pub journal: Option<JournalInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_only: Option<OverlayInfo>,
+    /// The lifecycle stage (streaming until a migration starts).
+    pub stage: LifecycleStage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationInfo>,
 }
 
 /// A volume's link to its origin.
@@ -198,6 +346,19 @@ const TIMEOUT_QUERY: &[(&str, &str)] = &[(
     "How long to wait for the origin to apply the journal (default 120)",
 )];
 
+const CUTOVER_QUERY: &[(&str, &str)] = &[
+    (
+        "timeout_secs",
+        "How long to wait for the copy (when forced) and the journal to drain (default 120); \
+         the cut-over goes on in the background after",
+    ),
+    (
+        "force",
+        "true: finish the copy now at full rate (ignoring a pause and the rate limit), then \
+         cut over",
+    ),
+];
+
 /// The edge's routes; the order is the document's.
 pub const ROUTES: &[Route] = &[
     Route {
@@ -268,6 +429,47 @@ pub const ROUTES: &[Route] = &[
         reply: (200, Some(schema_of::<Removed>)),
         errors: &[404, 504],
         query: TIMEOUT_QUERY,
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes/{name}/migration",
+        summary: "Start migrating a volume: copy it in the background into local storage",
+        request: Some(schema_of::<MigrationStart>),
+        reply: (201, Some(schema_of::<MigrationInfo>)),
+        errors: &[400, 404, 409],
+        query: &[],
+        example: Some(r#"{"target": "{dir}/walk.raw", "rate_mbit": 50}"#),
+    },
+    Route {
+        method: "GET",
+        path: "/v1/volumes/{name}/migration",
+        summary: "A volume's migration: stage, bytes local and remaining, rate, ETA",
+        request: None,
+        reply: (200, Some(schema_of::<MigrationInfo>)),
+        errors: &[404, 409],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "PATCH",
+        path: "/v1/volumes/{name}/migration",
+        summary: "Pause, resume or rate-limit a volume's migration",
+        request: Some(schema_of::<MigrationChange>),
+        reply: (200, Some(schema_of::<MigrationInfo>)),
+        errors: &[404, 409],
+        query: &[],
+        example: Some(r#"{"paused": false, "rate_mbit": 0}"#),
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes/{name}/cutover",
+        summary: "Cut a migrated volume over: drain its journal, release it at the origin, \
+                  serve it from its local copy alone",
+        request: None,
+        reply: (200, Some(schema_of::<MigrationInfo>)),
+        errors: &[404, 409, 502, 504],
+        query: CUTOVER_QUERY,
         example: None,
     },
     Route {
@@ -356,6 +558,14 @@ pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
         ("POST", "/v1/flush") => Request::FlushAll {
             timeout: timeout(req)?,
         },
+        ("POST", "/v1/volumes/{name}/migration") => Request::StartMigration(name(), req.json()?),
+        ("GET", "/v1/volumes/{name}/migration") => Request::GetMigration(name()),
+        ("PATCH", "/v1/volumes/{name}/migration") => Request::ChangeMigration(name(), req.json()?),
+        ("POST", "/v1/volumes/{name}/cutover") => Request::CutOver {
+            name: name(),
+            force: req.query_bool("force")?,
+            timeout: timeout(req)?,
+        },
         ("GET", "/v1/cache") => Request::CacheStatus,
         ("PUT", "/v1/cache/size") => Request::ResizeCache(req.json()?),
         ("GET", "/metrics") => Request::Metrics,
@@ -433,6 +643,27 @@ impl EdgeApi {
                     seconds: t.elapsed().as_secs_f64(),
                 })
             }
+            Request::StartMigration(name, start) => {
+                let rate = rate_bytes(start.rate_mbit)?;
+                let copy = d
+                    .migrate_start(&name, std::path::PathBuf::from(start.target), rate)
+                    .await?;
+                Reply::with_status(201, &MigrationInfo::of(&name, &copy.status()))
+            }
+            Request::GetMigration(name) => Reply::ok(&self.migration(&name)?),
+            Request::ChangeMigration(name, change) => {
+                let rate = change.rate_mbit.map(|m| rate_bytes(Some(m))).transpose()?;
+                let copy = d.migrate_change(&name, change.paused, rate).await?;
+                Reply::ok(&MigrationInfo::of(&name, &copy.status()))
+            }
+            Request::CutOver {
+                name,
+                force,
+                timeout,
+            } => {
+                let copy = d.cutover(&name, force, timeout).await?;
+                Reply::ok(&MigrationInfo::of(&name, &copy.status()))
+            }
             Request::CacheStatus => Reply::ok(&self.cache_info()),
             Request::ResizeCache(r) => {
                 d.resize_cache(r.size.0).await?;
@@ -444,6 +675,20 @@ impl EdgeApi {
                 body: crate::api::openapi::document(self.title(), ROUTES),
             }),
         }
+    }
+
+    fn migration(&self, name: &str) -> Result<MigrationInfo, ApiError> {
+        let local = match self.daemon.volume(name)? {
+            Slot::Up(s) | Slot::Removing { served: s, .. } => s.local(),
+            Slot::Attaching { .. } => None,
+        };
+        local
+            .map(|l| MigrationInfo::of(name, &l.status()))
+            .ok_or_else(|| {
+                ApiError::conflict(format!(
+                    "volume {name} is not migrating: start with `ferry migrate start`"
+                ))
+            })
     }
 
     fn info(&self, name: &str) -> Result<VolumeInfo, ApiError> {
@@ -475,6 +720,8 @@ impl EdgeApi {
             cache: None,
             journal: None,
             local_only: None,
+            stage: LifecycleStage::Streaming,
+            migration: None,
         };
         let served = match slot {
             Slot::Attaching { last_error, .. } => {
@@ -488,9 +735,24 @@ impl EdgeApi {
                 served
             }
         };
-        let s = served.status();
+        info.spec = super::lock(&served.spec).clone();
+        info.size = served.size;
+        if let Some(local) = served.local() {
+            let m = MigrationInfo::of(name, &local.status());
+            info.stage = m.stage;
+            info.migration = Some(m);
+        }
+        let Some(s) = served.status() else {
+            // Cut over before this start: no link, cache or journal.
+            if info.state != VolumeState::Removing {
+                info.state = VolumeState::CutOver;
+            }
+            return info;
+        };
         let l = &s.link.link;
-        if info.state != VolumeState::Removing {
+        if info.state != VolumeState::Removing && info.stage == LifecycleStage::CutOver {
+            info.state = VolumeState::CutOver;
+        } else if info.state != VolumeState::Removing {
             info.state = if l.connected {
                 VolumeState::Up
             } else {
@@ -500,8 +762,6 @@ impl EdgeApi {
                 info.error.clone_from(&l.last_error);
             }
         }
-        info.spec = super::lock(&served.spec).clone();
-        info.size = served.size;
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         info.link = Some(LinkInfo {
             up: l.connected,
@@ -622,6 +882,39 @@ impl EdgeApi {
                 &vl,
                 f(u64::from(up)),
             );
+            if let Some(mig) = &info.migration {
+                m.gauge(
+                    "ferry_edge_migration_local_bytes",
+                    "Bytes of the volume its local copy holds.",
+                    &vl,
+                    f(mig.bytes_local),
+                );
+                m.gauge(
+                    "ferry_edge_migration_remaining_bytes",
+                    "Bytes of the volume its local copy still lacks.",
+                    &vl,
+                    f(mig.bytes_remaining),
+                );
+                m.gauge(
+                    "ferry_edge_migration_dirty_bytes",
+                    "Bytes written on the edge since cut-over.",
+                    &vl,
+                    f(mig.bytes_dirty),
+                );
+                for (source, bytes) in [
+                    ("link", mig.bytes_from_link),
+                    ("cache", mig.bytes_from_cache),
+                    ("zero", mig.bytes_zero),
+                    ("journal", mig.bytes_from_journal),
+                ] {
+                    m.counter(
+                        "ferry_edge_migration_copied_bytes_total",
+                        "Bytes the migration copied, by where they came from.",
+                        &[("volume", name.as_str()), ("source", source)],
+                        bytes,
+                    );
+                }
+            }
             let (Some(l), Some(c), Some(j)) = (&info.link, &info.cache, &info.journal) else {
                 continue;
             };
@@ -918,7 +1211,7 @@ mod tests {
         let committed = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             committed == doc,
-            "{path} is out of date: run `FERRY_WRITE_OPENAPI=1 cargo nextest run -p ferry openapi` and commit it"
+            "{path} is out of date: run `FERRY_WRITE_OPENAPI=1 cargo nextest run -p ferry the_committed_document` and commit it"
         );
     }
 }

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use blockcore::{BlockDevice, LocalOverlay};
 use cache::{Cache, CacheConfig};
-use edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient};
+use edge::migrate::{LocalCopy, NewCopy, Stage};
+use edge::{EdgeConfig, EdgeDevice, EdgeLinkConfig, EdgeStatus, LinkClient, MigrateError};
 use journal::{Journal, JournalOptions};
 use nbd_server::{Export, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
@@ -61,10 +62,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Where a volume's migration record sits (`cache_dir/migrations/NAME`).
+pub fn migration_record_path(cache_dir: &Path, volume: &str) -> PathBuf {
+    cache_dir.join("migrations").join(volume).join("record")
+}
+
 /// A volume being served.
 pub struct Served {
     pub spec: Mutex<VolumeSpec>,
-    pub device: Arc<EdgeDevice>,
+    /// The edge device over the origin; `None` for a volume that was
+    /// already cut over when the daemon started (served from its local
+    /// copy alone, the origin never contacted).
+    pub device: Option<Arc<EdgeDevice>>,
+    /// The local copy, once a migration started.
+    pub local: Mutex<Option<Arc<LocalCopy>>>,
     pub overlay: Option<Arc<EdgeOverlay>>,
     pub size: u64,
     pub attached_at: Instant,
@@ -87,11 +98,23 @@ impl Served {
                 .await
                 .map_err(|e| ApiError::internal(format!("flushing the local-only overlay: {e}")))?;
         }
-        match tokio::time::timeout(timeout, self.device.drain()).await {
+        let device = match (&self.device, self.local()) {
+            (Some(d), Some(l)) if l.stage().journals_writes() => d,
+            (Some(d), None) => d,
+            (_, Some(l)) => {
+                // From cut-over on, the copy holds the writes.
+                return l
+                    .flush()
+                    .await
+                    .map_err(|e| ApiError::internal(format!("flushing the local copy: {e}")));
+            }
+            (None, None) => return Ok(()),
+        };
+        match tokio::time::timeout(timeout, device.drain()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(ApiError::internal(format!("the journal failed: {e}"))),
             Err(_) => {
-                let s = self.device.status();
+                let s = device.status();
                 Err(ApiError::timeout(format!(
                     "{} bytes in {} writes are still unshipped after {:.0} s (link {}: {}); \
                      they stay in the journal: retry when the origin is reachable",
@@ -105,8 +128,33 @@ impl Served {
         }
     }
 
-    pub fn status(&self) -> EdgeStatus {
-        self.device.status()
+    /// The edge device's status (`None` for a volume served from its
+    /// local copy alone since start).
+    pub fn status(&self) -> Option<EdgeStatus> {
+        self.device.as_ref().map(|d| d.status())
+    }
+
+    pub fn local(&self) -> Option<Arc<LocalCopy>> {
+        lock(&self.local).clone()
+    }
+
+    /// What the exports serve.
+    fn top(&self) -> Arc<dyn BlockDevice> {
+        match (&self.overlay, &self.device, self.local()) {
+            (Some(o), _, _) => o.clone(),
+            (None, Some(d), _) => d.clone(),
+            (None, None, Some(l)) => l,
+            (None, None, None) => unreachable!("a served volume has a device or a local copy"),
+        }
+    }
+}
+
+fn migrate_error(e: MigrateError) -> ApiError {
+    match e {
+        MigrateError::Refused(r) => ApiError::conflict(r.to_string()),
+        MigrateError::Local(m) => ApiError::internal(format!("the local copy: {m}")),
+        MigrateError::Link(m) => ApiError::bad_gateway(format!("the origin: {m}")),
+        MigrateError::Timeout(m) => ApiError::timeout(m),
     }
 }
 
@@ -254,6 +302,28 @@ impl EdgeDaemon {
     /// Attaches `spec` and builds its device stack (not yet exported).
     async fn open_volume(&self, spec: &VolumeSpec) -> anyhow::Result<Served> {
         let file = self.file();
+        let record = migration_record_path(&file.cache_dir, &spec.name);
+        let storage: Arc<dyn blockcore::storage::Storage> =
+            Arc::new(blockcore::storage::DiskStorage);
+        let recorded = LocalCopy::recorded_stage(storage.as_ref(), &record)
+            .with_context(|| format!("reading the migration record of {}", spec.name))?;
+        if matches!(recorded, Some(Stage::CutOver)) {
+            // Cut over: the origin no longer serves it; never contact it.
+            let size = LocalCopy::recorded_size(storage.as_ref(), &record)?;
+            let copy =
+                tokio::task::spawn_blocking(move || LocalCopy::open(storage, &record, size, 0))
+                    .await??
+                    .context("the migration record vanished")?;
+            tracing::info!(volume = %spec.name, size, "cut over: serving the local copy alone");
+            return Ok(Served {
+                spec: Mutex::new(spec.clone()),
+                size,
+                device: None,
+                local: Mutex::new(Some(Arc::new(copy))),
+                overlay: None,
+                attached_at: Instant::now(),
+            });
+        }
         let (client, pushes) = LinkClient::connect(self.link.config(spec)?)
             .await
             .with_context(|| format!("attaching volume {} at {}", spec.name, spec.origin))?;
@@ -282,6 +352,23 @@ impl EdgeDaemon {
             )
             .context("starting the edge device")?,
         );
+        let local = if recorded.is_some() {
+            let (size, epoch) = (a.size, a.volume_epoch);
+            let copy =
+                tokio::task::spawn_blocking(move || LocalCopy::open(storage, &record, size, epoch))
+                    .await?
+                    .with_context(|| format!("opening the local copy of {}", spec.name))?
+                    .context("the migration record vanished")?;
+            let copy = Arc::new(copy);
+            device
+                .attach_local(copy.clone())
+                .await
+                .with_context(|| format!("resuming the migration of {}", spec.name))?;
+            tracing::info!(volume = %spec.name, stage = %copy.stage(), remaining = copy.bytes_remaining(), "migration resumed");
+            Some(copy)
+        } else {
+            None
+        };
         let overlay = match spec.local_ranges()? {
             None => None,
             Some(ranges) => {
@@ -301,7 +388,8 @@ impl EdgeDaemon {
         Ok(Served {
             spec: Mutex::new(spec.clone()),
             size: a.size,
-            device,
+            device: Some(device),
+            local: Mutex::new(local),
             overlay,
             attached_at: Instant::now(),
         })
@@ -353,10 +441,7 @@ impl EdgeDaemon {
 
     /// Exports a volume over NBD and iSCSI.
     async fn export(&self, name: &str, served: &Served) -> anyhow::Result<()> {
-        let top: Arc<dyn BlockDevice> = match &served.overlay {
-            Some(o) => o.clone(),
-            None => served.device.clone(),
-        };
+        let top = served.top();
         let origin = lock(&served.spec).origin.clone();
         self.nbd.add_export(Export {
             name: name.to_owned(),
@@ -441,7 +526,9 @@ impl EdgeDaemon {
             spec.rpo_secs = rpo;
             spec.validate()
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            served.device.set_rpo(spec.rpo());
+            if let Some(d) = &served.device {
+                d.set_rpo(spec.rpo());
+            }
             *lock(&served.spec) = spec.clone();
             let mut file = lock(&self.file);
             if let Some(v) = file.volumes.iter_mut().find(|v| v.name == name) {
@@ -486,10 +573,16 @@ impl EdgeDaemon {
             );
             return Err(e);
         }
-        if let Err(e) = served.device.detach(Duration::from_secs(10)).await {
-            // Nothing is lost: every write was applied. The origin releases
-            // the volume when it notices the link is gone.
-            tracing::warn!(volume = %name, error = %e, "the origin did not confirm the detach");
+        let attached = served
+            .device
+            .as_ref()
+            .filter(|_| served.local().is_none_or(|l| l.stage().uses_origin()));
+        if let Some(device) = attached {
+            if let Err(e) = device.detach(Duration::from_secs(10)).await {
+                // Nothing is lost: every write was applied. The origin
+                // releases the volume when it notices the link is gone.
+                tracing::warn!(volume = %name, error = %e, "the origin did not confirm the detach");
+            }
         }
         lock(&self.volumes).remove(name);
         lock(&self.file).volumes.retain(|v| v.name != name);
@@ -531,6 +624,115 @@ impl EdgeDaemon {
         self.save()?;
         tracing::info!(bytes, "cache resized");
         Ok(())
+    }
+
+    fn up(&self, name: &str) -> Result<Arc<Served>, ApiError> {
+        match self.volume(name)? {
+            Slot::Up(s) => Ok(s),
+            _ => Err(ApiError::conflict(format!(
+                "volume {name} is not up (attaching or being removed)"
+            ))),
+        }
+    }
+
+    /// Starts migrating a volume to local storage at `target` (see
+    /// [`edge::migrate`]).
+    pub async fn migrate_start(
+        &self,
+        name: &str,
+        target: PathBuf,
+        rate_bytes_per_sec: u64,
+    ) -> Result<Arc<LocalCopy>, ApiError> {
+        let _changing = self.changes.lock().await;
+        let served = self.up(name)?;
+        if let Some(l) = served.local() {
+            return Err(migrate_error(MigrateError::Refused(
+                l.stage()
+                    .check(edge::migrate::Command::StartMigration)
+                    .expect_err("a migrating volume refuses a second start"),
+            )));
+        }
+        let Some(device) = served.device.clone() else {
+            return Err(ApiError::internal("the volume has no edge device"));
+        };
+        if served.overlay.is_some() {
+            return Err(ApiError::conflict(format!(
+                "volume {name} has local-only ranges; migrating such a volume is not supported yet"
+            )));
+        }
+        let record = migration_record_path(&self.file().cache_dir, name);
+        let new = NewCopy {
+            target,
+            size: served.size,
+            volume_epoch: device.attachment().volume_epoch,
+            rate_bytes_per_sec,
+        };
+        let storage: Arc<dyn blockcore::storage::Storage> =
+            Arc::new(blockcore::storage::DiskStorage);
+        let copy = tokio::task::spawn_blocking(move || LocalCopy::create(storage, &record, &new))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let copy = Arc::new(copy);
+        device
+            .attach_local(copy.clone())
+            .await
+            .map_err(migrate_error)?;
+        *lock(&served.local) = Some(copy.clone());
+        tracing::info!(target: "ferry::audit", volume = %name, target = %copy.status().target, "migration started");
+        Ok(copy)
+    }
+
+    /// Pauses, resumes or re-rates a volume's migration.
+    pub async fn migrate_change(
+        &self,
+        name: &str,
+        paused: Option<bool>,
+        rate_bytes_per_sec: Option<u64>,
+    ) -> Result<Arc<LocalCopy>, ApiError> {
+        let served = self.up(name)?;
+        let (Some(device), Some(local)) = (served.device.clone(), served.local()) else {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is not migrating: start with `ferry migrate start`"
+            )));
+        };
+        if let Some(p) = paused {
+            device.set_copy_paused(p).await.map_err(migrate_error)?;
+        }
+        if let Some(r) = rate_bytes_per_sec {
+            device.set_copy_rate(r).await.map_err(migrate_error)?;
+        }
+        Ok(local)
+    }
+
+    /// Cuts a volume over to its local copy.
+    pub async fn cutover(
+        &self,
+        name: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<Arc<LocalCopy>, ApiError> {
+        let served = self.up(name)?;
+        let (Some(device), Some(local)) = (served.device.clone(), served.local()) else {
+            if let Some(l) = served.local() {
+                return Err(migrate_error(MigrateError::Refused(
+                    l.stage()
+                        .check(edge::migrate::Command::CutOver {
+                            remaining: 0,
+                            force,
+                        })
+                        .expect_err("a cut-over volume refuses a cut-over"),
+                )));
+            }
+            return Err(ApiError::conflict(format!(
+                "volume {name} is not migrating: start with `ferry migrate start`"
+            )));
+        };
+        device
+            .cutover(force, timeout)
+            .await
+            .map_err(migrate_error)?;
+        Ok(local)
     }
 
     /// Attaches a volume of the file in the background, retrying until it
@@ -840,10 +1042,17 @@ impl RunningEdge {
                             tracing::error!(volume = %name, error = %e, "flushing the overlay at exit");
                         }
                     }
-                    if let Err(e) = s.device.flush().await {
+                    if let Err(e) = s.top().flush().await {
                         tracing::error!(volume = %name, error = %e, "syncing the journal at exit");
                     }
-                    tracing::info!(volume = %name, "status at exit:\n{}", format_status(&s.status()));
+                    if let Some(l) = s.local() {
+                        if let Err(e) = l.save().await {
+                            tracing::error!(volume = %name, error = %e, "saving the migration's progress at exit");
+                        }
+                    }
+                    if let Some(status) = s.status() {
+                        tracing::info!(volume = %name, "status at exit:\n{}", format_status(&status));
+                    }
                 }
                 Slot::Attaching { cancel, .. } => cancel.cancel(),
             }

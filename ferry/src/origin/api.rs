@@ -1,13 +1,14 @@
 //! The origin's management API: volumes added and removed at run time, a
 //! volume force-released from an edge that is gone (fencing it, so it can
-//! never write again), and the origin's metrics. The document generated
+//! never write again), a volume's snapshots (taken, listed, rolled back
+//! to, deleted), and the origin's metrics. The document generated
 //! from these routes is `ferry/api/origin.openapi.json`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use origin::{Origin, OriginError};
+use origin::{Origin, OriginError, SnapshotError};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,11 @@ pub struct OriginVolumeInfo {
     pub last_attached_by: Option<String>,
     /// Edges refused from now on.
     pub fenced: Vec<String>,
+    /// The edge the volume was migrated to (cut over): it serves the
+    /// volume from its own copy, and every other edge is refused until it
+    /// moves the volume back (or a forced release brings it home).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_to: Option<String>,
     /// The newest write batch applied.
     pub applied_seq: u64,
     pub bytes_read: u64,
@@ -104,6 +110,78 @@ pub struct Fencing {
     pub edge: String,
     /// Whether that edge is fenced off the volume now.
     pub fenced: bool,
+}
+
+/// `POST /v1/volumes/{name}/snapshots` (the body may be empty).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or
+    /// digit; default `auto-YYYYMMDDTHHMMSSZ` (UTC, now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// One snapshot of a volume.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct SnapshotEntry {
+    pub name: String,
+    /// When it was taken, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The newest write batch applied when it was taken: it holds every
+    /// batch up to this one and none after.
+    pub applied_seq: u64,
+    pub size: u64,
+    /// The layer holding what changed before it: `image` for the oldest
+    /// (the volume's image itself), else `layer-ID`.
+    pub layer: String,
+    /// Bytes that layer holds.
+    pub held_bytes: u64,
+    /// Being deleted (no longer usable).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
+}
+
+impl From<origin::SnapshotInfo> for SnapshotEntry {
+    fn from(s: origin::SnapshotInfo) -> Self {
+        SnapshotEntry {
+            name: s.name,
+            created_unix_ms: s.created_unix_ms,
+            applied_seq: s.applied_seq,
+            size: s.size,
+            layer: s.layer,
+            held_bytes: s.held_bytes,
+            deleting: s.deleting,
+        }
+    }
+}
+
+/// `GET /v1/volumes/{name}/snapshots`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct SnapshotListing {
+    pub volume: String,
+    /// Oldest first.
+    pub snapshots: Vec<SnapshotEntry>,
+    /// The writable layer on top: `image` when there is no snapshot.
+    pub head: String,
+    /// Bytes the head holds: what changed since the newest snapshot.
+    pub head_bytes: u64,
+}
+
+/// `POST /v1/volumes/{name}/snapshots/{snapshot}/rollback`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct RolledBack {
+    pub volume: String,
+    pub snapshot: SnapshotEntry,
+    /// The volume's new epoch (hex): edges' caches of the old one are void.
+    pub epoch: String,
+}
+
+/// `DELETE /v1/volumes/{name}/snapshots/{snapshot}`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct SnapshotDeleted {
+    pub volume: String,
+    pub snapshot: String,
 }
 
 pub const ROUTES: &[Route] = &[
@@ -179,6 +257,47 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/v1/volumes/{name}/snapshots",
+        summary: "A volume's snapshots, oldest first, with the bytes each layer holds",
+        request: None,
+        reply: (200, Some(schema_of::<SnapshotListing>)),
+        errors: &[404],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes/{name}/snapshots",
+        summary: "Take a snapshot now: O(1), on a write-batch boundary",
+        request: Some(schema_of::<CreateSnapshot>),
+        reply: (201, Some(schema_of::<SnapshotEntry>)),
+        errors: &[404, 409],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes/{name}/snapshots/{snapshot}/rollback",
+        summary: "Make the volume's content the snapshot's (refused while an edge holds it; \
+                  the volume gets a new epoch)",
+        request: None,
+        reply: (200, Some(schema_of::<RolledBack>)),
+        errors: &[404, 409],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/volumes/{name}/snapshots/{snapshot}",
+        summary: "Delete a snapshot, merging its layer away (the others keep their bytes)",
+        request: None,
+        reply: (200, Some(schema_of::<SnapshotDeleted>)),
+        errors: &[404, 409],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "GET",
         path: "/metrics",
         summary: "Prometheus metrics (text format 0.0.4)",
         request: None,
@@ -209,6 +328,10 @@ pub enum Request {
     RemoveVolume(String),
     Release(String, Release),
     Unfence(String, Unfence),
+    ListSnapshots(String),
+    CreateSnapshot(String, CreateSnapshot),
+    Rollback(String, String),
+    DeleteSnapshot(String, String),
     Metrics,
     OpenApi,
 }
@@ -216,6 +339,7 @@ pub enum Request {
 pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
     let (route, params) = find_route(ROUTES, &req.method, &req.path)?;
     let name = || params.first().cloned().unwrap_or_default();
+    let snapshot = || params.get(1).cloned().unwrap_or_default();
     if route.request.is_none() && !req.body.is_empty() {
         return Err(ApiError::bad_request(format!(
             "{} {} takes no body",
@@ -230,6 +354,21 @@ pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
         ("DELETE", "/v1/volumes/{name}") => Request::RemoveVolume(name()),
         ("POST", "/v1/volumes/{name}/release") => Request::Release(name(), req.json()?),
         ("POST", "/v1/volumes/{name}/unfence") => Request::Unfence(name(), req.json()?),
+        ("GET", "/v1/volumes/{name}/snapshots") => Request::ListSnapshots(name()),
+        ("POST", "/v1/volumes/{name}/snapshots") => Request::CreateSnapshot(
+            name(),
+            if req.body.is_empty() {
+                CreateSnapshot::default()
+            } else {
+                req.json()?
+            },
+        ),
+        ("POST", "/v1/volumes/{name}/snapshots/{snapshot}/rollback") => {
+            Request::Rollback(name(), snapshot())
+        }
+        ("DELETE", "/v1/volumes/{name}/snapshots/{snapshot}") => {
+            Request::DeleteSnapshot(name(), snapshot())
+        }
         ("GET", "/metrics") => Request::Metrics,
         ("GET", "/v1/openapi.json") => Request::OpenApi,
         (m, p) => return Err(ApiError::internal(format!("route {m} {p} has no parser"))),
@@ -245,10 +384,21 @@ fn origin_error(e: &OriginError) -> ApiError {
         }
         OriginError::Duplicate(_)
         | OriginError::Held { .. }
+        | OriginError::MigratedAway { .. }
         | OriginError::NotHeld(_)
         | OriginError::Applying(_) => ApiError::conflict(m),
         OriginError::BadName(_) | OriginError::BadEdgeId(_) => ApiError::bad_request(m),
         OriginError::State { .. } | OriginError::Apply(_) => ApiError::internal(m),
+        OriginError::Snapshot(s) => match s {
+            SnapshotError::BadName(_) => ApiError::bad_request(m),
+            SnapshotError::NoSuch { volume, .. } => ApiError::not_found(format!(
+                "{m}: `ferry snapshot list {volume}` shows its snapshots"
+            )),
+            SnapshotError::Duplicate { .. }
+            | SnapshotError::HalfApplied { .. }
+            | SnapshotError::Busy(_) => ApiError::conflict(m),
+            SnapshotError::Device { .. } | SnapshotError::Corrupt { .. } => ApiError::internal(m),
+        },
     }
 }
 
@@ -308,6 +458,7 @@ impl OriginApi {
             attached_by: v.holder(),
             last_attached_by: v.last_holder(),
             fenced: v.fenced(),
+            migrated_to: v.migrated_to(),
             applied_seq: v.applied(),
             bytes_read: c.bytes_read,
             bytes_pushed: c.bytes_pushed,
@@ -381,7 +532,10 @@ impl OriginApi {
             ));
         }
         let v = self.volume(name)?;
-        let edge = match (&r.edge, v.holder()) {
+        // A volume held, or migrated to an edge (which a forced release
+        // fences, bringing the volume home).
+        let held = v.holder().or_else(|| v.migrated_to());
+        let edge = match (&r.edge, held) {
             (None, Some(_)) => self
                 .origin
                 .force_release(name)
@@ -445,6 +599,50 @@ impl OriginApi {
                     name,
                     edge: u.edge,
                     fenced: false,
+                })
+            }
+            Request::ListSnapshots(name) => {
+                let l = self
+                    .origin
+                    .snapshots(&name)
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                Reply::ok(&SnapshotListing {
+                    volume: name,
+                    snapshots: l.snapshots.into_iter().map(SnapshotEntry::from).collect(),
+                    head: l.head,
+                    head_bytes: l.head_bytes,
+                })
+            }
+            Request::CreateSnapshot(name, c) => {
+                let s = self
+                    .origin
+                    .snapshot(&name, c.name.as_deref())
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                Reply::with_status(201, &SnapshotEntry::from(s))
+            }
+            Request::Rollback(name, snapshot) => {
+                let s = self
+                    .origin
+                    .rollback(&name, &snapshot)
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                let v = self.volume(&name)?;
+                Reply::ok(&RolledBack {
+                    volume: name,
+                    snapshot: s.into(),
+                    epoch: format!("{:016x}", v.epoch()),
+                })
+            }
+            Request::DeleteSnapshot(name, snapshot) => {
+                self.origin
+                    .delete_snapshot(&name, &snapshot)
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                Reply::ok(&SnapshotDeleted {
+                    volume: name,
+                    snapshot,
                 })
             }
             Request::Metrics => Ok(Reply::Metrics(self.metrics())),
@@ -572,6 +770,87 @@ impl Api for OriginApi {
 mod tests {
     use super::*;
 
+    fn request(method: &str, path: &str, body: &str) -> HttpRequest {
+        HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            query: std::collections::BTreeMap::new(),
+            body: bytes::Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn snapshot_requests_parse_into_their_types() {
+        let p = |m: &str, path: &str, body: &str| parse(&request(m, path, body));
+        assert!(matches!(
+            p("POST", "/v1/volumes/vol/snapshots", ""),
+            Ok(Request::CreateSnapshot(v, CreateSnapshot { name: None })) if v == "vol"
+        ));
+        assert!(matches!(
+            p("POST", "/v1/volumes/vol/snapshots", r#"{"name": "n1"}"#),
+            Ok(Request::CreateSnapshot(_, CreateSnapshot { name: Some(n) })) if n == "n1"
+        ));
+        assert!(matches!(
+            p("POST", "/v1/volumes/vol/snapshots", r#"{"nom": "n1"}"#),
+            Err(e) if e.status == 400
+        ));
+        assert!(matches!(
+            p("GET", "/v1/volumes/vol/snapshots", ""),
+            Ok(Request::ListSnapshots(v)) if v == "vol"
+        ));
+        assert!(matches!(
+            p("POST", "/v1/volumes/vol/snapshots/n1/rollback", ""),
+            Ok(Request::Rollback(v, s)) if v == "vol" && s == "n1"
+        ));
+        assert!(matches!(
+            p("POST", "/v1/volumes/vol/snapshots/n1/rollback", "{}"),
+            Err(e) if e.status == 400
+        ));
+        assert!(matches!(
+            p("DELETE", "/v1/volumes/vol/snapshots/n1", ""),
+            Ok(Request::DeleteSnapshot(v, s)) if v == "vol" && s == "n1"
+        ));
+        assert!(matches!(
+            p("PUT", "/v1/volumes/vol/snapshots/n1", ""),
+            Err(e) if e.status == 405
+        ));
+    }
+
+    #[test]
+    fn snapshot_errors_map_to_their_statuses() {
+        let status = |e: SnapshotError| origin_error(&OriginError::Snapshot(e)).status;
+        assert_eq!(status(SnapshotError::BadName("a/b".into())), 400);
+        let missing = origin_error(&OriginError::Snapshot(SnapshotError::NoSuch {
+            volume: "vol".into(),
+            snapshot: "x".into(),
+        }));
+        assert_eq!(missing.status, 404);
+        assert!(
+            missing.message.contains("ferry snapshot list vol"),
+            "{missing}"
+        );
+        assert_eq!(
+            status(SnapshotError::Duplicate {
+                volume: "vol".into(),
+                snapshot: "x".into()
+            }),
+            409
+        );
+        assert_eq!(
+            status(SnapshotError::HalfApplied {
+                volume: "vol".into(),
+                seq: 3
+            }),
+            409
+        );
+        let held = origin_error(&OriginError::Held {
+            volume: "vol".into(),
+            edge: "edge-7".into(),
+        });
+        assert_eq!(held.status, 409);
+        assert!(held.message.contains("edge-7"));
+    }
+
     #[test]
     fn the_committed_document_matches_the_code() {
         let doc = crate::api::openapi::render("ferry origin management API", ROUTES);
@@ -582,7 +861,7 @@ mod tests {
         let committed = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             committed == doc,
-            "{path} is out of date: run `FERRY_WRITE_OPENAPI=1 cargo nextest run -p ferry openapi` and commit it"
+            "{path} is out of date: run `FERRY_WRITE_OPENAPI=1 cargo nextest run -p ferry the_committed_document` and commit it"
         );
     }
 }

@@ -9,8 +9,10 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use blockcore::ExtentKind;
+
 use super::{
-    ProtoError, MAX_DATA_LEN, MAX_PREFETCH_RANGES, MAX_SIGNATURES, MAX_STRING_LEN,
+    ProtoError, MAX_DATA_LEN, MAX_EXTENTS, MAX_PREFETCH_RANGES, MAX_SIGNATURES, MAX_STRING_LEN,
     MAX_WRITE_ENTRIES,
 };
 
@@ -25,11 +27,12 @@ use super::{
 /// | `0x03` | `Attach` | `0x13` | `Prefetch` |
 /// | `0x04` | `Attached` | `0x14` | `Push` |
 /// | `0x05` | `Detach` | `0x15` | `PrefetchDone` |
-/// | `0x06` | `Detached` | `0x20` | `WriteBatch` |
-/// | `0x10` | `Read` | `0x21` | `BatchAck` |
-/// | `0x30` | `Credit` | `0x31` | `Heartbeat` |
-/// | `0x32` | `HeartbeatAck` | `0x33` | `Delivered` |
-/// | `0x3f` | `Error` | | |
+/// | `0x06` | `Detached` | `0x16` | `Extents` |
+/// | `0x07` | `Release` | `0x17` | `ExtentMap` |
+/// | `0x10` | `Read` | `0x20` | `WriteBatch` |
+/// | `0x21` | `BatchAck` | `0x30` | `Credit` |
+/// | `0x31` | `Heartbeat` | `0x32` | `HeartbeatAck` |
+/// | `0x33` | `Delivered` | `0x3f` | `Error` |
 ///
 /// `0x00` is never a kind, so a zeroed header is rejected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,12 +43,15 @@ pub enum Kind {
     Attached,
     Detach,
     Detached,
+    Release,
     Read,
     ReadData,
     ReadSignatures,
     Prefetch,
     Push,
     PrefetchDone,
+    Extents,
+    ExtentMap,
     WriteBatch,
     BatchAck,
     Credit,
@@ -57,19 +63,22 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for tests and tools.
-    pub const ALL: [Kind; 19] = [
+    pub const ALL: [Kind; 22] = [
         Kind::Hello,
         Kind::Auth,
         Kind::Attach,
         Kind::Attached,
         Kind::Detach,
         Kind::Detached,
+        Kind::Release,
         Kind::Read,
         Kind::ReadData,
         Kind::ReadSignatures,
         Kind::Prefetch,
         Kind::Push,
         Kind::PrefetchDone,
+        Kind::Extents,
+        Kind::ExtentMap,
         Kind::WriteBatch,
         Kind::BatchAck,
         Kind::Credit,
@@ -88,12 +97,15 @@ impl Kind {
             Kind::Attached => 0x04,
             Kind::Detach => 0x05,
             Kind::Detached => 0x06,
+            Kind::Release => 0x07,
             Kind::Read => 0x10,
             Kind::ReadData => 0x11,
             Kind::ReadSignatures => 0x12,
             Kind::Prefetch => 0x13,
             Kind::Push => 0x14,
             Kind::PrefetchDone => 0x15,
+            Kind::Extents => 0x16,
+            Kind::ExtentMap => 0x17,
             Kind::WriteBatch => 0x20,
             Kind::BatchAck => 0x21,
             Kind::Credit => 0x30,
@@ -113,12 +125,15 @@ impl Kind {
             0x04 => Kind::Attached,
             0x05 => Kind::Detach,
             0x06 => Kind::Detached,
+            0x07 => Kind::Release,
             0x10 => Kind::Read,
             0x11 => Kind::ReadData,
             0x12 => Kind::ReadSignatures,
             0x13 => Kind::Prefetch,
             0x14 => Kind::Push,
             0x15 => Kind::PrefetchDone,
+            0x16 => Kind::Extents,
+            0x17 => Kind::ExtentMap,
             0x20 => Kind::WriteBatch,
             0x21 => Kind::BatchAck,
             0x30 => Kind::Credit,
@@ -196,6 +211,11 @@ pub enum ErrorCode {
     /// 10: an operator fenced this edge off the volume (force-released
     /// it): it may not attach it again until unfenced. Not worth a retry.
     Fenced,
+    /// 11: the volume was migrated to (cut over to) another edge, which
+    /// serves it from its own copy: no other edge may attach it until it
+    /// is moved back (`Release { Home }` from that edge) or an operator
+    /// force-releases it. Not worth a retry.
+    Migrated,
     /// Any other code, kept as sent (never one of the codes above: those
     /// decode to their own variants).
     Unknown(u16),
@@ -215,6 +235,7 @@ impl ErrorCode {
             ErrorCode::NotAttached => 8,
             ErrorCode::ShuttingDown => 9,
             ErrorCode::Fenced => 10,
+            ErrorCode::Migrated => 11,
             ErrorCode::Unknown(code) => code,
         }
     }
@@ -233,8 +254,71 @@ impl ErrorCode {
             8 => ErrorCode::NotAttached,
             9 => ErrorCode::ShuttingDown,
             10 => ErrorCode::Fenced,
+            11 => ErrorCode::Migrated,
             other => ErrorCode::Unknown(other),
         }
+    }
+}
+
+/// What a [`Message::Release`] leaves behind at the origin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Disposition {
+    /// 1: the edge now holds the whole volume and serves it alone (a
+    /// migration's cut-over): the origin records, durably, that the volume
+    /// was migrated to this edge and refuses every other edge's attach
+    /// ([`ErrorCode::Migrated`]) until the volume comes home.
+    CutOver,
+    /// 2: the volume is home again (a move back is complete): the origin
+    /// clears the record. Only the edge it was migrated to may send it
+    /// (or any edge, when there is no record).
+    Home,
+}
+
+impl Disposition {
+    /// The wire code.
+    pub fn code(self) -> u8 {
+        match self {
+            Disposition::CutOver => 1,
+            Disposition::Home => 2,
+        }
+    }
+
+    /// The inverse of [`Disposition::code`].
+    pub fn from_code(code: u8) -> Option<Disposition> {
+        match code {
+            1 => Some(Disposition::CutOver),
+            2 => Some(Disposition::Home),
+            _ => None,
+        }
+    }
+}
+
+/// Flag of a run in a [`Message::ExtentMap`]: not allocated (NBD's
+/// `NBD_STATE_HOLE`).
+pub const EXTENT_HOLE: u8 = 1;
+/// Flag of a run in a [`Message::ExtentMap`]: reads as zeroes (NBD's
+/// `NBD_STATE_ZERO`).
+pub const EXTENT_ZERO: u8 = 2;
+/// Every flag a run may carry; the other bits are reserved (and refused).
+pub const EXTENT_FLAGS: u8 = EXTENT_HOLE | EXTENT_ZERO;
+
+/// The flags of an [`ExtentMap`](Message::ExtentMap) run of this kind, as
+/// NBD's `base:allocation` context reports it.
+pub fn extent_flags(kind: ExtentKind) -> u8 {
+    match kind {
+        ExtentKind::Data => 0,
+        ExtentKind::Zero => EXTENT_ZERO,
+        ExtentKind::Hole => EXTENT_HOLE | EXTENT_ZERO,
+    }
+}
+
+/// The kind of a run with these flags. A hole not known to read as zero
+/// is data (its bytes must be read); as NBD clients take it.
+pub fn extent_kind(flags: u8) -> ExtentKind {
+    match (flags & EXTENT_HOLE != 0, flags & EXTENT_ZERO != 0) {
+        (true, true) => ExtentKind::Hole,
+        (false, true) => ExtentKind::Zero,
+        (_, false) => ExtentKind::Data,
     }
 }
 
@@ -255,6 +339,8 @@ pub(crate) const ZERO_ENTRY_LEN: usize = 1 + 8 + 8;
 pub(crate) const WRITE_BATCH_OVERHEAD: usize = 8 + 4 + 1 + 4;
 /// Encoded bytes of a `ReadData` or `Push` besides its data.
 pub(crate) const DATA_MESSAGE_OVERHEAD: usize = 8 + 8 + 4;
+/// Encoded bytes of one run of an `ExtentMap`.
+const EXTENT_RUN_LEN: usize = 8 + 1;
 
 /// Encoded bytes of one entry.
 pub(crate) fn entry_encoded_len(e: &WriteEntry) -> usize {
@@ -332,6 +418,13 @@ pub enum Message {
     /// answered (the edge sends `Detach` only once all of its batches were
     /// acknowledged). Format: empty.
     Detached,
+    /// Edge → origin: like `Detach` (answered by `Detached` once every
+    /// batch received before it was applied, or by `Error` with the
+    /// volume still attached), and the origin records how the volume is
+    /// left: migrated to this edge, or home again (see [`Disposition`]).
+    ///
+    /// Format: `disposition u8 (1 cut-over, 2 home)`.
+    Release { disposition: Disposition },
     /// Edge → origin: read `len` bytes at `offset`. Answered by `ReadData`
     /// or, with `want_signatures`, by `ReadSignatures`.
     ///
@@ -386,6 +479,23 @@ pub enum Message {
     /// Origin → edge: every `Push` of the prefetch with this id was sent.
     /// Format: empty.
     PrefetchDone,
+    /// Edge → origin: how `[offset, offset + len)` is allocated (NBD's
+    /// `base:allocation`). `len` is not 0. Answered by `ExtentMap`, which
+    /// may cover only a prefix: the edge asks again from where it ended.
+    ///
+    /// Format: `offset u64 | len u64`.
+    Extents { offset: u64, len: u64 },
+    /// Origin → edge, answering `Extents`: consecutive runs from `offset`
+    /// (the request's), each `(len, flags)`, flags [`EXTENT_HOLE`] and
+    /// [`EXTENT_ZERO`]. At least one run and at most [`MAX_EXTENTS`];
+    /// every `len` is non-zero. Together they cover at least one byte and
+    /// never more than was asked.
+    ///
+    /// Format: `offset u64 | count u32 | count × (len u64 | flags u8)`.
+    ExtentMap {
+        offset: u64,
+        extents: Vec<(u64, u8)>,
+    },
     /// Either way: the sender may send this many more background bytes
     /// (counted as whole encoded frames, see [`Scheduler`](super::Scheduler)).
     ///
@@ -438,12 +548,15 @@ impl Message {
             Message::Attached { .. } => Kind::Attached,
             Message::Detach => Kind::Detach,
             Message::Detached => Kind::Detached,
+            Message::Release { .. } => Kind::Release,
             Message::Read { .. } => Kind::Read,
             Message::ReadData { .. } => Kind::ReadData,
             Message::ReadSignatures { .. } => Kind::ReadSignatures,
             Message::Prefetch { .. } => Kind::Prefetch,
             Message::Push { .. } => Kind::Push,
             Message::PrefetchDone => Kind::PrefetchDone,
+            Message::Extents { .. } => Kind::Extents,
+            Message::ExtentMap { .. } => Kind::ExtentMap,
             Message::WriteBatch { .. } => Kind::WriteBatch,
             Message::BatchAck { .. } => Kind::BatchAck,
             Message::Credit { .. } => Kind::Credit,
@@ -480,6 +593,50 @@ impl Message {
                     check_range(kind, offset, u64::from(len))?;
                 }
             }
+            Message::Extents { offset, len } => {
+                if *len == 0 {
+                    return Err(ProtoError::BadValue {
+                        kind,
+                        field: "len",
+                        value: 0,
+                    });
+                }
+                check_range(kind, *offset, *len)?;
+            }
+            Message::ExtentMap { offset, extents } => {
+                check_len(kind, "extents", extents.len(), MAX_EXTENTS)?;
+                if extents.is_empty() {
+                    // The count: a map must describe at least one byte.
+                    return Err(ProtoError::BadValue {
+                        kind,
+                        field: "extents",
+                        value: 0,
+                    });
+                }
+                let mut total = 0u64;
+                for &(len, flags) in extents {
+                    if len == 0 {
+                        return Err(ProtoError::BadValue {
+                            kind,
+                            field: "extents",
+                            value: 0,
+                        });
+                    }
+                    if flags & !EXTENT_FLAGS != 0 {
+                        return Err(ProtoError::BadValue {
+                            kind,
+                            field: "flags",
+                            value: flags.into(),
+                        });
+                    }
+                    total = total.checked_add(len).ok_or(ProtoError::RangeOverflow {
+                        kind,
+                        offset: *offset,
+                        len: u64::MAX,
+                    })?;
+                }
+                check_range(kind, *offset, total)?;
+            }
             Message::WriteBatch { entries, .. } => {
                 check_len(kind, "entries", entries.len(), MAX_WRITE_ENTRIES)?;
                 for entry in entries {
@@ -500,6 +657,7 @@ impl Message {
             | Message::Attached { .. }
             | Message::Detach
             | Message::Detached
+            | Message::Release { .. }
             | Message::PrefetchDone
             | Message::BatchAck { .. }
             | Message::Credit { .. }
@@ -520,12 +678,14 @@ impl Message {
             } => 2 + volume.len() + 2 + edge_id.len() + 8,
             Message::Attached { .. } => 8 + 4 + 4 + 32 + 32 + 8 + 8 + 4,
             Message::Detach | Message::Detached | Message::PrefetchDone => 0,
+            Message::Release { .. } => 1,
             Message::Read { .. } => 8 + 4 + 1,
             Message::ReadData { data, .. } | Message::Push { data, .. } => {
                 DATA_MESSAGE_OVERHEAD + data.len()
             }
             Message::ReadSignatures { sigs, .. } => 8 + 4 + 4 + 32 * sigs.len(),
             Message::Prefetch { ranges } => 4 + 12 * ranges.len(),
+            Message::ExtentMap { extents, .. } => 8 + 4 + EXTENT_RUN_LEN * extents.len(),
             Message::WriteBatch { entries, .. } => {
                 WRITE_BATCH_OVERHEAD + entries.iter().map(entry_encoded_len).sum::<usize>()
             }
@@ -533,7 +693,8 @@ impl Message {
             | Message::Credit { .. }
             | Message::Heartbeat { .. }
             | Message::HeartbeatAck { .. } => 8,
-            Message::Delivered { .. } => 16,
+            // offset + length; cumulative (acked, delivered)
+            Message::Extents { .. } | Message::Delivered { .. } => 16,
             Message::Error { message, .. } => 2 + 2 + message.len(),
         }
     }
@@ -581,6 +742,7 @@ impl Message {
                 out.put_u32(*resume_part);
             }
             Message::Detach | Message::Detached | Message::PrefetchDone => {}
+            Message::Release { disposition } => out.put_u8(disposition.code()),
             Message::Read {
                 offset,
                 len,
@@ -621,6 +783,18 @@ impl Message {
                 for &(offset, len) in ranges {
                     out.put_u64(offset);
                     out.put_u32(len);
+                }
+            }
+            Message::Extents { offset, len } => {
+                out.put_u64(*offset);
+                out.put_u64(*len);
+            }
+            Message::ExtentMap { offset, extents } => {
+                out.put_u64(*offset);
+                put_count(out, extents.len());
+                for &(len, flags) in extents {
+                    out.put_u64(len);
+                    out.put_u8(flags);
                 }
             }
             Message::WriteBatch {
@@ -702,6 +876,16 @@ impl Message {
             },
             Kind::Detach => Message::Detach,
             Kind::Detached => Message::Detached,
+            Kind::Release => {
+                let code = b.u8("disposition")?;
+                Message::Release {
+                    disposition: Disposition::from_code(code).ok_or(ProtoError::BadValue {
+                        kind,
+                        field: "disposition",
+                        value: code.into(),
+                    })?,
+                }
+            }
             Kind::Read => Message::Read {
                 offset: b.u64("offset")?,
                 len: b.u32("len")?,
@@ -740,6 +924,19 @@ impl Message {
                 data: b.data("data")?,
             },
             Kind::PrefetchDone => Message::PrefetchDone,
+            Kind::Extents => Message::Extents {
+                offset: b.u64("offset")?,
+                len: b.u64("len")?,
+            },
+            Kind::ExtentMap => {
+                let offset = b.u64("offset")?;
+                let count = b.count("extents", MAX_EXTENTS, EXTENT_RUN_LEN)?;
+                let mut extents = Vec::with_capacity(count);
+                for _ in 0..count {
+                    extents.push((b.u64("extents")?, b.u8("flags")?));
+                }
+                Message::ExtentMap { offset, extents }
+            }
             Kind::WriteBatch => {
                 let seq = b.u64("seq")?;
                 let part = b.u32("part")?;

@@ -24,6 +24,7 @@
 //!  Credit{window}              <──>                     (background credit)
 //!  Read{off, len}     id 7     ──>   <── ReadData{off, as_of, data}  id 7
 //!  Prefetch{ranges}   id 8     ──>   <── Push ... Push, PrefetchDone id 8
+//!  Extents{off, len}  id 9     ──>   <── ExtentMap{off, [(len, flags)...]} id 9
 //!  WriteBatch{seq, part, ...}  ──>   (background, 64 KiB parts)
 //!                              <──   Delivered{bytes, nanos}  (as they arrive)
 //!                              <──   BatchAck{seq}          (once applied)
@@ -57,7 +58,10 @@ mod tests;
 
 pub use auth::{auth_proof, verify_auth_proof, AUTH_CONTEXT};
 pub use frame::{Class, CompressOptions, Decoder, Encoder, FrameHeader, FLAG_COMPRESSED};
-pub use message::{ErrorCode, Kind, Message, Role, WriteEntry};
+pub use message::{
+    extent_flags, extent_kind, Disposition, ErrorCode, Kind, Message, Role, WriteEntry,
+    EXTENT_FLAGS, EXTENT_HOLE, EXTENT_ZERO,
+};
 pub use sched::{
     split_batch, CreditGranter, Scheduler, SchedulerConfig, Transmit, DEFAULT_BACKGROUND_DATA,
     DEFAULT_WINDOW, DEMAND_DATA_CUT, WRITE_PART_MAX,
@@ -68,7 +72,13 @@ pub use sched::{
 /// 2: `ReadData` and `Push` carry `as_of`, `Attached` carries
 /// `resume_part`, `Delivered` feeds the congestion controller, and write
 /// batches travel as background frames.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: the allocation map (`Extents`, `ExtentMap`) and `Release` (a
+/// detach that records a migration's cut-over or its move back), with
+/// the `Migrated` error. A version 2 peer would close the link on the
+/// first of these, mid-migration; the version makes the mismatch a clear
+/// refusal at the handshake instead.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Bytes in a frame header, the `len` field included.
 pub const HEADER_LEN: usize = 16;
@@ -94,6 +104,10 @@ pub const MAX_PREFETCH_RANGES: usize = 1 << 16;
 
 /// The most entries in one [`Message::WriteBatch`] frame.
 pub const MAX_WRITE_ENTRIES: usize = 1 << 16;
+
+/// The most runs in one [`Message::ExtentMap`] (36 KiB encoded); a map
+/// with more stops short and the edge asks again from where it ended.
+pub const MAX_EXTENTS: usize = 4096;
 
 /// Everything that can be wrong with a frame, a message, or the peer's use
 /// of credit. Decoding errors are fatal to the link.

@@ -322,7 +322,7 @@ impl Scheduler {
 fn is_data(msg: &Message) -> bool {
     matches!(
         msg.kind(),
-        Kind::ReadData | Kind::ReadSignatures | Kind::Push | Kind::WriteBatch
+        Kind::ReadData | Kind::ReadSignatures | Kind::ExtentMap | Kind::Push | Kind::WriteBatch
     )
 }
 

@@ -5,6 +5,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 
 use super::*;
+use blockcore::ExtentKind;
 
 fn raw() -> Encoder {
     Encoder::new(CompressOptions::disabled())
@@ -62,6 +63,9 @@ fn samples() -> Vec<Message> {
         },
         Message::Detach,
         Message::Detached,
+        Message::Release {
+            disposition: Disposition::CutOver,
+        },
         Message::Read {
             offset: 4096,
             len: 1 << 20,
@@ -86,6 +90,18 @@ fn samples() -> Vec<Message> {
             data: Bytes::from(noise(5000, 1)),
         },
         Message::PrefetchDone,
+        Message::Extents {
+            offset: 1 << 20,
+            len: 1 << 30,
+        },
+        Message::ExtentMap {
+            offset: 1 << 20,
+            extents: vec![
+                (4096, 0),
+                (1 << 20, EXTENT_HOLE | EXTENT_ZERO),
+                (512, EXTENT_ZERO),
+            ],
+        },
         Message::WriteBatch {
             seq: 5,
             part: 0,
@@ -135,11 +151,28 @@ fn codes_round_trip() {
     }
     assert_eq!(ErrorCode::from_code(5), ErrorCode::Protocol);
     assert_eq!(ErrorCode::from_code(10), ErrorCode::Fenced);
+    assert_eq!(ErrorCode::from_code(11), ErrorCode::Migrated);
     // Every code up to the newest has its own variant; past it, Unknown.
-    for code in 1..=10u16 {
+    for code in 1..=11u16 {
         assert!(!matches!(ErrorCode::from_code(code), ErrorCode::Unknown(_)));
     }
-    assert_eq!(ErrorCode::from_code(11), ErrorCode::Unknown(11));
+    assert_eq!(ErrorCode::from_code(12), ErrorCode::Unknown(12));
+    for d in [Disposition::CutOver, Disposition::Home] {
+        assert_eq!(Disposition::from_code(d.code()), Some(d));
+    }
+    assert_eq!(
+        (0..=255u8).filter_map(Disposition::from_code).count(),
+        2,
+        "codes 1 and 2 only"
+    );
+    // The flags are NBD's base:allocation bits.
+    assert_eq!((EXTENT_HOLE, EXTENT_ZERO), (1, 2));
+    for kind in [ExtentKind::Data, ExtentKind::Zero, ExtentKind::Hole] {
+        assert_eq!(extent_kind(extent_flags(kind)), kind);
+    }
+    assert_eq!(extent_flags(ExtentKind::Hole), 3);
+    // A hole not known to read as zero has to be read.
+    assert_eq!(extent_kind(EXTENT_HOLE), ExtentKind::Data);
     for r in [Role::Edge, Role::Origin] {
         assert_eq!(Role::from_code(r.code()), Some(r));
     }
@@ -373,6 +406,35 @@ fn encoder_refuses_what_the_decoder_would() {
         Message::Prefetch {
             ranges: vec![(0, 1); MAX_PREFETCH_RANGES + 1],
         },
+        Message::Extents { offset: 0, len: 0 },
+        Message::Extents {
+            offset: u64::MAX,
+            len: 1,
+        },
+        Message::ExtentMap {
+            offset: 0,
+            extents: Vec::new(),
+        },
+        Message::ExtentMap {
+            offset: 0,
+            extents: vec![(1, 0); MAX_EXTENTS + 1],
+        },
+        Message::ExtentMap {
+            offset: 0,
+            extents: vec![(4096, 0), (0, EXTENT_HOLE)],
+        },
+        Message::ExtentMap {
+            offset: 0,
+            extents: vec![(4096, 4)],
+        },
+        Message::ExtentMap {
+            offset: 1,
+            extents: vec![(u64::MAX, 0)],
+        },
+        Message::ExtentMap {
+            offset: 0,
+            extents: vec![(u64::MAX, 0), (1, 0)],
+        },
         Message::WriteBatch {
             seq: 0,
             part: 0,
@@ -542,6 +604,148 @@ fn malformed_payloads_are_named() {
             offset: u64::MAX,
             len: 1,
         },
+    );
+}
+
+#[test]
+fn malformed_migration_messages_are_named() {
+    let mut dec = Decoder::new();
+    let mut check = |mut b: BytesMut, want: ProtoError| assert_eq!(dec.decode(&mut b), Err(want));
+    let release = Kind::Release.code();
+    for code in [0, 3, 0xff] {
+        check(
+            frame(release, 0, &[code]),
+            ProtoError::BadValue {
+                kind: Kind::Release,
+                field: "disposition",
+                value: code.into(),
+            },
+        );
+    }
+    check(
+        frame(release, 0, &[]),
+        ProtoError::Truncated {
+            kind: Kind::Release,
+            field: "disposition",
+        },
+    );
+    check(
+        frame(release, 0, &[1, 0]),
+        ProtoError::TrailingBytes {
+            kind: Kind::Release,
+            extra: 1,
+        },
+    );
+
+    let extents = |offset: u64, len: u64| [offset.to_be_bytes(), len.to_be_bytes()].concat();
+    let kind = Kind::Extents.code();
+    check(
+        frame(kind, 0, &extents(4096, 0)),
+        ProtoError::BadValue {
+            kind: Kind::Extents,
+            field: "len",
+            value: 0,
+        },
+    );
+    check(
+        frame(kind, 0, &extents(u64::MAX, 1)),
+        ProtoError::RangeOverflow {
+            kind: Kind::Extents,
+            offset: u64::MAX,
+            len: 1,
+        },
+    );
+    check(
+        frame(kind, 0, &extents(0, 1)[..15]),
+        ProtoError::Truncated {
+            kind: Kind::Extents,
+            field: "len",
+        },
+    );
+
+    let map = |offset: u64, runs: &[(u64, u8)]| {
+        let mut p = offset.to_be_bytes().to_vec();
+        p.extend(u32::try_from(runs.len()).unwrap().to_be_bytes());
+        for &(len, flags) in runs {
+            p.extend(len.to_be_bytes());
+            p.push(flags);
+        }
+        p
+    };
+    let kind = Kind::ExtentMap.code();
+    let bad = |field, value| ProtoError::BadValue {
+        kind: Kind::ExtentMap,
+        field,
+        value,
+    };
+    // No run at all, a run of no bytes, a reserved flag.
+    check(frame(kind, 0, &map(0, &[])), bad("extents", 0));
+    check(
+        frame(kind, 0, &map(0, &[(4096, 0), (0, 1)])),
+        bad("extents", 0),
+    );
+    check(frame(kind, 0, &map(0, &[(4096, 8)])), bad("flags", 8));
+    check(frame(kind, 0, &map(0, &[(4096, 0x83)])), bad("flags", 0x83));
+    // Past 2^64, by the end or by the sum.
+    check(
+        frame(kind, 0, &map(1 << 20, &[(u64::MAX - 4096, 0)])),
+        ProtoError::RangeOverflow {
+            kind: Kind::ExtentMap,
+            offset: 1 << 20,
+            len: u64::MAX - 4096,
+        },
+    );
+    check(
+        frame(kind, 0, &map(0, &[(u64::MAX, 0), (1, 2)])),
+        ProtoError::RangeOverflow {
+            kind: Kind::ExtentMap,
+            offset: 0,
+            len: u64::MAX,
+        },
+    );
+    // Too many runs, or more than the bytes left hold: refused on the
+    // count, before any allocation.
+    let mut many = map(0, &[]);
+    many[8..12].copy_from_slice(&u32::try_from(MAX_EXTENTS + 1).unwrap().to_be_bytes());
+    many.extend(vec![0; 9 * (MAX_EXTENTS + 1)]);
+    check(
+        frame(kind, 0, &many),
+        ProtoError::TooLong {
+            kind: Kind::ExtentMap,
+            field: "extents",
+            len: MAX_EXTENTS as u64 + 1,
+            max: MAX_EXTENTS as u64,
+        },
+    );
+    let mut short = map(0, &[(4096, 0)]);
+    short[8..12].copy_from_slice(&2u32.to_be_bytes());
+    check(
+        frame(kind, 0, &short),
+        ProtoError::Truncated {
+            kind: Kind::ExtentMap,
+            field: "extents",
+        },
+    );
+    let mut trailing = map(0, &[(4096, 3)]);
+    trailing.push(0);
+    check(
+        frame(kind, 0, &trailing),
+        ProtoError::TrailingBytes {
+            kind: Kind::ExtentMap,
+            extra: 1,
+        },
+    );
+    // The most runs there may be, each of the largest size that fits.
+    let full: Vec<(u64, u8)> = (0..MAX_EXTENTS)
+        .map(|i| (u64::MAX / MAX_EXTENTS as u64, u8::try_from(i % 4).unwrap()))
+        .collect();
+    let mut b = frame(kind, 0, &map(0, &full));
+    assert_eq!(
+        dec.decode(&mut b).unwrap().unwrap().1,
+        Message::ExtentMap {
+            offset: 0,
+            extents: full
+        }
     );
 }
 
@@ -822,6 +1026,17 @@ fn arb_message() -> impl Strategy<Value = Message> {
             data
         }),
         Just(Message::PrefetchDone),
+        prop_oneof![Just(Disposition::CutOver), Just(Disposition::Home)]
+            .prop_map(|disposition| Message::Release { disposition }),
+        (1..=u64::MAX)
+            .prop_flat_map(|len| (0..=u64::MAX - len, Just(len)))
+            .prop_map(|(offset, len)| Message::Extents { offset, len }),
+        prop::collection::vec((1..=1u64 << 40, 0..=EXTENT_FLAGS), 1..40)
+            .prop_flat_map(|extents| {
+                let total: u64 = extents.iter().map(|&(l, _)| l).sum();
+                (0..=u64::MAX - total, Just(extents))
+            })
+            .prop_map(|(offset, extents)| Message::ExtentMap { offset, extents }),
         (
             any::<u64>(),
             any::<u32>(),

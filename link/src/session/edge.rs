@@ -15,9 +15,10 @@
 //!   background frames; heartbeats go every `heartbeat`; bytes arriving
 //!   is what keeps the link alive.
 //!
-//!   Gone, for good: Detached (after `detach`), Fenced (an operator
-//!   force-released this edge at the origin), or the volume changed.
-//!   Every request still waiting fails, later ones fail at once, and no
+//!   Gone, for good: Detached (after `detach` or `release`), Fenced (an
+//!   operator force-released this edge at the origin), Migrated (the
+//!   volume was cut over to another edge), or the volume changed. Every
+//!   request still waiting fails, later ones fail at once, and no
 //!   connection is opened again.
 //! ```
 //!
@@ -38,6 +39,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use blockcore::Extent;
 use bytes::{Bytes, BytesMut};
 use zeroize::Zeroizing;
 
@@ -46,11 +48,12 @@ use super::Mistakes;
 use crate::cc::CcConfig;
 use crate::error::LinkError;
 use crate::proto::{
-    auth_proof, split_batch, verify_auth_proof, Class, ErrorCode, FrameHeader, Message, Role,
-    SchedulerConfig, WriteEntry, DEFAULT_WINDOW, MAX_DATA_LEN, PROTOCOL_VERSION, WRITE_PART_MAX,
+    auth_proof, extent_kind, split_batch, verify_auth_proof, Class, Disposition, ErrorCode,
+    FrameHeader, Message, Role, SchedulerConfig, WriteEntry, DEFAULT_WINDOW, MAX_DATA_LEN,
+    PROTOCOL_VERSION, WRITE_PART_MAX,
 };
 
-/// The request id of `Attach` and `Detach`.
+/// The request id of `Attach`, `Detach` and `Release`.
 const ATTACH_ID: u64 = 1;
 /// The id of every write-batch frame and of the origin's answers to them:
 /// one id, so the scheduler keeps all parts of all batches in one FIFO and
@@ -160,9 +163,10 @@ pub enum EdgeEvent {
     /// The origin refused this edge (auth, volume, version); the session
     /// retries with back-off.
     Refused(LinkError),
-    /// The session is over (the volume's size or epoch changed, or an
-    /// operator fenced this edge off it): every request failed with this
-    /// error and nothing more is sent. Batches held are never applied.
+    /// The session is over (the volume's size or epoch changed, an
+    /// operator fenced this edge off it, or it was migrated to another
+    /// edge): every request failed with this error and nothing more is
+    /// sent. Batches held are never applied.
     Failed(LinkError),
     ReadDone {
         id: RequestId,
@@ -171,6 +175,13 @@ pub enum EdgeEvent {
     PrefetchDone {
         id: RequestId,
         result: Result<(), LinkError>,
+    },
+    /// The answer to [`EdgeSession::extents`]: contiguous extents from the
+    /// asked offset, covering at least one byte of the range and never
+    /// more than it (ask again from where they end for the rest).
+    ExtentsDone {
+        id: RequestId,
+        result: Result<Vec<Extent>, LinkError>,
     },
     /// Data the edge did not ask for right now (a prefetch's, id = its
     /// request, or a group push, id 0), as of batch `as_of`.
@@ -185,10 +196,14 @@ pub enum EdgeEvent {
     /// The origin failed to apply batch `seq`; it is shipped again after a
     /// back-off.
     BatchFailed { seq: u64, error: LinkError },
-    /// The origin confirmed a detach: every batch before it was applied.
-    /// The session is over (later requests fail with
-    /// [`LinkError::Detached`]).
+    /// The origin confirmed a detach (or a release): every batch before
+    /// it was applied, and a release's disposition is recorded. The
+    /// session is over (later requests fail with [`LinkError::Detached`]).
     Detached,
+    /// The origin refused a release (or a detach): the volume stays
+    /// attached, the session goes on, and batches shipped meanwhile go
+    /// out again.
+    DetachRefused(LinkError),
 }
 
 /// Link state and counters, for status displays.
@@ -250,6 +265,10 @@ enum RequestKind {
         as_of: u64,
     },
     Prefetch,
+    Extents {
+        offset: u64,
+        len: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -289,7 +308,10 @@ pub struct EdgeSession {
     /// rule, kept only for [`Mistakes::heartbeat_liveness`]).
     last_heartbeat_ack: Instant,
     detaching: bool,
-    /// `Detach` went out on this connection.
+    /// With `detaching`: release the volume this way (`Release`, not
+    /// `Detach`).
+    disposition: Option<Disposition>,
+    /// `Detach` (or `Release`) went out on this connection.
     detach_sent: bool,
     /// Why the session is over, once it is: what every request gets.
     finished: Option<LinkError>,
@@ -319,6 +341,7 @@ impl EdgeSession {
             next_heartbeat: None,
             last_heartbeat_ack: now,
             detaching: false,
+            disposition: None,
             detach_sent: false,
             finished: None,
             pending_auth: None,
@@ -577,6 +600,31 @@ impl EdgeSession {
         self.request(Message::Prefetch { ranges }, RequestKind::Prefetch, None)
     }
 
+    /// Asks the origin how `[offset, offset + len)` is allocated; completes
+    /// with `ExtentsDone`, whose extents may cover only a prefix of the
+    /// range. Waits across reconnections like a read, up to the request
+    /// timeout.
+    pub fn extents(&mut self, offset: u64, len: u64, now: Instant) -> RequestId {
+        let kind = RequestKind::Extents { offset, len };
+        if len == 0 || offset.checked_add(len).is_none() {
+            let id = self.take_id();
+            self.events.push_back(failed(
+                id,
+                &kind,
+                LinkError::Unexpected(format!(
+                    "an allocation query of {len} bytes at {offset}: the range must be \
+                     non-empty and end before 2^64"
+                )),
+            ));
+            return id;
+        }
+        self.request(
+            Message::Extents { offset, len },
+            kind,
+            Some(now + self.cfg.request_timeout),
+        )
+    }
+
     /// Gives up waiting for a request (its completion never comes).
     pub fn cancel(&mut self, id: RequestId) {
         self.requests.remove(&id);
@@ -625,6 +673,35 @@ impl EdgeSession {
             self.detaching = true;
             self.pump_detach();
         }
+    }
+
+    /// [`EdgeSession::detach`], with the origin recording how the volume
+    /// is left ([`Disposition`]): `Release` instead of `Detach`, answered
+    /// the same way (`Detached`), or refused (`DetachRefused`, the volume
+    /// still attached). Refused at once when the session is over, or when
+    /// a detach or another release already went out on this connection.
+    pub fn release(&mut self, disposition: Disposition) -> Result<(), LinkError> {
+        if let Some(e) = &self.finished {
+            return Err(e.clone());
+        }
+        let other = if self.detach_sent {
+            self.disposition != Some(disposition)
+        } else {
+            self.disposition.is_some_and(|d| d != disposition)
+        };
+        if self.detaching && other {
+            return Err(LinkError::Unexpected(format!(
+                "a {} is already under way",
+                match self.disposition {
+                    Some(d) => format!("release ({d:?})"),
+                    None => "detach".into(),
+                }
+            )));
+        }
+        self.detaching = true;
+        self.disposition = Some(disposition);
+        self.pump_detach();
+        Ok(())
     }
 
     /// Whether the session is over (see [`EdgeEvent::Failed`],
@@ -780,8 +857,8 @@ impl EdgeSession {
         match (&self.conn, msg) {
             (_, Message::Error { code, message }) if header.id == 0 => {
                 let error = LinkError::Refused { code, message };
-                if code == ErrorCode::Fenced {
-                    self.fenced(error);
+                if is_final(code) {
+                    self.final_refusal(error);
                 } else if matches!(self.conn, Conn::Up) {
                     self.close(now, error);
                 } else {
@@ -864,8 +941,8 @@ impl EdgeSession {
                 if header.id == ATTACH_ID =>
             {
                 let error = LinkError::Refused { code, message };
-                if code == ErrorCode::Fenced {
-                    self.fenced(error);
+                if is_final(code) {
+                    self.final_refusal(error);
                 } else {
                     self.refused(now, error);
                 }
@@ -935,16 +1012,34 @@ impl EdgeSession {
         self.transport = None;
         self.next_heartbeat = None;
         self.detaching = false;
+        self.disposition = None;
         self.detach_sent = false;
         self.conn = Conn::Gone;
         self.finished = Some(error);
     }
 
-    /// Sends `Detach` once asked to and nothing shipped is unacknowledged.
+    /// A refusal at attach that no retry can change: fenced off the
+    /// volume, or the volume is another edge's now.
+    fn final_refusal(&mut self, error: LinkError) {
+        match &error {
+            LinkError::Refused {
+                code: ErrorCode::Fenced,
+                ..
+            } => self.fenced(error),
+            _ => self.finish(error.clone(), EdgeEvent::Failed(error)),
+        }
+    }
+
+    /// Sends `Detach` (or `Release`) once asked to and nothing shipped is
+    /// unacknowledged.
     fn pump_detach(&mut self) {
         if self.detaching && !self.detach_sent && self.is_up() && self.batches.is_empty() {
             self.detach_sent = true;
-            self.send(ATTACH_ID, Class::Demand, Message::Detach);
+            let msg = match self.disposition {
+                None => Message::Detach,
+                Some(disposition) => Message::Release { disposition },
+            };
+            self.send(ATTACH_ID, Class::Demand, msg);
         }
     }
 
@@ -1052,6 +1147,20 @@ impl EdgeSession {
                 self.finish(LinkError::Detached, EdgeEvent::Detached);
                 Ok(())
             }
+            Message::Error { code, message } if id == ATTACH_ID && self.detach_sent => {
+                // The origin keeps the volume attached to us: go on, and
+                // ship what waited for the release.
+                self.detaching = false;
+                self.disposition = None;
+                self.detach_sent = false;
+                self.events
+                    .push_back(EdgeEvent::DetachRefused(LinkError::Refused {
+                        code,
+                        message,
+                    }));
+                self.fill_batches(now);
+                Ok(())
+            }
             Message::Error { code, message } if id == BATCH_ID => {
                 // The origin failed to apply the oldest batch it had not
                 // acknowledged (acks before it came first), and dropped it
@@ -1109,6 +1218,7 @@ impl EdgeSession {
                 });
                 Ok(())
             }
+            Message::ExtentMap { offset, extents } => self.on_extent_map(id, offset, &extents),
             Message::PrefetchDone => {
                 if let Some(Request {
                     kind: RequestKind::Prefetch,
@@ -1126,6 +1236,50 @@ impl EdgeSession {
                 other.kind()
             ))),
         }
+    }
+
+    fn on_extent_map(
+        &mut self,
+        id: u64,
+        offset: u64,
+        extents: &[(u64, u8)],
+    ) -> Result<(), LinkError> {
+        // A reply to a request given up on (timed out or cancelled).
+        let Some(r) = self.requests.get(&id) else {
+            return Ok(());
+        };
+        let RequestKind::Extents { offset: want, len } = r.kind else {
+            return Err(LinkError::Unexpected(format!(
+                "an allocation map in answer to {:?}",
+                r.msg.kind()
+            )));
+        };
+        // The decoder checked that the runs are non-empty and do not wrap.
+        let covered: u64 = extents.iter().map(|&(l, _)| l).sum();
+        if offset != want || covered > len {
+            return Err(LinkError::Unexpected(format!(
+                "an allocation map of {covered} bytes at {offset}, asked for {len} at {want}"
+            )));
+        }
+        self.requests.remove(&id);
+        let mut at = offset;
+        let extents = extents
+            .iter()
+            .map(|&(len, flags)| {
+                let e = Extent {
+                    offset: at,
+                    len,
+                    kind: extent_kind(flags),
+                };
+                at += len;
+                e
+            })
+            .collect();
+        self.events.push_back(EdgeEvent::ExtentsDone {
+            id,
+            result: Ok(extents),
+        });
+        Ok(())
     }
 
     fn on_read_data(
@@ -1182,5 +1336,14 @@ fn failed(id: RequestId, kind: &RequestKind, error: LinkError) -> EdgeEvent {
             id,
             result: Err(error),
         },
+        RequestKind::Extents { .. } => EdgeEvent::ExtentsDone {
+            id,
+            result: Err(error),
+        },
     }
+}
+
+/// Refusals that end the session: no retry can change them.
+fn is_final(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Fenced | ErrorCode::Migrated)
 }

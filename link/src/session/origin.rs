@@ -10,9 +10,12 @@
 //!   WriteBatch parts ──> reassembled ──> Op::Apply, one at a time, in order
 //!        apply_done ──> BatchAck (or Error: everything from that batch on
 //!                       is dropped until the edge resends it from part 0)
+//!   Extents   ──> Op::Extents ── extents_done ──> ExtentMap (demand)
 //!   Heartbeat ──> HeartbeatAck
 //!   Detach    ──> (once every batch received is applied) Op::Detach
 //!        detach_done ──> Detached ──> waiting for Attach again
+//!   Release   ──> (the same) Op::Release ── release_done ──> Detached ──> waiting
+//!                   └─ refused: Error, still attached
 //! ```
 //!
 //! The session never waits for storage: reads and applies are operations
@@ -29,6 +32,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use blockcore::Extent;
 use bytes::Bytes;
 
 use super::transport::{Transport, TransportStats};
@@ -36,8 +40,9 @@ use crate::bounded::BoundedSet;
 use crate::cc::CcConfig;
 use crate::error::LinkError;
 use crate::proto::{
-    auth_proof, verify_auth_proof, Class, ErrorCode, FrameHeader, Message, Role, SchedulerConfig,
-    WriteEntry, DEFAULT_WINDOW, MAX_DATA_LEN, PROTOCOL_VERSION,
+    auth_proof, extent_flags, verify_auth_proof, Class, Disposition, ErrorCode, FrameHeader,
+    Message, Role, SchedulerConfig, WriteEntry, DEFAULT_WINDOW, MAX_DATA_LEN, MAX_EXTENTS,
+    PROTOCOL_VERSION,
 };
 
 /// Settings of the origin's sessions.
@@ -105,12 +110,20 @@ pub enum OriginOp {
         want_signatures: bool,
         push: bool,
     },
+    /// Describe the allocation of a prefix of `[offset, offset + len)`
+    /// (inside the volume, `len` > 0): [`OriginSession::extents_done`].
+    Extents { tag: u64, offset: u64, len: u64 },
     /// Apply batch `seq` atomically (or confirm it was applied before):
     /// [`OriginSession::apply_done`]. One at a time, in order.
     Apply { seq: u64, entries: Vec<WriteEntry> },
     /// Release the volume: [`OriginSession::detach_done`]. Asked for only
     /// once every batch received before `Detach` was applied (or failed).
     Detach,
+    /// Release the volume as `disposition` says (record it as migrated to
+    /// this edge, or clear that record), then as `Detach` does:
+    /// [`OriginSession::release_done`]. Asked for at the same point as
+    /// `Detach`.
+    Release { disposition: Disposition },
     /// Close the connection; the session is finished.
     Close { reason: LinkError },
 }
@@ -169,6 +182,8 @@ impl Refusal {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct OriginSessionStats {
     pub reads: u64,
+    /// Allocation map queries (`Extents`) asked of the storage.
+    pub extent_queries: u64,
     pub bytes_read: u64,
     pub bytes_pushed: u64,
     pub batches_applied: u64,
@@ -229,6 +244,8 @@ pub struct OriginSession {
     size: u64,
     next_tag: u64,
     reads: BTreeMap<u64, ReadCtx>,
+    /// Allocation queries being answered: tag -> (request id, offset, len).
+    extents: BTreeMap<u64, (u64, u64, u64)>,
     push_jobs: VecDeque<PushJob>,
     /// Prefetch id -> its jobs not fully issued plus its pieces being
     /// read; at 0 its `PrefetchDone` goes out.
@@ -243,8 +260,9 @@ pub struct OriginSession {
     /// After a failed apply: parts are dropped until this batch restarts.
     failed_from: Option<u64>,
     attach_id: u64,
-    /// `Detach` arrived (its id); `Op::Detach` waits for the applies.
-    detach_pending: Option<u64>,
+    /// `Detach` or `Release` arrived (its id, and the release's
+    /// disposition); the operation waits for the applies.
+    detach_pending: Option<(u64, Option<Disposition>)>,
     stats: OriginSessionStats,
 }
 
@@ -273,6 +291,7 @@ impl OriginSession {
             size: 0,
             next_tag: 1,
             reads: BTreeMap::new(),
+            extents: BTreeMap::new(),
             push_jobs: VecDeque::new(),
             prefetches: BTreeMap::new(),
             push_in_flight: 0,
@@ -508,6 +527,30 @@ impl OriginSession {
         self.pump_detach();
     }
 
+    /// The allocation of a prefix of what [`OriginOp::Extents`] asked:
+    /// contiguous extents from its offset (as [`BlockDevice::extents`]
+    /// returns them). They are answered cut to the asked range and to
+    /// [`MAX_EXTENTS`] runs; should they not start at the offset, the
+    /// edge is told the storage failed.
+    ///
+    /// [`BlockDevice::extents`]: blockcore::BlockDevice::extents
+    pub fn extents_done(&mut self, tag: u64, result: Result<Vec<Extent>, Refusal>) {
+        let Some((id, offset, len)) = self.extents.remove(&tag) else {
+            return;
+        };
+        let msg = match result.map(|e| extent_runs(offset, len, &e)) {
+            Ok(extents) if !extents.is_empty() => Message::ExtentMap { offset, extents },
+            Ok(_) => Message::Error {
+                code: ErrorCode::Io,
+                message: format!(
+                    "the volume's storage described none of the {len} bytes at {offset}"
+                ),
+            },
+            Err(r) => refusal_message(r),
+        };
+        self.reply(id, msg);
+    }
+
     pub fn detach_done(&mut self) {
         if self.stage == Stage::Attached {
             self.stage = Stage::Ready;
@@ -515,6 +558,19 @@ impl OriginSession {
             self.push_jobs.clear();
             self.prefetches.clear();
             self.reply(self.attach_id, Message::Detached);
+        }
+    }
+
+    /// The outcome of [`OriginOp::Release`]: released (answered as a
+    /// detach), or refused (the edge is told why and keeps the volume).
+    pub fn release_done(&mut self, result: Result<(), Refusal>) {
+        match result {
+            Ok(()) => self.detach_done(),
+            Err(r) => {
+                if self.stage == Stage::Attached {
+                    self.reply(self.attach_id, refusal_message(r));
+                }
+            }
         }
     }
 
@@ -644,8 +700,10 @@ impl OriginSession {
                 Stage::Ready | Stage::Attaching,
                 msg @ (Message::Read { .. }
                 | Message::Prefetch { .. }
+                | Message::Extents { .. }
                 | Message::WriteBatch { .. }
-                | Message::Detach),
+                | Message::Detach
+                | Message::Release { .. }),
             ) => {
                 self.reply(
                     id,
@@ -700,8 +758,17 @@ impl OriginSession {
                 last,
                 entries,
             } => self.write_batch(id, seq, part, last, entries),
+            Message::Extents { offset, len } => {
+                self.extent_query(id, offset, len);
+                Ok(())
+            }
             Message::Detach => {
-                self.detach_pending = Some(id);
+                self.detach_pending = Some((id, None));
+                self.pump_detach();
+                Ok(())
+            }
+            Message::Release { disposition } => {
+                self.detach_pending = Some((id, Some(disposition)));
                 self.pump_detach();
                 Ok(())
             }
@@ -750,6 +817,27 @@ impl OriginSession {
             want_signatures,
             push: false,
         });
+    }
+
+    fn extent_query(&mut self, id: u64, offset: u64, len: u64) {
+        // `len` > 0 and no wrap: the decoder checked.
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            self.reply(
+                id,
+                Message::Error {
+                    code: ErrorCode::OutOfRange,
+                    message: format!(
+                        "allocation query of {len} bytes at {offset} is outside the volume of {} bytes",
+                        self.size
+                    ),
+                },
+            );
+            return;
+        }
+        self.stats.extent_queries += 1;
+        let tag = self.tag();
+        self.extents.insert(tag, (id, offset, len));
+        self.ops.push_back(OriginOp::Extents { tag, offset, len });
     }
 
     /// Starts push reads while the backlog has room.
@@ -879,9 +967,12 @@ impl OriginSession {
         if self.applying.is_some() || !self.ready.is_empty() {
             return;
         }
-        if let Some(id) = self.detach_pending.take() {
+        if let Some((id, release)) = self.detach_pending.take() {
             self.attach_id = id;
-            self.ops.push_back(OriginOp::Detach);
+            self.ops.push_back(match release {
+                None => OriginOp::Detach,
+                Some(disposition) => OriginOp::Release { disposition },
+            });
         }
     }
 
@@ -894,6 +985,31 @@ impl OriginSession {
             self.ops.push_back(OriginOp::Apply { seq, entries });
         }
     }
+}
+
+/// `extents` as the runs of an `ExtentMap` from `offset`: from the first
+/// one that starts at `offset` on, as long as they are contiguous, cut at
+/// `offset + len` and at [`MAX_EXTENTS`] runs, neighbours of one kind
+/// merged, empty ones skipped. Empty if none starts at `offset`.
+fn extent_runs(offset: u64, len: u64, extents: &[Extent]) -> Vec<(u64, u8)> {
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    let mut runs: Vec<(u64, u8)> = Vec::new();
+    for e in extents.iter().filter(|e| e.len > 0) {
+        if e.offset != at || at >= end {
+            break;
+        }
+        let n = e.len.min(end - at);
+        let flags = extent_flags(e.kind);
+        let full = runs.len() == MAX_EXTENTS;
+        match runs.last_mut() {
+            Some((l, f)) if *f == flags => *l += n,
+            _ if full => break,
+            _ => runs.push((n, flags)),
+        }
+        at += n;
+    }
+    runs
 }
 
 fn refusal_message(r: Refusal) -> Message {

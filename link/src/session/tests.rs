@@ -6,10 +6,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use blockcore::{Extent, ExtentKind};
 use bytes::Bytes;
 
 use super::*;
-use crate::proto::{ErrorCode, WriteEntry};
+use crate::proto::{Disposition, ErrorCode, WriteEntry};
 
 /// One direction of the path: a FIFO in front of a serializer of `rate`
 /// bytes/s, then `delay`.
@@ -97,6 +98,16 @@ struct World {
     refuse: Option<Refusal>,
     /// Connections the edge asked for.
     connects: u32,
+    /// The volume's allocation, as its device reports it (whole volume,
+    /// contiguous), and how many extents one query returns at most.
+    alloc: Vec<Extent>,
+    alloc_max: usize,
+    /// Releases the origin was asked for, with the newest batch applied
+    /// when it was; and how it answers them (`None`: released).
+    releases: Vec<(Disposition, u64)>,
+    refuse_release: Option<Refusal>,
+    /// Detaches the origin was asked for (plain `Detach`).
+    detaches: u32,
 }
 
 impl World {
@@ -135,6 +146,15 @@ impl World {
             closing: false,
             refuse: None,
             connects: 0,
+            alloc: vec![Extent {
+                offset: 0,
+                len: 8 << 20,
+                kind: ExtentKind::Data,
+            }],
+            alloc_max: usize::MAX,
+            releases: Vec::new(),
+            refuse_release: None,
+            detaches: 0,
         }
     }
 
@@ -331,9 +351,47 @@ impl World {
                 }
                 o.apply_done(seq, Ok(()));
             }
-            OriginOp::Detach => o.detach_done(),
+            OriginOp::Extents { tag, offset, len } => {
+                // As a device does: the extents from `offset`, the first
+                // one cut to start there, a prefix of the range.
+                let end = offset + len;
+                let extents = self
+                    .alloc
+                    .iter()
+                    .filter(|e| e.offset + e.len > offset && e.offset < end)
+                    .take(self.alloc_max)
+                    .map(|e| {
+                        let from = e.offset.max(offset);
+                        Extent {
+                            offset: from,
+                            len: (e.offset + e.len).min(end) - from,
+                            kind: e.kind,
+                        }
+                    })
+                    .collect();
+                o.extents_done(tag, Ok(extents));
+            }
+            OriginOp::Detach => {
+                self.detaches += 1;
+                o.detach_done();
+            }
+            OriginOp::Release { disposition } => {
+                self.releases.push((disposition, self.applied));
+                o.release_done(self.refuse_release.clone().map_or(Ok(()), Err));
+            }
             OriginOp::Close { .. } => {}
         }
+    }
+
+    fn extents_done(&self, id: RequestId) -> Option<&Result<Vec<Extent>, crate::LinkError>> {
+        self.events.iter().find_map(|(_, e)| match e {
+            EdgeEvent::ExtentsDone { id: i, result } if *i == id => Some(result),
+            _ => None,
+        })
+    }
+
+    fn has_event(&self, f: impl Fn(&EdgeEvent) -> bool) -> bool {
+        self.events.iter().any(|(_, e)| f(e))
     }
 
     fn read_done(&self, id: RequestId) -> Option<&Result<ReadReply, crate::LinkError>> {
@@ -735,4 +793,222 @@ fn detach_waits_for_every_batch_then_ends_the_session() {
         Some(Err(crate::LinkError::Detached))
     ));
     assert!(!w.edge.stats(w.now).fenced);
+}
+
+fn ext(offset: u64, len: u64, kind: ExtentKind) -> Extent {
+    Extent { offset, len, kind }
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn allocation_queries_are_answered_within_their_range() {
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    // Data, a hole, zeroes, data again, and a hole to the end; the device
+    // cuts its data extent in two, which the map merges.
+    w.alloc = vec![
+        ext(0, MIB / 2, ExtentKind::Data),
+        ext(MIB / 2, MIB / 2, ExtentKind::Data),
+        ext(MIB, 2 * MIB, ExtentKind::Hole),
+        ext(3 * MIB, MIB, ExtentKind::Zero),
+        ext(4 * MIB, MIB, ExtentKind::Data),
+        ext(5 * MIB, 3 * MIB, ExtentKind::Hole),
+    ];
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+
+    // From inside the first extent to inside the fifth.
+    let id = w.edge.extents(4096, 4 * MIB + 4096, w.now);
+    w.run(Duration::from_secs(2), |w| w.extents_done(id).is_some());
+    let got = w.extents_done(id).unwrap().as_ref().unwrap();
+    assert_eq!(
+        *got,
+        [
+            ext(4096, MIB - 4096, ExtentKind::Data),
+            ext(MIB, 2 * MIB, ExtentKind::Hole),
+            ext(3 * MIB, MIB, ExtentKind::Zero),
+            ext(4 * MIB, 8192, ExtentKind::Data),
+        ]
+    );
+
+    // A device that describes less than asked: the answer is the prefix,
+    // and the edge asks again from where it ended.
+    w.alloc_max = 2;
+    let id = w.edge.extents(MIB, 7 * MIB, w.now);
+    w.run(Duration::from_secs(2), |w| w.extents_done(id).is_some());
+    let got = w.extents_done(id).unwrap().as_ref().unwrap().clone();
+    assert_eq!(
+        got,
+        [
+            ext(MIB, 2 * MIB, ExtentKind::Hole),
+            ext(3 * MIB, MIB, ExtentKind::Zero),
+        ]
+    );
+    let id = w.edge.extents(4 * MIB, 4 * MIB, w.now);
+    w.run(Duration::from_secs(2), |w| w.extents_done(id).is_some());
+    let got = w.extents_done(id).unwrap().as_ref().unwrap();
+    assert_eq!(
+        *got,
+        [
+            ext(4 * MIB, MIB, ExtentKind::Data),
+            ext(5 * MIB, 3 * MIB, ExtentKind::Hole),
+        ]
+    );
+    assert_eq!(w.origin.as_ref().unwrap().stats(w.now).extent_queries, 3);
+
+    // Past the end: refused by the origin; empty: refused at once.
+    let past = w.edge.extents(8 * MIB - 4096, 8192, w.now);
+    let empty = w.edge.extents(0, 0, w.now);
+    w.run(Duration::from_secs(2), |w| w.extents_done(past).is_some());
+    assert!(
+        matches!(
+            w.extents_done(past),
+            Some(Err(crate::LinkError::Refused {
+                code: ErrorCode::OutOfRange,
+                ..
+            }))
+        ),
+        "{:?}",
+        w.extents_done(past)
+    );
+    assert!(matches!(
+        w.extents_done(empty),
+        Some(Err(crate::LinkError::Unexpected(_)))
+    ));
+    assert!(w.edge.is_up(), "a refused query does not end the link");
+}
+
+#[test]
+fn an_allocation_query_waits_across_a_reconnection() {
+    let mut w = World::new(MBIT100, Duration::from_millis(10), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    w.up.stalled = true;
+    w.down.stalled = true;
+    let id = w.edge.extents(0, 8 * MIB, w.now);
+    w.run(Duration::from_secs(8), |w| w.edge.stats(w.now).deaths > 0);
+    assert!(w.extents_done(id).is_none());
+    w.up.stalled = false;
+    w.down.stalled = false;
+    w.run(Duration::from_secs(5), |w| w.extents_done(id).is_some());
+    let got = w.extents_done(id).unwrap().as_ref().unwrap();
+    assert_eq!(*got, [ext(0, 8 * MIB, ExtentKind::Data)]);
+    assert_eq!(w.edge.stats(w.now).connects, 2);
+}
+
+#[test]
+fn a_cut_over_release_waits_for_every_batch_then_ends_the_session() {
+    let mut w = World::new(MBIT100, Duration::from_millis(10), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    w.edge.ship(1, batch(1, 2 << 20), w.now);
+    w.edge.ship(2, batch(2, 1 << 20), w.now);
+    w.edge.release(Disposition::CutOver).unwrap();
+    // The same release again is no conflict; another one is.
+    w.edge.release(Disposition::CutOver).unwrap();
+    assert!(w.edge.release(Disposition::Home).is_err());
+    w.run(Duration::from_secs(10), |w| {
+        w.has_event(|e| matches!(e, EdgeEvent::Detached))
+    });
+    // Asked for once, after both batches were applied, as a release.
+    assert_eq!(w.releases, [(Disposition::CutOver, 2)]);
+    assert_eq!(w.detaches, 0);
+    let at = |f: &dyn Fn(&EdgeEvent) -> bool| w.events.iter().position(|(_, e)| f(e));
+    let detached = at(&|e| matches!(e, EdgeEvent::Detached)).unwrap();
+    let applied = at(&|e| matches!(e, EdgeEvent::BatchApplied { seq: 2 })).unwrap();
+    assert!(applied < detached, "{:?}", w.events);
+    assert!(matches!(
+        w.edge.finished(),
+        Some(crate::LinkError::Detached)
+    ));
+    assert_eq!(w.edge.poll_timeout(), None);
+    assert!(matches!(
+        w.edge.release(Disposition::Home),
+        Err(crate::LinkError::Detached)
+    ));
+}
+
+#[test]
+fn a_refused_release_keeps_the_volume_attached() {
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    w.refuse_release = Some(Refusal::new(
+        ErrorCode::Io,
+        "the record could not be written",
+    ));
+    w.edge.release(Disposition::Home).unwrap();
+    w.run(Duration::from_secs(2), |w| {
+        w.has_event(|e| matches!(e, EdgeEvent::DetachRefused(_)))
+    });
+    assert!(w.has_event(|e| matches!(
+        e,
+        EdgeEvent::DetachRefused(crate::LinkError::Refused {
+            code: ErrorCode::Io,
+            ..
+        })
+    )));
+    assert_eq!(w.releases, [(Disposition::Home, 0)]);
+    assert!(w.edge.is_up() && w.edge.finished().is_none());
+    // The session goes on: batches ship, reads are answered, and the
+    // release can be asked again (now granted).
+    w.edge.ship(1, batch(1, 64 << 10), w.now);
+    let read = w.edge.read(0, 4096, false, w.now);
+    w.run(Duration::from_secs(2), |w| {
+        w.applied_seq() == 1 && w.read_done(read).is_some()
+    });
+    assert!(matches!(w.read_done(read), Some(Ok(_))));
+    w.refuse_release = None;
+    w.edge.release(Disposition::CutOver).unwrap();
+    w.run(Duration::from_secs(2), |w| w.edge.finished().is_some());
+    assert_eq!(
+        w.releases,
+        [(Disposition::Home, 0), (Disposition::CutOver, 1)]
+    );
+    assert!(w.has_event(|e| matches!(e, EdgeEvent::Detached)));
+}
+
+fn is_migrated(e: &crate::LinkError) -> bool {
+    matches!(
+        e,
+        crate::LinkError::Refused {
+            code: ErrorCode::Migrated,
+            ..
+        }
+    )
+}
+
+#[test]
+fn an_attach_refused_as_migrated_stops_the_session() {
+    let migrated = Refusal::new(
+        ErrorCode::Migrated,
+        "volume \"vol\" was migrated to edge \"edge-2\": move it back from that edge first",
+    );
+    // At the first attach.
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.refuse = Some(migrated.clone());
+    w.run(Duration::from_secs(2), |w| w.edge.finished().is_some());
+    assert!(w.edge.finished().is_some_and(is_migrated));
+    assert!(w.has_event(|e| matches!(e, EdgeEvent::Failed(e) if is_migrated(e))));
+    assert!(!w.has_event(|e| matches!(e, EdgeEvent::Refused(_))));
+    w.run(Duration::from_secs(10), |_| false);
+    assert_eq!(w.connects, 1, "not retried");
+    assert!(w.edge.attachment().is_none());
+
+    // At a reconnection: what waits fails with it, nothing is retried.
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    w.refuse = Some(migrated);
+    w.disconnect();
+    let read = w.edge.read(0, 4096, false, w.now);
+    let query = w.edge.extents(0, 4096, w.now);
+    w.run(Duration::from_secs(2), |w| w.edge.finished().is_some());
+    assert!(matches!(w.read_done(read), Some(Err(e)) if is_migrated(e)));
+    assert!(matches!(w.extents_done(query), Some(Err(e)) if is_migrated(e)));
+    let st = w.edge.stats(w.now);
+    assert!(!st.fenced, "{st:?}");
+    assert!(
+        st.stopped.as_deref().unwrap_or("").contains("edge-2"),
+        "{st:?}"
+    );
+    let connects = w.connects;
+    w.run(Duration::from_secs(10), |_| false);
+    assert_eq!(w.connects, connects);
+    assert_eq!(w.edge.poll_timeout(), None);
 }
