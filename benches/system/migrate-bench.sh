@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# System benchmark: migrating a volume's storage over an emulated WAN.
+#
+# One sparse image (SIZE_MIB, DATA_MIB of it allocated, scattered in 1 MiB
+# pieces; half of the pieces random bytes, half base64 text, which
+# compresses about 4:3 as a disk's files do) behind `ferry link-emulator`
+# (DELAY_MS each way, MBIT each way, QUEUE_KIB buffered per direction).
+# Per round, side by side through the same emulator settings:
+#   nbdcopy      `nbdkit file` serves the image; `nbdcopy --connections=1
+#                --destination-is-zero` copies it into a new sparse file
+#                through the link (it skips holes and zeroes too). One
+#                connection: the emulator gives every connection a link of
+#                its own, and ferry's edge uses one.
+#   ferry        `ferry origin` + `ferry edge` (fresh cache); `ferry migrate
+#                start` copies the volume into a new sparse file; timed from
+#                the start to the `mirrored` stage.
+#   ferry+reads  the same, with fio's 4 KiB random reads at depth 1 over the
+#                whole volume through the edge while the copy runs: demand
+#                read latency p50/p99 (target p99 <= RTT + 2 ms).
+# Every copy is checked against the image (`cmp`). Reported: medians of
+# ROUNDS rounds of time, bytes over the link (the emulator's count, towards
+# the copier), and their ratio to DATA_MIB / bandwidth (target <= 1.1x).
+#
+# Usage: benches/system/migrate-bench.sh
+# Environment:
+#   SIZE_MIB    volume size (default 2048)
+#   DATA_MIB    allocated MiB (default 591, as the Debian test disk)
+#   IMAGE       use this raw image instead of the synthetic one
+#   DELAY_MS    one-way delay (default 25)
+#   MBIT        bandwidth each way (default 100)
+#   QUEUE_KIB   the path's buffer per direction (default 4096)
+#   ROUNDS      rounds (default 3; medians reported)
+#   FERRY_BIN   ferry binary (default: the dev-profile build, built here)
+#   OUT         Markdown report (default /tmp/migrate-bench-DATE.md); raw
+#               numbers and logs in ${OUT%.md}.raw/
+#   WORK_DIR    scratch directory parent (default /tmp)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+BENCH=migrate-bench
+SIZE_MIB=${SIZE_MIB:-2048}
+DATA_MIB=${DATA_MIB:-591}
+DELAY_MS=${DELAY_MS:-25}
+MBIT=${MBIT:-100}
+QUEUE_KIB=${QUEUE_KIB:-4096}
+ROUNDS=${ROUNDS:-3}
+WORK_DIR=${WORK_DIR:-/tmp}
+OUT=${OUT:-/tmp/migrate-bench-$(date +%Y%m%d-%H%M%S).md}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}
+RAW=${OUT%.md}.raw
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+for v in SIZE_MIB DATA_MIB QUEUE_KIB ROUNDS; do
+  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
+done
+[ "$DATA_MIB" -le "$SIZE_MIB" ] || die "DATA_MIB exceeds SIZE_MIB"
+for t in fio nbdkit nbdcopy python3 awk base64 cmp; do
+  command -v "$t" >/dev/null || die "missing $t: run scripts/install-deps.sh"
+done
+if [ -z "${FERRY_BIN:-}" ]; then
+  # The same build as the test command (one RocksDB compile for both).
+  (cd "$ROOT" && cargo build --workspace --all-targets --locked)
+  FERRY_BIN=$CARGO_TARGET_DIR/debug/ferry
+fi
+[ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
+
+if [ -e "$RAW" ] && [ -n "$(ls -A "$RAW" 2>/dev/null)" ]; then
+  die "$RAW exists and is not empty: remove it or choose another OUT"
+fi
+mkdir -p "$RAW" "$(dirname "$OUT")"
+WORK=$(mktemp -d "$WORK_DIR/migrate-bench.XXXXXX")
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_all
+  rm -rf "$WORK"
+  [ "$rc" -eq 0 ] || echo "$BENCH: failed (exit $rc); logs in $RAW" >&2
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+RTT_MS=$(awk -v d="$DELAY_MS" 'BEGIN { print 2 * d }')
+LINK_BPS=$(awk -v m="$MBIT" 'BEGIN { printf "%d", m * 1e6 / 8 }')
+
+if [ -n "${IMAGE:-}" ]; then
+  [ -f "$IMAGE" ] || die "IMAGE $IMAGE is not a file"
+  IMG=$IMAGE
+  SIZE_MIB=$(($(stat -c %s "$IMG") >> 20))
+  DATA_MIB=$(($(stat -c %b "$IMG") * $(stat -c %B "$IMG") >> 20))
+else
+  IMG=$WORK/vm.img
+  log "creating $IMG: $SIZE_MIB MiB, $DATA_MIB MiB of it data"
+  truncate -s "${SIZE_MIB}M" "$IMG"
+  # Piece i of DATA_MIB goes to MiB (i * stride) mod SIZE_MIB, a stride
+  # coprime to the size, so the data is spread over the whole volume.
+  python3 - "$IMG" "$SIZE_MIB" "$DATA_MIB" <<'PY'
+import base64, math, os, sys
+path, size, data = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+stride = 7919
+while math.gcd(stride, size) != 1:
+    stride += 2
+with open(path, "r+b") as f:
+    for i in range(data):
+        f.seek(((i * stride) % size) << 20)
+        if i % 2:
+            f.write(base64.b64encode(os.urandom(3 << 18)))
+        else:
+            f.write(os.urandom(1 << 20))
+PY
+fi
+cat > "$RAW/meta.txt" <<EOF
+SIZE_MIB=$SIZE_MIB DATA_MIB=$DATA_MIB IMAGE=${IMAGE:-synthetic} DELAY_MS=$DELAY_MS MBIT=$MBIT
+QUEUE_KIB=$QUEUE_KIB ROUNDS=$ROUNDS FERRY_BIN=$FERRY_BIN
+REVISION=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+EOF
+
+link() { # TAG TARGET: the emulator in front of TARGET; sets LINK
+  spawn "link-$1" link "$FERRY_BIN" link-emulator --listen 127.0.0.1:0 --target "$2" \
+    --delay-ms "$DELAY_MS" --mbit "$MBIT" --queue-kib "$QUEUE_KIB"
+  LINK=$ADDR
+}
+
+# link_bytes TAG: bytes the stopped emulator sent towards the copier.
+link_bytes() {
+  sed -n 's/.*bytes_to_client=\([0-9]*\).*/\1/p' "$RAW/link-$1.log" | tail -1
+}
+
+check_copy() { # COPY
+  cmp -s "$IMG" "$1" || die "$1 differs from the image"
+}
+
+run_nbdcopy() { # TAG: sets SECS
+  local tag=$1 port
+  port=$(free_port)
+  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$IMG" \
+    > "$RAW/nbdkit-$tag.log" 2>&1 &
+  PID_OF[nbdkit-$tag]=$!
+  STARTED+=("nbdkit-$tag")
+  for ((i = 0; i < 100; i++)); do
+    nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  link "$tag" "127.0.0.1:$port"
+  local copy=$WORK/copy-$tag.raw start
+  truncate -s "${SIZE_MIB}M" "$copy"
+  start=$(now)
+  nbdcopy --connections=1 --destination-is-zero "nbd://$LINK" "$copy" 2> "$RAW/nbdcopy-$tag.log" \
+    || die "nbdcopy failed ($tag)"
+  SECS=$(elapsed "$start")
+  stop_proc "link-$tag"
+  stop_proc "nbdkit-$tag"
+  check_copy "$copy"
+  rm -f "$copy"
+}
+
+migration_json() { # SOCK
+  "$FERRY_BIN" migrate status vm --api "$1" --json
+}
+json_key() { # KEY (stdin: JSON, an object or a list of one)
+  python3 -c '
+import json, sys
+j = json.load(sys.stdin)
+j = j[0] if isinstance(j, list) else j
+print(j[sys.argv[1]])' "$1"
+}
+
+run_ferry() { # TAG WITH_READS: sets SECS, FROM_LINK, P50, P99
+  local tag=$1 reads=$2
+  spawn "origin-$tag" origin "$FERRY_BIN" origin --listen 127.0.0.1:0 --export "vm=$IMG" \
+    --state-dir "$WORK/origin-$tag" --no-tls
+  link "$tag" "$ADDR"
+  local sock=$WORK/edge-$tag.sock copy=$WORK/copy-$tag.raw
+  spawn "edge-$tag" api "$FERRY_BIN" edge --origin "$LINK" --volume vm \
+    --cache-dir "$WORK/cache-$tag" --cache-size "${SIZE_MIB}M" --nbd 127.0.0.1:0 \
+    --api "$sock" --no-tls
+  local nbd
+  nbd=$(sed -n 's/^listening nbd //p' "$RAW/edge-$tag.stdout" | head -1)
+  for ((i = 0; i < 600; i++)); do
+    [ "$("$FERRY_BIN" volume list --api "$sock" --json | python3 -c '
+import json, sys; print(json.load(sys.stdin)["volumes"][0]["state"])')" = up ] && break
+    sleep 0.1
+  done
+  local start fpid=
+  start=$(now)
+  "$FERRY_BIN" migrate start vm --target "$copy" --api "$sock" --json > "$RAW/start-$tag.json"
+  if [ "$reads" = 1 ]; then
+    fio --name=reads --ioengine=nbd --uri="nbd://$nbd/vm" --rw=randread --bs=4k \
+      --iodepth=1 --time_based --runtime=3600 --norandommap --randrepeat=0 \
+      --output-format=json --output="$RAW/reads-$tag.json" > /dev/null &
+    fpid=$!
+  fi
+  while [ "$(migration_json "$sock" | json_key stage)" != mirrored ]; do
+    sleep 0.2
+  done
+  SECS=$(elapsed "$start")
+  if [ -n "$fpid" ]; then
+    kill -INT "$fpid" 2>/dev/null || true
+    wait "$fpid" || true
+    P50=$(pct "$RAW/reads-$tag.json" 50)
+    P99=$(pct "$RAW/reads-$tag.json" 99)
+  fi
+  migration_json "$sock" > "$RAW/done-$tag.json"
+  FROM_LINK=$(json_key bytes_from_link < "$RAW/done-$tag.json")
+  stop_proc "edge-$tag"
+  stop_proc "link-$tag"
+  stop_proc "origin-$tag"
+  check_copy "$copy"
+  rm -rf "$copy" "$WORK/cache-$tag" "$WORK/origin-$tag"
+}
+
+pct() { # FILE P: fio read clat percentile P, ms
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+# fio notes the signal that ended it before the JSON.
+j = json.loads(text[text.index("{"):])["jobs"][0]["read"]
+p = j["clat_ns"]["percentile"]
+key = min(p, key=lambda k: abs(float(k) - float(sys.argv[2])))
+print("%.1f" % (p[key] / 1e6))
+PY
+}
+
+declare -A R=()
+for ((round = 1; round <= ROUNDS; round++)); do
+  log "round $round/$ROUNDS: nbdcopy"
+  run_nbdcopy "nbdcopy-$round"
+  R[nbdcopy.secs.$round]=$SECS
+  R[nbdcopy.wire.$round]=$(link_bytes "nbdcopy-$round")
+  log "  $SECS s, $(( ${R[nbdcopy.wire.$round]} >> 20 )) MiB over the link"
+
+  log "round $round/$ROUNDS: ferry migrate"
+  run_ferry "ferry-$round" 0
+  R[ferry.secs.$round]=$SECS
+  R[ferry.wire.$round]=$(link_bytes "ferry-$round")
+  R[ferry.data.$round]=$FROM_LINK
+  log "  $SECS s, $(( ${R[ferry.wire.$round]} >> 20 )) MiB over the link"
+
+  log "round $round/$ROUNDS: ferry migrate with demand reads"
+  run_ferry "reads-$round" 1
+  R[reads.secs.$round]=$SECS
+  R[reads.wire.$round]=$(link_bytes "reads-$round")
+  R[reads.p50.$round]=$P50
+  R[reads.p99.$round]=$P99
+  log "  $SECS s, reads p50 $P50 ms p99 $P99 ms"
+done
+
+col() { # KEY: the values of all rounds
+  local r out=()
+  for ((r = 1; r <= ROUNDS; r++)); do out+=("${R[$1.$r]}"); done
+  echo "${out[@]}"
+}
+med() { median $(col "$1"); }
+mib() { awk -v b="$1" 'BEGIN { printf "%.0f", b / 1048576 }'; }
+ideal=$(awk -v d="$DATA_MIB" -v bps="$LINK_BPS" 'BEGIN { printf "%.1f", d * 1048576 / bps }')
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+{
+  echo "# migrate-bench $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo "Volume $SIZE_MIB MiB, $DATA_MIB MiB allocated (${IMAGE:-synthetic: half random, half base64}); link ${DELAY_MS} ms each way, $MBIT Mbit/s, ${QUEUE_KIB} KiB queue; $ROUNDS rounds, medians (rounds in brackets); load at start $(sed -n 's/.*LOAD=//p' "$RAW/meta.txt"). Allocated bytes / bandwidth = $ideal s."
+  echo
+  echo "| copier | time (s) | vs allocated / bandwidth | bytes over the link (MiB) |"
+  echo "|---|---:|---:|---:|"
+  for k in nbdcopy ferry reads; do
+    name=$k
+    [ "$k" = ferry ] && name="ferry migrate"
+    [ "$k" = reads ] && name="ferry migrate + 4 KiB QD1 reads"
+    s=$(med "$k.secs")
+    echo "| $name | **$s** ($(col "$k.secs")) | $(ratio "$s" "$ideal")x | $(mib "$(med "$k.wire")") |"
+  done
+  echo
+  echo "ferry migrate / nbdcopy: $(ratio "$(med ferry.secs)" "$(med nbdcopy.secs)")x the time. Data bytes the copy took from the link: $(mib "$(med ferry.data)") MiB (before compression)."
+  echo
+  echo "Demand reads during the copy: p50 $(med reads.p50) ms, p99 **$(med reads.p99) ms** ($(col reads.p99)); target <= RTT + 2 = $((RTT_MS + 2)) ms."
+} > "$OUT"
+cat "$OUT"
