@@ -83,3 +83,16 @@ median() {
     if (NR == 0) { print "nan"; exit }
     if (NR % 2) print a[(NR + 1) / 2]; else printf "%.6g\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
+
+# pct FILE P: the read completion-latency percentile P (50, 99) of fio's
+# JSON output FILE, in ms. fio may note the signal that ended it first.
+pct() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]["read"]
+p = j["clat_ns"]["percentile"]
+key = min(p, key=lambda k: abs(float(k) - float(sys.argv[2])))
+print("%.1f" % (p[key] / 1e6))
+PY
+}

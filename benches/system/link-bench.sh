@@ -150,16 +150,6 @@ fio_writer() { # URI OUT SECS: writes 1 MiB blocks, depth 4, to the second half
     --numjobs=1 --output-format=json --output="$2" >/dev/null || die "fio writer failed ($2)"
 }
 
-# pct FILE P: read clat percentile P (50, 99) of fio JSON FILE, in ms.
-pct() {
-  python3 - "$1" "$2" <<'PY'
-import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]["read"]
-p = j["clat_ns"]["percentile"]
-key = min(p, key=lambda k: abs(float(k) - float(sys.argv[2])))
-print("%.1f" % (p[key] / 1e6))
-PY
-}
 reads_done() {
   python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["jobs"][0]["read"]["total_ios"])' "$1"
 }

@@ -212,17 +212,6 @@ import json, sys; print(json.load(sys.stdin)["volumes"][0]["state"])')" = up ] &
   rm -rf "$copy" "$WORK/cache-$tag" "$WORK/origin-$tag"
 }
 
-pct() { # FILE P: fio read clat percentile P, ms
-  python3 - "$1" "$2" <<'PY'
-import json, sys
-text = open(sys.argv[1]).read()
-# fio notes the signal that ended it before the JSON.
-j = json.loads(text[text.index("{"):])["jobs"][0]["read"]
-p = j["clat_ns"]["percentile"]
-key = min(p, key=lambda k: abs(float(k) - float(sys.argv[2])))
-print("%.1f" % (p[key] / 1e6))
-PY
-}
 
 declare -A R=()
 for ((round = 1; round <= ROUNDS; round++)); do
