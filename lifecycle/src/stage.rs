@@ -111,10 +111,13 @@ impl Stage {
             )),
             // Commands that leave the stage as it is. A forced cut-over from
             // `migrating` is one: the copy finishes first (paused and rate
-            // limit ignored) and the cut-over starts from `mirrored`.
+            // limit ignored) and the cut-over starts from `mirrored`. So is
+            // one that finds nothing left to copy: the copy task is only
+            // recording its completion, which the cut-over waits for.
             (S::Migrating | S::Mirrored, C::Pause | C::Resume | C::SetRate)
             | (S::Mirrored, C::CopyComplete)
             | (S::Migrating, C::CutOver { force: true, .. })
+            | (S::Migrating, C::CutOver { remaining: 0, .. })
             | (S::CuttingOver, C::CutOver { .. })
             | (S::MovingBack, C::MoveBack) => Ok(self),
             (S::Migrating, C::CopyComplete) => Ok(S::Mirrored),
@@ -313,6 +316,14 @@ mod tests {
             }),
             Ok(Stage::Migrating),
             "forced: the copy finishes first"
+        );
+        assert_eq!(
+            Stage::Migrating.check(Command::CutOver {
+                remaining: 0,
+                force: false
+            }),
+            Ok(Stage::Migrating),
+            "every byte is local: the cut-over waits for the copy to say so"
         );
     }
 
