@@ -112,6 +112,12 @@ enum Cmd {
         len: u64,
         reply: oneshot::Sender<Result<Vec<Extent>, LinkError>>,
     },
+    Sign {
+        offset: u64,
+        len: u32,
+        block: u32,
+        reply: oneshot::Sender<Result<Vec<[u8; 32]>, LinkError>>,
+    },
     /// A detach, or with a disposition a release.
     Detach {
         reply: oneshot::Sender<Result<(), LinkError>>,
@@ -139,6 +145,7 @@ enum Waiter {
     Read(oneshot::Sender<Result<ReadReply, LinkError>>),
     Prefetch(oneshot::Sender<Result<(), LinkError>>),
     Extents(oneshot::Sender<Result<Vec<Extent>, LinkError>>),
+    Sign(oneshot::Sender<Result<Vec<[u8; 32]>, LinkError>>),
     /// A prefetch whose pushes go to its caller, not to the cache.
     Fetch {
         pushes: Vec<Push>,
@@ -308,6 +315,28 @@ impl LinkClient {
         let (reply, rx) = oneshot::channel();
         self.cmd
             .send(Cmd::Extents { offset, len, reply })
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// The signature of every `block`-byte piece of `[offset, offset +
+    /// len)` as the origin's image holds it now (the last piece may be
+    /// short), keyed with the deployment's dedup key: what a move back
+    /// compares its copy with.
+    pub async fn signatures(
+        &self,
+        offset: u64,
+        len: u32,
+        block: u32,
+    ) -> Result<Vec<[u8; 32]>, LinkError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Sign {
+                offset,
+                len,
+                block,
+                reply,
+            })
             .map_err(|_| self.gone())?;
         rx.await.map_err(|_| self.gone())?
     }
@@ -602,6 +631,15 @@ impl Driver {
                 let id = self.session.extents(offset, len, t);
                 self.waiters.insert(id, Waiter::Extents(reply));
             }
+            Cmd::Sign {
+                offset,
+                len,
+                block,
+                reply,
+            } => {
+                let id = self.session.sign(offset, len, block, t);
+                self.waiters.insert(id, Waiter::Sign(reply));
+            }
             Cmd::Detach {
                 reply,
                 timeout,
@@ -645,6 +683,7 @@ impl Driver {
                     Waiter::Read(r) => r.is_closed(),
                     Waiter::Prefetch(r) => r.is_closed(),
                     Waiter::Extents(r) => r.is_closed(),
+                    Waiter::Sign(r) => r.is_closed(),
                     Waiter::Fetch { reply, .. } => reply.is_closed(),
                 })
                 .map(|(id, _)| *id)
@@ -711,7 +750,7 @@ impl Driver {
                     Some(Waiter::Fetch { pushes, reply }) => {
                         let _ = reply.send(result.map(|()| pushes));
                     }
-                    Some(w @ (Waiter::Read(_) | Waiter::Extents(_))) => {
+                    Some(w @ (Waiter::Read(_) | Waiter::Extents(_) | Waiter::Sign(_))) => {
                         self.waiters.insert(id, w);
                     }
                     None => {}
@@ -766,6 +805,11 @@ impl Driver {
                         let _ = w.send(result);
                     }
                 }
+                EdgeEvent::SignDone { id, result } => {
+                    if let Some(Waiter::Sign(w)) = self.waiters.remove(&id) {
+                        let _ = w.send(result);
+                    }
+                }
                 EdgeEvent::DetachRefused(e) => {
                     tracing::error!(origin = %self.origin, volume = %self.session.config().volume, error = %e, "the origin refused to release the volume; it stays attached");
                     if let Some(d) = self.detach.take() {
@@ -795,6 +839,9 @@ impl Driver {
                     let _ = w.send(Err(reason.clone()));
                 }
                 Waiter::Extents(w) => {
+                    let _ = w.send(Err(reason.clone()));
+                }
+                Waiter::Sign(w) => {
                     let _ = w.send(Err(reason.clone()));
                 }
                 Waiter::Fetch { reply, .. } => {

@@ -110,6 +110,14 @@ fn origin(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
                     assert!(offset + len <= SIZE, "allocation query outside the volume");
                     queries.push((tag, offset, len));
                 }
+                OriginOp::Sign { tag, offset, len, block } => {
+                    assert!(granted, "a signature query before the volume was granted");
+                    assert!(len > 0 && block >= 512, "a degenerate signature query");
+                    assert!(offset + u64::from(len) <= SIZE, "signature query outside the volume");
+                    // Sometimes the wrong count: answered as a storage failure.
+                    let n = u64::from(len).div_ceil(u64::from(block)) + (step >> 50) % 2;
+                    s.sign_done(tag, Ok(vec![[9; 32]; n as usize]));
+                }
                 OriginOp::Detach => s.detach_done(),
                 OriginOp::Release { .. } => releasing = true,
                 OriginOp::Close { .. } => closed = true,
@@ -174,6 +182,7 @@ fn edge(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
     let mut asked: BTreeSet<u64> = BTreeSet::new();
     let mut lens = std::collections::BTreeMap::new();
     let mut ranges = std::collections::BTreeMap::new();
+    let mut signs = std::collections::BTreeMap::new();
     let mut step = u64::from(chunk_seed);
     let mut pos = 0;
     let mut seq = 0;
@@ -206,6 +215,13 @@ fn edge(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
                         assert!(at <= offset + len, "allocation map past the range");
                     }
                 }
+                EdgeEvent::SignDone { id, result } => {
+                    assert!(asked.remove(&id), "completion of unknown signature query {id}");
+                    let (len, block): (u32, u32) = signs[&id];
+                    if let Ok(sigs) = result {
+                        assert_eq!(sigs.len() as u64, u64::from(len).div_ceil(u64::from(block)));
+                    }
+                }
                 _ => {}
             }
         }
@@ -222,6 +238,14 @@ fn edge(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
             let id = s.extents(offset, len, now);
             asked.insert(id);
             ranges.insert(id, (offset, len));
+        }
+        if step % 17 == 0 {
+            let offset = (step >> 24) % SIZE;
+            let len = 1 + ((step >> 40) % (1 << 20)) as u32;
+            let block = 256 << ((step >> 8) % 8);
+            let id = s.sign(offset, len, block, now);
+            asked.insert(id);
+            signs.insert(id, (len, block));
         }
         if step % 97 == 0 {
             let d = if step & 32 != 0 { Disposition::CutOver } else { Disposition::Home };

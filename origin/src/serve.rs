@@ -75,6 +75,7 @@ enum Done {
     Read(u64, Result<ReadAnswer, Refusal>),
     Apply(u64, Result<(), Refusal>),
     Extents(u64, Result<Vec<blockcore::Extent>, Refusal>),
+    Sign(u64, Result<Vec<[u8; 32]>, Refusal>),
     Release(Result<(), Refusal>),
 }
 
@@ -172,6 +173,21 @@ where
                         let _ = done.send(Done::Extents(tag, r));
                     });
                 }
+                OriginOp::Sign {
+                    tag,
+                    offset,
+                    len,
+                    block,
+                } => {
+                    let Some((v, _, _)) = volume.clone() else {
+                        continue;
+                    };
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let r = origin.sign(conn, &v, offset, len, block).await;
+                        let _ = done.send(Done::Sign(tag, r));
+                    });
+                }
                 OriginOp::Detach => {
                     if let Some((v, _, _)) = volume.take() {
                         origin.release(conn, &v, session.take_partial());
@@ -225,6 +241,7 @@ where
                 Done::Read(tag, r) => session.read_done(tag, r),
                 Done::Apply(seq, r) => session.apply_done(seq, r),
                 Done::Extents(tag, r) => session.extents_done(tag, r),
+                Done::Sign(tag, r) => session.sign_done(tag, r),
                 Done::Release(r) => {
                     if r.is_ok() {
                         // Released at the origin: nothing to let go of

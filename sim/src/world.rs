@@ -300,6 +300,7 @@ enum Done {
     Read(u64, Result<ReadAnswer, Refusal>),
     Apply(u64, Result<(), Refusal>),
     Extents(u64, Result<Vec<Extent>, Refusal>),
+    Sign(u64, Result<Vec<[u8; 32]>, Refusal>),
     Release(Result<(), Refusal>),
 }
 
@@ -982,8 +983,11 @@ impl Sim {
                     });
                 }
                 EdgeEvent::BatchApplied { seq } => e.applied_target = e.applied_target.max(seq),
+                // The simulated edge asks for no signatures: a move back is
+                // not part of its workload.
                 EdgeEvent::Refused(_)
                 | EdgeEvent::PrefetchDone { .. }
+                | EdgeEvent::SignDone { .. }
                 | EdgeEvent::BatchFailed { .. }
                 | EdgeEvent::Detached
                 | EdgeEvent::DetachRefused(_) => {}
@@ -1206,6 +1210,7 @@ impl Sim {
                     Done::Read(tag, r) => c.session.read_done(tag, r),
                     Done::Apply(seq, r) => c.session.apply_done(seq, r),
                     Done::Extents(tag, r) => c.session.extents_done(tag, r),
+                    Done::Sign(tag, r) => c.session.sign_done(tag, r),
                     Done::Release(r) => {
                         if r.is_ok() {
                             c.volume = None;
@@ -1306,6 +1311,21 @@ impl Sim {
                             sleep.await;
                             let r = origin.extents(no, &v, offset, len).await;
                             lock(&out).push_back((id, Done::Extents(tag, r)));
+                        });
+                    }
+                    OriginOp::Sign {
+                        tag,
+                        offset,
+                        len,
+                        block,
+                    } => {
+                        let Some(v) = c.volume.clone() else { continue };
+                        let (origin, out, no) = (o.origin.clone(), o.done.clone(), c.no);
+                        let sleep = self.clock.sleep(self.sc.storage_latency);
+                        self.exec.spawn(Owner::Origin(o.gen), async move {
+                            sleep.await;
+                            let r = origin.sign(no, &v, offset, len, block).await;
+                            lock(&out).push_back((id, Done::Sign(tag, r)));
                         });
                     }
                     OriginOp::Detach => {

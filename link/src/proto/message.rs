@@ -13,7 +13,7 @@ use blockcore::ExtentKind;
 
 use super::{
     ProtoError, MAX_DATA_LEN, MAX_EXTENTS, MAX_PREFETCH_RANGES, MAX_SIGNATURES, MAX_STRING_LEN,
-    MAX_WRITE_ENTRIES,
+    MAX_WRITE_ENTRIES, MIN_SIGN_BLOCK,
 };
 
 /// A message's kind: the `kind` byte of its frame header.
@@ -29,6 +29,7 @@ use super::{
 /// | `0x05` | `Detach` | `0x15` | `PrefetchDone` |
 /// | `0x06` | `Detached` | `0x16` | `Extents` |
 /// | `0x07` | `Release` | `0x17` | `ExtentMap` |
+/// | `0x18` | `Sign` | | |
 /// | `0x10` | `Read` | `0x20` | `WriteBatch` |
 /// | `0x21` | `BatchAck` | `0x30` | `Credit` |
 /// | `0x31` | `Heartbeat` | `0x32` | `HeartbeatAck` |
@@ -52,6 +53,7 @@ pub enum Kind {
     PrefetchDone,
     Extents,
     ExtentMap,
+    Sign,
     WriteBatch,
     BatchAck,
     Credit,
@@ -63,7 +65,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for tests and tools.
-    pub const ALL: [Kind; 22] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Hello,
         Kind::Auth,
         Kind::Attach,
@@ -79,6 +81,7 @@ impl Kind {
         Kind::PrefetchDone,
         Kind::Extents,
         Kind::ExtentMap,
+        Kind::Sign,
         Kind::WriteBatch,
         Kind::BatchAck,
         Kind::Credit,
@@ -106,6 +109,7 @@ impl Kind {
             Kind::PrefetchDone => 0x15,
             Kind::Extents => 0x16,
             Kind::ExtentMap => 0x17,
+            Kind::Sign => 0x18,
             Kind::WriteBatch => 0x20,
             Kind::BatchAck => 0x21,
             Kind::Credit => 0x30,
@@ -134,6 +138,7 @@ impl Kind {
             0x15 => Kind::PrefetchDone,
             0x16 => Kind::Extents,
             0x17 => Kind::ExtentMap,
+            0x18 => Kind::Sign,
             0x20 => Kind::WriteBatch,
             0x21 => Kind::BatchAck,
             0x30 => Kind::Credit,
@@ -496,6 +501,16 @@ pub enum Message {
         offset: u64,
         extents: Vec<(u64, u8)>,
     },
+    /// Edge → origin: the signature of every `block`-byte piece of
+    /// `[offset, offset + len)` as the origin's image holds it now (the
+    /// last piece may be short), keyed like chunk signatures. A move back
+    /// compares them with its own copy's: only pieces that differ cross,
+    /// and the whole image is verified without copying it back. Answered
+    /// by `ReadSignatures` with `chunk_size` = `block`.
+    ///
+    /// Format: `offset u64 | len u32 | block u32`; `len` is 1 to
+    /// [`MAX_DATA_LEN`], `block` at least 512.
+    Sign { offset: u64, len: u32, block: u32 },
     /// Either way: the sender may send this many more background bytes
     /// (counted as whole encoded frames, see [`Scheduler`](super::Scheduler)).
     ///
@@ -557,6 +572,7 @@ impl Message {
             Message::PrefetchDone => Kind::PrefetchDone,
             Message::Extents { .. } => Kind::Extents,
             Message::ExtentMap { .. } => Kind::ExtentMap,
+            Message::Sign { .. } => Kind::Sign,
             Message::WriteBatch { .. } => Kind::WriteBatch,
             Message::BatchAck { .. } => Kind::BatchAck,
             Message::Credit { .. } => Kind::Credit,
@@ -592,6 +608,23 @@ impl Message {
                 for &(offset, len) in ranges {
                     check_range(kind, offset, u64::from(len))?;
                 }
+            }
+            Message::Sign { offset, len, block } => {
+                if *len == 0 || *len as usize > MAX_DATA_LEN {
+                    return Err(ProtoError::BadValue {
+                        kind,
+                        field: "len",
+                        value: u64::from(*len),
+                    });
+                }
+                if *block < MIN_SIGN_BLOCK {
+                    return Err(ProtoError::BadValue {
+                        kind,
+                        field: "block",
+                        value: u64::from(*block),
+                    });
+                }
+                check_range(kind, *offset, u64::from(*len))?;
             }
             Message::Extents { offset, len } => {
                 if *len == 0 {
@@ -693,8 +726,9 @@ impl Message {
             | Message::Credit { .. }
             | Message::Heartbeat { .. }
             | Message::HeartbeatAck { .. } => 8,
-            // offset + length; cumulative (acked, delivered)
-            Message::Extents { .. } | Message::Delivered { .. } => 16,
+            // offset + length; offset + length + block; cumulative
+            // (acked, delivered)
+            Message::Extents { .. } | Message::Sign { .. } | Message::Delivered { .. } => 16,
             Message::Error { message, .. } => 2 + 2 + message.len(),
         }
     }
@@ -788,6 +822,11 @@ impl Message {
             Message::Extents { offset, len } => {
                 out.put_u64(*offset);
                 out.put_u64(*len);
+            }
+            Message::Sign { offset, len, block } => {
+                out.put_u64(*offset);
+                out.put_u32(*len);
+                out.put_u32(*block);
             }
             Message::ExtentMap { offset, extents } => {
                 out.put_u64(*offset);
@@ -927,6 +966,11 @@ impl Message {
             Kind::Extents => Message::Extents {
                 offset: b.u64("offset")?,
                 len: b.u64("len")?,
+            },
+            Kind::Sign => Message::Sign {
+                offset: b.u64("offset")?,
+                len: b.u32("len")?,
+                block: b.u32("block")?,
             },
             Kind::ExtentMap => {
                 let offset = b.u64("offset")?;

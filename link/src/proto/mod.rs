@@ -25,6 +25,7 @@
 //!  Read{off, len}     id 7     ──>   <── ReadData{off, as_of, data}  id 7
 //!  Prefetch{ranges}   id 8     ──>   <── Push ... Push, PrefetchDone id 8
 //!  Extents{off, len}  id 9     ──>   <── ExtentMap{off, [(len, flags)...]} id 9
+//!  Sign{off, len, block} id 10 ──>   <── ReadSignatures{off, block, [sig...]} id 10
 //!  WriteBatch{seq, part, ...}  ──>   (background, 64 KiB parts)
 //!                              <──   Delivered{bytes, nanos}  (as they arrive)
 //!                              <──   BatchAck{seq}          (once applied)
@@ -78,7 +79,10 @@ pub use sched::{
 /// the `Migrated` error. A version 2 peer would close the link on the
 /// first of these, mid-migration; the version makes the mismatch a clear
 /// refusal at the handshake instead.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// 4: `Sign` (the signatures of the origin's image, piece by piece), which
+/// a move back ships and verifies by.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Bytes in a frame header, the `len` field included.
 pub const HEADER_LEN: usize = 16;
@@ -98,6 +102,10 @@ pub const MAX_STRING_LEN: usize = 4096;
 /// The most signatures in one [`Message::ReadSignatures`] (a 16 MiB read of
 /// 256-byte chunks).
 pub const MAX_SIGNATURES: usize = 1 << 16;
+
+/// The smallest piece [`Message::Sign`] may ask signatures of: it bounds
+/// the reply to `MAX_DATA_LEN / 512` signatures, below [`MAX_SIGNATURES`].
+pub const MIN_SIGN_BLOCK: u32 = 512;
 
 /// The most ranges in one [`Message::Prefetch`].
 pub const MAX_PREFETCH_RANGES: usize = 1 << 16;

@@ -102,6 +102,11 @@ fn samples() -> Vec<Message> {
                 (512, EXTENT_ZERO),
             ],
         },
+        Message::Sign {
+            offset: 1 << 20,
+            len: 1 << 20,
+            block: 4096,
+        },
         Message::WriteBatch {
             seq: 5,
             part: 0,
@@ -407,6 +412,26 @@ fn encoder_refuses_what_the_decoder_would() {
             ranges: vec![(0, 1); MAX_PREFETCH_RANGES + 1],
         },
         Message::Extents { offset: 0, len: 0 },
+        Message::Sign {
+            offset: 0,
+            len: 0,
+            block: 4096,
+        },
+        Message::Sign {
+            offset: 0,
+            len: u32::try_from(MAX_DATA_LEN).unwrap() + 1,
+            block: 4096,
+        },
+        Message::Sign {
+            offset: 0,
+            len: 4096,
+            block: 511,
+        },
+        Message::Sign {
+            offset: u64::MAX - 10,
+            len: 4096,
+            block: 4096,
+        },
         Message::Extents {
             offset: u64::MAX,
             len: 1,
@@ -1031,6 +1056,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (1..=u64::MAX)
             .prop_flat_map(|len| (0..=u64::MAX - len, Just(len)))
             .prop_map(|(offset, len)| Message::Extents { offset, len }),
+        (1..=u32::try_from(MAX_DATA_LEN).unwrap(), 512..=u32::MAX)
+            .prop_flat_map(|(len, block)| (0..=u64::MAX - u64::from(len), Just(len), Just(block)))
+            .prop_map(|(offset, len, block)| Message::Sign { offset, len, block }),
         prop::collection::vec((1..=1u64 << 40, 0..=EXTENT_FLAGS), 1..40)
             .prop_flat_map(|extents| {
                 let total: u64 = extents.iter().map(|&(l, _)| l).sum();

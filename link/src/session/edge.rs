@@ -183,6 +183,12 @@ pub enum EdgeEvent {
         id: RequestId,
         result: Result<Vec<Extent>, LinkError>,
     },
+    /// The answer to [`EdgeSession::sign`]: one signature per piece, in
+    /// order.
+    SignDone {
+        id: RequestId,
+        result: Result<Vec<[u8; 32]>, LinkError>,
+    },
     /// Data the edge did not ask for right now (a prefetch's, id = its
     /// request, or a group push, id 0), as of batch `as_of`.
     Push {
@@ -268,6 +274,11 @@ enum RequestKind {
     Extents {
         offset: u64,
         len: u64,
+    },
+    Sign {
+        offset: u64,
+        len: u32,
+        block: u32,
     },
 }
 
@@ -623,6 +634,22 @@ impl EdgeSession {
             kind,
             Some(now + self.cfg.request_timeout),
         )
+    }
+
+    /// Asks the origin for the signature of every `block`-byte piece of
+    /// `[offset, offset + len)` of its image (see [`Message::Sign`]);
+    /// completes with `SignDone`. Waits across reconnections like a read,
+    /// up to the request timeout.
+    pub fn sign(&mut self, offset: u64, len: u32, block: u32, now: Instant) -> RequestId {
+        let msg = Message::Sign { offset, len, block };
+        let kind = RequestKind::Sign { offset, len, block };
+        if let Err(e) = msg.validate() {
+            let id = self.take_id();
+            self.events
+                .push_back(failed(id, &kind, LinkError::Unexpected(e.to_string())));
+            return id;
+        }
+        self.request(msg, kind, Some(now + self.cfg.request_timeout))
     }
 
     /// Gives up waiting for a request (its completion never comes).
@@ -1194,6 +1221,13 @@ impl EdgeSession {
                 chunk_size,
                 sigs,
             } => {
+                if let Some(Request {
+                    kind: RequestKind::Sign { .. },
+                    ..
+                }) = self.requests.get(&id)
+                {
+                    return self.on_signatures(id, offset, chunk_size, sigs);
+                }
                 let Some(Request {
                     kind:
                         RequestKind::Read {
@@ -1236,6 +1270,41 @@ impl EdgeSession {
                 other.kind()
             ))),
         }
+    }
+
+    fn on_signatures(
+        &mut self,
+        id: u64,
+        offset: u64,
+        block: u32,
+        sigs: Vec<[u8; 32]>,
+    ) -> Result<(), LinkError> {
+        let Some(Request {
+            kind:
+                RequestKind::Sign {
+                    offset: want,
+                    len,
+                    block: asked,
+                },
+            ..
+        }) = self.requests.get(&id)
+        else {
+            return Ok(());
+        };
+        let pieces = u64::from(*len).div_ceil(u64::from(*asked));
+        if offset != *want || block != *asked || sigs.len() as u64 != pieces {
+            return Err(LinkError::Unexpected(format!(
+                "{} signatures of {block}-byte pieces at {offset}, asked for {pieces} of {asked} \
+                 at {want}",
+                sigs.len()
+            )));
+        }
+        self.requests.remove(&id);
+        self.events.push_back(EdgeEvent::SignDone {
+            id,
+            result: Ok(sigs),
+        });
+        Ok(())
     }
 
     fn on_extent_map(
@@ -1337,6 +1406,10 @@ fn failed(id: RequestId, kind: &RequestKind, error: LinkError) -> EdgeEvent {
             result: Err(error),
         },
         RequestKind::Extents { .. } => EdgeEvent::ExtentsDone {
+            id,
+            result: Err(error),
+        },
+        RequestKind::Sign { .. } => EdgeEvent::SignDone {
             id,
             result: Err(error),
         },

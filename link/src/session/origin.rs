@@ -11,6 +11,7 @@
 //!        apply_done ──> BatchAck (or Error: everything from that batch on
 //!                       is dropped until the edge resends it from part 0)
 //!   Extents   ──> Op::Extents ── extents_done ──> ExtentMap (demand)
+//!   Sign      ──> Op::Sign ── sign_done ──> ReadSignatures (demand)
 //!   Heartbeat ──> HeartbeatAck
 //!   Detach    ──> (once every batch received is applied) Op::Detach
 //!        detach_done ──> Detached ──> waiting for Attach again
@@ -113,6 +114,14 @@ pub enum OriginOp {
     /// Describe the allocation of a prefix of `[offset, offset + len)`
     /// (inside the volume, `len` > 0): [`OriginSession::extents_done`].
     Extents { tag: u64, offset: u64, len: u64 },
+    /// Sign every `block`-byte piece of `[offset, offset + len)` (inside
+    /// the volume) as the image holds it now: [`OriginSession::sign_done`].
+    Sign {
+        tag: u64,
+        offset: u64,
+        len: u32,
+        block: u32,
+    },
     /// Apply batch `seq` atomically (or confirm it was applied before):
     /// [`OriginSession::apply_done`]. One at a time, in order.
     Apply { seq: u64, entries: Vec<WriteEntry> },
@@ -184,6 +193,8 @@ pub struct OriginSessionStats {
     pub reads: u64,
     /// Allocation map queries (`Extents`) asked of the storage.
     pub extent_queries: u64,
+    /// Signature queries (`Sign`) asked of the storage.
+    pub sign_queries: u64,
     pub bytes_read: u64,
     pub bytes_pushed: u64,
     pub batches_applied: u64,
@@ -246,6 +257,9 @@ pub struct OriginSession {
     reads: BTreeMap<u64, ReadCtx>,
     /// Allocation queries being answered: tag -> (request id, offset, len).
     extents: BTreeMap<u64, (u64, u64, u64)>,
+    /// Signature queries being answered: tag -> (request id, offset, len,
+    /// block).
+    signs: BTreeMap<u64, (u64, u64, u32, u32)>,
     push_jobs: VecDeque<PushJob>,
     /// Prefetch id -> its jobs not fully issued plus its pieces being
     /// read; at 0 its `PrefetchDone` goes out.
@@ -292,6 +306,7 @@ impl OriginSession {
             next_tag: 1,
             reads: BTreeMap::new(),
             extents: BTreeMap::new(),
+            signs: BTreeMap::new(),
             push_jobs: VecDeque::new(),
             prefetches: BTreeMap::new(),
             push_in_flight: 0,
@@ -551,6 +566,31 @@ impl OriginSession {
         self.reply(id, msg);
     }
 
+    /// The signatures [`OriginOp::Sign`] asked for, one per piece in
+    /// order; a wrong count is answered as a storage failure.
+    pub fn sign_done(&mut self, tag: u64, result: Result<Vec<[u8; 32]>, Refusal>) {
+        let Some((id, offset, len, block)) = self.signs.remove(&tag) else {
+            return;
+        };
+        let pieces = u64::from(len).div_ceil(u64::from(block));
+        let msg = match result {
+            Ok(sigs) if sigs.len() as u64 == pieces => Message::ReadSignatures {
+                offset,
+                chunk_size: block,
+                sigs,
+            },
+            Ok(sigs) => Message::Error {
+                code: ErrorCode::Io,
+                message: format!(
+                    "the volume's storage signed {} of the {pieces} pieces at {offset}",
+                    sigs.len()
+                ),
+            },
+            Err(r) => refusal_message(r),
+        };
+        self.reply(id, msg);
+    }
+
     pub fn detach_done(&mut self) {
         if self.stage == Stage::Attached {
             self.stage = Stage::Ready;
@@ -701,6 +741,7 @@ impl OriginSession {
                 msg @ (Message::Read { .. }
                 | Message::Prefetch { .. }
                 | Message::Extents { .. }
+                | Message::Sign { .. }
                 | Message::WriteBatch { .. }
                 | Message::Detach
                 | Message::Release { .. }),
@@ -760,6 +801,10 @@ impl OriginSession {
             } => self.write_batch(id, seq, part, last, entries),
             Message::Extents { offset, len } => {
                 self.extent_query(id, offset, len);
+                Ok(())
+            }
+            Message::Sign { offset, len, block } => {
+                self.sign_query(id, offset, len, block);
                 Ok(())
             }
             Message::Detach => {
@@ -838,6 +883,32 @@ impl OriginSession {
         let tag = self.tag();
         self.extents.insert(tag, (id, offset, len));
         self.ops.push_back(OriginOp::Extents { tag, offset, len });
+    }
+
+    fn sign_query(&mut self, id: u64, offset: u64, len: u32, block: u32) {
+        // `len` and `block` in bounds, no wrap: the decoder checked.
+        if offset + u64::from(len) > self.size {
+            self.reply(
+                id,
+                Message::Error {
+                    code: ErrorCode::OutOfRange,
+                    message: format!(
+                        "signatures of {len} bytes at {offset} asked, outside the volume of {} bytes",
+                        self.size
+                    ),
+                },
+            );
+            return;
+        }
+        self.stats.sign_queries += 1;
+        let tag = self.tag();
+        self.signs.insert(tag, (id, offset, len, block));
+        self.ops.push_back(OriginOp::Sign {
+            tag,
+            offset,
+            len,
+            block,
+        });
     }
 
     /// Starts push reads while the backlog has room.

@@ -371,6 +371,19 @@ impl World {
                     .collect();
                 o.extents_done(tag, Ok(extents));
             }
+            OriginOp::Sign {
+                tag,
+                offset,
+                len,
+                block,
+            } => {
+                let o0 = usize::try_from(offset).unwrap();
+                let sigs = self.volume[o0..o0 + len as usize]
+                    .chunks(block as usize)
+                    .map(toy_signature)
+                    .collect();
+                o.sign_done(tag, Ok(sigs));
+            }
             OriginOp::Detach => {
                 self.detaches += 1;
                 o.detach_done();
@@ -381,6 +394,13 @@ impl World {
             }
             OriginOp::Close { .. } => {}
         }
+    }
+
+    fn sign_done(&self, id: RequestId) -> Option<&Result<Vec<[u8; 32]>, crate::LinkError>> {
+        self.events.iter().find_map(|(_, e)| match e {
+            EdgeEvent::SignDone { id: i, result } if *i == id => Some(result),
+            _ => None,
+        })
     }
 
     fn extents_done(&self, id: RequestId) -> Option<&Result<Vec<Extent>, crate::LinkError>> {
@@ -800,6 +820,59 @@ fn ext(offset: u64, len: u64, kind: ExtentKind) -> Extent {
 }
 
 const MIB: u64 = 1 << 20;
+
+/// Stands in for the keyed signature: the piece's length and a fold of
+/// its bytes by position.
+fn toy_signature(piece: &[u8]) -> [u8; 32] {
+    let mut sig = [0u8; 32];
+    sig[..8].copy_from_slice(&(piece.len() as u64).to_be_bytes());
+    for (i, b) in piece.iter().enumerate() {
+        sig[8 + i % 24] = sig[8 + i % 24].wrapping_mul(31).wrapping_add(*b);
+    }
+    sig
+}
+
+#[test]
+fn signature_queries_sign_each_piece_and_a_short_last_one() {
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    for (i, b) in w.volume.iter_mut().enumerate() {
+        *b = u8::try_from(i * 7 % 251).unwrap();
+    }
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    // 40 KiB in 16 KiB pieces: two whole and a short one.
+    let id = w.edge.sign(8192, 40 << 10, 16 << 10, w.now);
+    w.run(Duration::from_secs(2), |w| w.sign_done(id).is_some());
+    let got = w.sign_done(id).unwrap().as_ref().unwrap();
+    let want: Vec<_> = w.volume[8192..8192 + (40 << 10)]
+        .chunks(16 << 10)
+        .map(toy_signature)
+        .collect();
+    assert_eq!(*got, want);
+    assert_eq!(want.len(), 3);
+    assert_eq!(w.origin.as_ref().unwrap().stats(w.now).sign_queries, 1);
+
+    // Past the end: refused by the origin; a block too small: at once.
+    let size = w.volume.len() as u64;
+    let past = w.edge.sign(size - 4096, 8192, 4096, w.now);
+    let tiny = w.edge.sign(0, 4096, 256, w.now);
+    w.run(Duration::from_secs(2), |w| w.sign_done(past).is_some());
+    assert!(
+        matches!(
+            w.sign_done(past),
+            Some(Err(crate::LinkError::Refused {
+                code: ErrorCode::OutOfRange,
+                ..
+            }))
+        ),
+        "{:?}",
+        w.sign_done(past)
+    );
+    assert!(matches!(
+        w.sign_done(tiny),
+        Some(Err(crate::LinkError::Unexpected(_)))
+    ));
+    assert!(w.edge.is_up(), "a refused query does not end the link");
+}
 
 #[test]
 fn allocation_queries_are_answered_within_their_range() {
