@@ -25,7 +25,7 @@ use tokio::sync::Notify;
 use crate::client::{
     link_block_error, LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore,
 };
-use crate::migrate::{Command, LocalCopy, LocalError, LocalStatus, Refusal, Stage};
+use crate::migrate::{Command, LocalCopy, LocalError, LocalStatus, Refusal, Stage, MIRROR_CHUNK};
 use crate::volume::{
     AllocationWindow, CopyOutcome, EdgeVolume, Fetched, MirrorSource, ReadThrough,
 };
@@ -141,8 +141,10 @@ struct Shared {
     copy_forced: std::sync::atomic::AtomicBool,
     /// One lifecycle change at a time.
     lifecycle: tokio::sync::Mutex<()>,
-    /// Callers waiting for the running cut-over task (none: no task).
-    cutover_waiters: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<(), MigrateError>>>>,
+    /// Callers waiting for the running transition task, a cut-over or a
+    /// move back (none: no task).
+    transition_waiters:
+        std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<(), MigrateError>>>>,
 }
 
 /// The edge's block device. See the module docs.
@@ -203,7 +205,7 @@ impl EdgeDevice {
             shipped,
             copy_forced: std::sync::atomic::AtomicBool::new(false),
             lifecycle: tokio::sync::Mutex::new(()),
-            cutover_waiters: std::sync::Mutex::new(Vec::new()),
+            transition_waiters: std::sync::Mutex::new(Vec::new()),
         });
         let tasks = vec![
             tokio::spawn(ship_loop(shared.clone())),
@@ -249,6 +251,10 @@ impl EdgeDevice {
             Stage::CuttingOver => {
                 // Interrupted by a crash: it completes now.
                 drop(self.finish_cutover_in_background(copy));
+            }
+            Stage::MovingBack => {
+                // The same.
+                drop(self.finish_moveback_in_background(Some(copy)));
             }
             _ => {}
         }
@@ -356,23 +362,49 @@ impl EdgeDevice {
         &self,
         local: Arc<LocalCopy>,
     ) -> tokio::sync::oneshot::Receiver<Result<(), MigrateError>> {
+        self.finish_in_background("cut-over", move |shared| async move {
+            finish_cutover(&shared, &local).await
+        })
+    }
+
+    /// The same for the rest of a move back.
+    fn finish_moveback_in_background(
+        &self,
+        local: Option<Arc<LocalCopy>>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), MigrateError>> {
+        self.finish_in_background("move back", move |shared| async move {
+            finish_moveback(&shared, local.as_ref()).await
+        })
+    }
+
+    /// Runs `work` in a task unless one is running already (the stage
+    /// allows one transition at a time); the receiver gets its outcome.
+    fn finish_in_background<F, Fut>(
+        &self,
+        what: &'static str,
+        work: F,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), MigrateError>>
+    where
+        F: FnOnce(Arc<Shared>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), MigrateError>> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut waiters = self
             .shared
-            .cutover_waiters
+            .transition_waiters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         waiters.push(tx);
         if waiters.len() == 1 {
             let shared = self.shared.clone();
             self.spawn(async move {
-                let r = finish_cutover(&shared, &local).await;
+                let r = work(shared.clone()).await;
                 if let Err(e) = &r {
-                    tracing::error!(volume = %shared.client.volume(), error = %e, "the cut-over failed");
+                    tracing::error!(volume = %shared.client.volume(), error = %e, "the {what} failed");
                 }
                 let waiters = std::mem::take(
                     &mut *shared
-                        .cutover_waiters
+                        .transition_waiters
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner),
                 );
@@ -385,6 +417,37 @@ impl EdgeDevice {
             });
         }
         rx
+    }
+
+    /// Brings the volume home (see [`finish_moveback`]): from streaming,
+    /// migrating or mirrored (the journal holds every write the origin
+    /// lacks), or from cut-over (the dirty map names the chunks changed
+    /// since). The guest must have stopped: the caller takes the volume's
+    /// exports away first. Each step is persisted first (with a local
+    /// copy), so a crash resumes the move back on restart; waits up to
+    /// `timeout`, the move back going on in the background after that.
+    pub async fn move_back(&self, timeout: Duration) -> Result<(), MigrateError> {
+        let one = self.shared.lifecycle.lock().await;
+        let local = self.local();
+        let stage = local.as_ref().map_or(Stage::Streaming, |l| l.stage());
+        stage.check(Command::MoveBack)?;
+        if let Some(l) = &local {
+            if stage != Stage::MovingBack {
+                // The copy task stops at the change.
+                l.set_stage(Stage::MovingBack).await?;
+                tracing::info!(target: "ferry::audit", volume = %self.shared.client.volume(), from = %stage, "move back started");
+            }
+        }
+        let done = self.finish_moveback_in_background(local);
+        drop(one);
+        match tokio::time::timeout(timeout, done).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(MigrateError::Link("the move back task ended".into())),
+            Err(_) => Err(MigrateError::Timeout(
+                "the move back goes on in the background; `ferry moveback` again waits for it"
+                    .into(),
+            )),
+        }
     }
 
     /// Ships everything journaled before the call and waits until the
@@ -453,20 +516,7 @@ impl From<LocalError> for MigrateError {
 /// before the stage changed reaches the origin, the origin records the
 /// volume as migrated to this edge, and the stage becomes `cut-over`.
 async fn finish_cutover(shared: &Arc<Shared>, local: &Arc<LocalCopy>) -> Result<(), MigrateError> {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match drain_journal(shared).await {
-            Ok(()) => break,
-            Err(e) if shared.client.finished().is_some() => {
-                return Err(MigrateError::Link(e.to_string()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "draining the journal for the cut-over; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+    drain_retrying(shared, "cut-over").await?;
     shared
         .client
         .release(link::proto::Disposition::CutOver, Duration::from_secs(60))
@@ -497,6 +547,261 @@ async fn drain_journal(shared: &Shared) -> Result<(), JournalError> {
         shared.drain.notify_waiters();
         let _ = tokio::time::timeout(Duration::from_millis(200), shipped.changed()).await;
     }
+}
+
+/// Drains the journal, retrying while the link may come back (an origin
+/// restarting, a link cut for a while).
+async fn drain_retrying(shared: &Shared, why: &str) -> Result<(), MigrateError> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match drain_journal(shared).await {
+            Ok(()) => return Ok(()),
+            Err(e) if shared.client.finished().is_some() => {
+                return Err(MigrateError::Link(e.to_string()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "draining the journal for the {why}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The piece a dirty chunk is compared in: a guest's 4 KiB write ships
+/// 4 KiB, for a signature of 32 bytes per 4 KiB of dirty chunk.
+const DIFF_BLOCK: u32 = 4096;
+/// Bytes one signature query covers: the local side reads this much at
+/// once, the origin signs it in one read.
+const SIGN_SPAN: u64 = 8 << 20;
+/// Signature queries in flight: enough to hide a WAN round trip behind
+/// the disks' reading.
+const SIGN_PARALLEL: usize = 4;
+/// Verification passes before a move back gives up on an origin whose
+/// image keeps differing.
+const VERIFY_ROUNDS: usize = 3;
+
+/// The rest of a move back, from `moving-back` (see
+/// [`EdgeDevice::move_back`]):
+///
+/// 0. The journal is drained (after a crash it may hold step 1's pieces).
+/// 1. Dirty chunks (cut-over only): each is compared with the origin's
+///    image in [`DIFF_BLOCK`] pieces by signature, and only the pieces
+///    that differ go into the journal, which ships them as batches.
+/// 2. The journal is drained: the origin has applied every write; the
+///    dirty map is cleared.
+/// 3. Verification: every chunk the local copy holds is compared with the
+///    origin's image by signature, in the link's chunk size; pieces that
+///    differ are shipped again and compared again, up to
+///    [`VERIFY_ROUNDS`] times.
+/// 4. `Release { Home }`: the origin clears its migration record; any edge
+///    may attach the volume again, or it runs on premises.
+/// 5. The stage becomes `on-premises`.
+///
+/// Every step is idempotent: a crash or a restarted origin anywhere makes
+/// the next run redo at most the comparisons.
+async fn finish_moveback(
+    shared: &Arc<Shared>,
+    local: Option<&Arc<LocalCopy>>,
+) -> Result<(), MigrateError> {
+    let volume = shared.client.volume().to_owned();
+    if let Some(local) = local {
+        // What a run before a crash put in the journal reaches the origin
+        // first, so the comparison finds it there and ships nothing twice.
+        drain_retrying(shared, "move back").await?;
+        let dirty = local.dirty_chunks();
+        if !dirty.is_empty() {
+            let spans = chunk_spans(local, &dirty);
+            let pieces = retrying(shared, "comparing the changed chunks", || {
+                differing_pieces(shared, local, &spans, DIFF_BLOCK)
+            })
+            .await?;
+            let bytes = ship_pieces(shared, &pieces).await?;
+            local
+                .counters()
+                .moveback_shipped
+                .fetch_add(bytes, Ordering::Relaxed);
+            tracing::info!(volume = %volume, dirty_chunks = dirty.len(), shipped = bytes, "move back: the changed pieces are in the journal");
+        }
+        drain_retrying(shared, "move back").await?;
+        local.clear_dirty(&dirty).await?;
+        let block = shared
+            .client
+            .attachment()
+            .chunk_size
+            .max(link::proto::MIN_SIGN_BLOCK);
+        let mut suspects = chunk_spans(local, &local.local_chunks());
+        let mut round = 0;
+        loop {
+            let verified: u64 = suspects.iter().map(|&(_, n)| n).sum();
+            let pieces = retrying(shared, "verifying the origin's image", || {
+                differing_pieces(shared, local, &suspects, block)
+            })
+            .await?;
+            local
+                .counters()
+                .moveback_verified
+                .fetch_add(verified, Ordering::Relaxed);
+            if pieces.is_empty() {
+                tracing::info!(volume = %volume, bytes = verified, round, "move back: the origin's image equals the edge's copy");
+                break;
+            }
+            round += 1;
+            let differ: u64 = pieces.iter().map(|(_, d)| d.len() as u64).sum();
+            if round > VERIFY_ROUNDS {
+                return Err(MigrateError::Local(format!(
+                    "the origin's image still differs from the edge's copy in {} pieces \
+                     ({differ} bytes) after {VERIFY_ROUNDS} repairs: is something else \
+                     writing to it? The move back stops here, and resumes with \
+                     `ferry moveback`",
+                    pieces.len()
+                )));
+            }
+            tracing::warn!(volume = %volume, pieces = pieces.len(), bytes = differ, round, "move back: the origin's image differs from the edge's copy; shipping those pieces again");
+            let bytes = ship_pieces(shared, &pieces).await?;
+            local
+                .counters()
+                .moveback_repaired
+                .fetch_add(bytes, Ordering::Relaxed);
+            drain_retrying(shared, "move back").await?;
+            suspects = pieces.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+        }
+    } else {
+        drain_retrying(shared, "move back").await?;
+    }
+    shared
+        .client
+        .release(link::proto::Disposition::Home, Duration::from_secs(60))
+        .await
+        .map_err(|e| MigrateError::Link(e.to_string()))?;
+    if let Some(local) = local {
+        local.set_stage(Stage::OnPremises).await?;
+    }
+    tracing::info!(target: "ferry::audit", volume = %volume, "moved back: the volume is home at its origin");
+    Ok(())
+}
+
+/// Runs `attempt` until it succeeds or the link is over for good.
+async fn retrying<T, F, Fut>(shared: &Shared, what: &str, mut attempt: F) -> Result<T, MigrateError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, MigrateError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e @ MigrateError::Link(_)) if shared.client.finished().is_none() => {
+                tracing::warn!(error = %e, "{what}; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `chunks` (in order) as spans of the volume of at most [`SIGN_SPAN`]
+/// bytes, neighbours joined.
+fn chunk_spans(local: &LocalCopy, chunks: &[u64]) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for &c in chunks {
+        let (start, end) = local.range(c);
+        match spans.last_mut() {
+            Some((s, n)) if *s + *n == start && *n + (end - start) <= SIGN_SPAN => {
+                *n += end - start;
+            }
+            _ => spans.push((start, end - start)),
+        }
+    }
+    spans
+}
+
+/// The `block`-byte pieces of `spans` whose signature at the origin
+/// differs from the local copy's, with the copy's data, in order.
+async fn differing_pieces(
+    shared: &Shared,
+    local: &LocalCopy,
+    spans: &[(u64, u64)],
+    block: u32,
+) -> Result<Vec<(u64, Bytes)>, MigrateError> {
+    use futures::stream::{self, StreamExt, TryStreamExt};
+    let key = Arc::new(keys::SignatureKey::from_dedup_key(
+        *shared.client.attachment().dedup_key,
+    ));
+    let found: Vec<Vec<(u64, Bytes)>> = stream::iter(spans.iter().copied())
+        .map(|(offset, len)| {
+            let key = key.clone();
+            async move {
+                let n = u32::try_from(len).expect("spans are at most SIGN_SPAN");
+                let (theirs, ours) = tokio::join!(
+                    shared.client.signatures(offset, n, block),
+                    local.device().read(offset, n as usize)
+                );
+                let theirs = theirs.map_err(|e| MigrateError::Link(e.to_string()))?;
+                let ours = ours.map_err(|e| MigrateError::Local(e.to_string()))?;
+                local
+                    .counters()
+                    .moveback_signature_bytes
+                    .fetch_add(32 * theirs.len() as u64, Ordering::Relaxed);
+                let data = ours.clone();
+                let mine = tokio::task::spawn_blocking(move || {
+                    data.chunks(block as usize)
+                        .map(|piece| *key.signature(piece).as_bytes())
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .map_err(|e| MigrateError::Local(e.to_string()))?;
+                Ok::<_, MigrateError>(
+                    mine.iter()
+                        .zip(&theirs)
+                        .enumerate()
+                        .filter(|(_, (a, b))| a != b)
+                        .map(|(i, _)| {
+                            let from = i * block as usize;
+                            let to = (from + block as usize).min(ours.len());
+                            (offset + from as u64, ours.slice(from..to))
+                        })
+                        .collect(),
+                )
+            }
+        })
+        .buffered(SIGN_PARALLEL)
+        .try_collect()
+        .await?;
+    Ok(found.into_iter().flatten().collect())
+}
+
+/// Appends `pieces` to the journal as writes (zeroes as zero records),
+/// neighbours joined up to a chunk; returns the bytes appended.
+async fn ship_pieces(shared: &Shared, pieces: &[(u64, Bytes)]) -> Result<u64, MigrateError> {
+    let journal = shared.volume.journal();
+    let mut runs: Vec<(u64, Vec<Bytes>, u64)> = Vec::new();
+    for (offset, data) in pieces {
+        let len = data.len() as u64;
+        match runs.last_mut() {
+            Some((s, parts, n)) if *s + *n == *offset && *n + len <= u64::from(MIRROR_CHUNK) => {
+                parts.push(data.clone());
+                *n += len;
+            }
+            _ => runs.push((*offset, vec![data.clone()], len)),
+        }
+    }
+    let mut bytes = 0;
+    for (offset, parts, len) in runs {
+        let appended = if parts.iter().all(|p| p.iter().all(|&b| b == 0)) {
+            journal.append_zero(offset, len).await
+        } else {
+            let mut data = bytes::BytesMut::with_capacity(usize::try_from(len).expect("a chunk"));
+            for p in &parts {
+                data.extend_from_slice(p);
+            }
+            journal.append_write(offset, data.freeze()).await
+        };
+        appended.map_err(|e| MigrateError::Local(format!("the journal: {e}")))?;
+        bytes += len;
+    }
+    Ok(bytes)
 }
 
 /// Chunks copied at once: enough to keep a WAN link's pipe full.

@@ -215,10 +215,34 @@ fn status_lines(v: &VolumeInfo, cache: &CacheInfo) -> String {
         let _ = writeln!(head, "migration_bytes_remaining: {}", m.bytes_remaining);
         let _ = writeln!(head, "migration_bytes_from_link: {}", m.bytes_from_link);
         let _ = writeln!(head, "migration_bytes_dirty: {}", m.bytes_dirty);
+        if matches!(v.state, VolumeState::MovingBack | VolumeState::OnPremises) {
+            let _ = writeln!(head, "moveback_bytes_shipped: {}", m.moveback_bytes_shipped);
+            let _ = writeln!(
+                head,
+                "moveback_bytes_verified: {}",
+                m.moveback_bytes_verified
+            );
+            let _ = writeln!(
+                head,
+                "moveback_bytes_repaired: {}",
+                m.moveback_bytes_repaired
+            );
+        }
     }
-    if v.state == VolumeState::CutOver && v.link.is_none() {
-        head.push_str("link: none (cut over: served from the local copy alone)\n");
-        return head;
+    if v.link.is_none() {
+        match v.state {
+            VolumeState::CutOver => {
+                head.push_str("link: none (cut over: served from the local copy alone)\n");
+                return head;
+            }
+            VolumeState::OnPremises => {
+                head.push_str(
+                    "link: none (moved back: the origin serves it, this edge does not)\n",
+                );
+                return head;
+            }
+            _ => {}
+        }
     }
     head + &status_lines_linked(v, cache)
 }
@@ -316,6 +340,8 @@ pub fn volume_table(volumes: &[VolumeInfo]) -> String {
             VolumeState::LinkDown => "link-down",
             VolumeState::Removing => "removing",
             VolumeState::CutOver => "cut-over",
+            VolumeState::MovingBack => "moving-back",
+            VolumeState::OnPremises => "on-premises",
         };
         let dash = || "-".to_owned();
         let stage = match &v.migration {
@@ -558,6 +584,31 @@ pub async fn migrate_cutover(
         "{name} is cut over: served from {} alone; the origin released it to this edge \
          (it may be stopped)",
         m.target
+    );
+    Ok(())
+}
+
+/// `ferry moveback`.
+pub async fn moveback(
+    api: &ApiClient,
+    name: &str,
+    timeout: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/volumes/{name}/moveback{}", timeout_query(timeout));
+    let m: crate::edge::MovedBack = api.call("POST", &path, None).await?.json()?;
+    if json {
+        return print_json(&m);
+    }
+    println!(
+        "{name} is home: the origin has every write ({} shipped) and its image matches the \
+         edge's copy ({} verified by {} of signatures, {} repaired) after {:.1} s; serve it \
+         on premises (`ferry serve` / `ferry origin`) or use the image directly",
+        human(m.bytes_shipped),
+        human(m.bytes_verified),
+        human(m.signature_bytes),
+        human(m.bytes_repaired),
+        m.seconds
     );
     Ok(())
 }

@@ -58,6 +58,11 @@ enum Command {
     /// background, then cut it over to that copy.
     #[command(subcommand)]
     Migrate(MigrateCommand),
+    /// Bring a running edge's volume home: stop serving it, ship every
+    /// write the origin lacks (for a cut-over volume only the pieces of
+    /// changed chunks that differ), verify the origin's image against the
+    /// edge's copy by signature, and hand the volume back to the origin.
+    Moveback(MovebackArgs),
     /// A running origin's snapshots of a volume: create, list, roll back
     /// to, delete (VOLUME@SNAPSHOT).
     #[command(subcommand)]
@@ -316,6 +321,17 @@ struct MigrateCutoverArgs {
     force: bool,
     /// How long to wait, in seconds (default 120); the cut-over goes on in
     /// the background after.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    #[command(flatten)]
+    ctl: CtlArgs,
+}
+
+#[derive(Args, Debug)]
+struct MovebackArgs {
+    volume: String,
+    /// How long to wait, in seconds (default 120); the move back goes on
+    /// in the background after.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
     #[command(flatten)]
@@ -995,6 +1011,16 @@ fn main() -> ExitCode {
             }
             Command::Volume(cmd) => volume(cmd).await,
             Command::Migrate(cmd) => migrate(cmd).await,
+            Command::Moveback(a) => {
+                let timeout = a.timeout.map(|t| secs(t, "timeout")).transpose()?;
+                ferry::ctl::moveback(
+                    &ferry::ctl::client(a.ctl.api)?,
+                    &a.volume,
+                    timeout,
+                    a.ctl.json,
+                )
+                .await
+            }
             Command::Status(c) => ferry::ctl::status(&ferry::ctl::client(c.api)?, c.json).await,
             Command::Flush(a) => {
                 let timeout = a.timeout.map(|t| secs(t, "timeout")).transpose()?;

@@ -116,8 +116,7 @@ impl Stage {
             // recording its completion, which the cut-over waits for.
             (S::Migrating | S::Mirrored, C::Pause | C::Resume | C::SetRate)
             | (S::Mirrored, C::CopyComplete)
-            | (S::Migrating, C::CutOver { force: true, .. })
-            | (S::Migrating, C::CutOver { remaining: 0, .. })
+            | (S::Migrating, C::CutOver { force: true, .. } | C::CutOver { remaining: 0, .. })
             | (S::CuttingOver, C::CutOver { .. })
             | (S::MovingBack, C::MoveBack) => Ok(self),
             (S::Migrating, C::CopyComplete) => Ok(S::Mirrored),
@@ -157,7 +156,7 @@ impl Stage {
                 self,
                 command,
                 "the volume is cut over: it is served from its local copy and the origin no \
-                 longer holds it; only moving it back applies (not built yet)",
+                 longer holds it; only moving it back applies (`ferry moveback`)",
             )),
             (S::MovingBack, _) => Err(Refusal::new(
                 self,

@@ -405,12 +405,14 @@ fn every_documented_endpoint_does_what_the_document_says() {
         }
     }
     // The migration starts before its other calls; the cut-over ends it
-    // (the volume is then served from its copy), before the removal.
+    // (the volume is then served from its copy), and the move back brings
+    // it home, before the removal.
     let rank = |(m, p, _): &(String, String, Value)| match (m.as_str(), p.as_str()) {
         ("POST", "/v1/volumes") => 0,
         ("POST", "/v1/volumes/{name}/migration") => 1,
         ("POST", "/v1/volumes/{name}/cutover") => 3,
-        ("DELETE", _) => 4,
+        ("POST", "/v1/volumes/{name}/moveback") => 4,
+        ("DELETE", _) => 5,
         _ => 2,
     };
     let copy = dir.path().join("walk.raw");

@@ -3,7 +3,9 @@
 //! while fio writes to it, cut over, and then served with the origin
 //! stopped, also after the edge restarts; SIGKILLs of the edge in the
 //! middle of a copy resume it where the persisted map says and end with a
-//! copy equal to the origin's image plus the edge's writes.
+//! copy equal to the origin's image plus the edge's writes. A cut-over
+//! volume moves back shipping only the pieces that changed, its image
+//! verified by signature, also when the origin is killed meanwhile.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -371,5 +373,202 @@ fn sigkill_in_the_middle_of_a_copy_resumes_where_the_map_says() {
     ferry_cli(&e, &["flush", "v"]);
     compare(&lab.image.display().to_string(), &target);
     compare(&nbd_uri(&e), &target);
+    e.stop_ok();
+}
+
+/// Migrates `v` into `target` at full speed and cuts it over.
+fn migrate_and_cut_over(e: &Ferry, target: &Path) {
+    ferry_cli(
+        e,
+        &[
+            "migrate",
+            "start",
+            "v",
+            "--target",
+            target.to_str().unwrap(),
+            "--wait",
+        ],
+    );
+    wait_stage(e, "mirrored", Duration::from_secs(60));
+    let cut: Value =
+        serde_json::from_str(&ferry_cli(e, &["migrate", "cutover", "v", "--json"])).unwrap();
+    assert_eq!(cut["stage"], "cut-over", "{cut}");
+}
+
+fn moveback_json(e: &Ferry) -> Value {
+    serde_json::from_str(&ferry_cli(e, &["moveback", "v", "--json"])).unwrap()
+}
+
+#[test]
+fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
+    let mut lab = setup();
+    let origin_addr = lab.origin.as_ref().unwrap().announced("origin").to_owned();
+    let e = start_edge(&lab.config);
+    wait_up(&e);
+    let target = lab.dir.path().join("v.raw");
+    migrate_and_cut_over(&e, &target);
+    // The origin is stopped after the cut-over, as it may be; the guest
+    // goes on writing on the edge.
+    lab.origin.take().unwrap().stop_ok();
+    let mut nbd = ferry_tests::nbd::Client::handshake(e.connect(), "v").unwrap();
+    let mut changed = 0u64;
+    // 1 MiB into a hole.
+    let w = nbd
+        .write(
+            5 * MIB,
+            &ferry_tests::pattern_bytes(usize::try_from(MIB).unwrap(), 71),
+        )
+        .unwrap();
+    assert_eq!(w.error, 0);
+    changed += MIB;
+    // 40 scattered 4 KiB writes into the image's data, none overlapping.
+    let data: Vec<u64> = DATA_MIB.iter().copied().filter(|&m| m != 8).collect();
+    for i in 0..40u64 {
+        let at = data[usize::try_from(i).unwrap() % data.len()] * MIB + (i * 37 % 256) * 4096;
+        let w = nbd
+            .write(at, &ferry_tests::pattern_bytes(4096, 100 + i))
+            .unwrap();
+        assert_eq!(w.error, 0);
+        changed += 4096;
+    }
+    // Half a megabyte of data zeroed (shipped as a zero record).
+    run(cmd("qemu-io").args(["-f", "raw", "-c", "write -z 8M 512k", &nbd_uri(&e)]));
+    changed += 512 * 1024;
+    // 64 KiB written again with what the origin holds: dirty, not changed.
+    let same = ferry_tests::read_at(&lab.image, 15 * MIB, 65536);
+    let w = nbd.write(15 * MIB, &same).unwrap();
+    assert_eq!(w.error, 0);
+    drop(nbd);
+    let dirty = migration(&e)["bytes_dirty"].as_u64().unwrap();
+    assert!(dirty >= 10 * MIB, "{}", migration(&e));
+
+    // The origin comes back where it was; the volume goes home.
+    lab.origin = Some(start_origin(lab.dir.path(), &lab.image, &origin_addr));
+    let before = lab.wan.link.stats();
+    let m = moveback_json(&e);
+    let after = lab.wan.link.stats();
+    eprintln!(
+        "move back: {m}; link bytes to the origin {}, back {}; {changed} bytes changed",
+        after.bytes_to_target - before.bytes_to_target,
+        after.bytes_to_client - before.bytes_to_client
+    );
+    assert_eq!(m["stage"], "on-premises", "{m}");
+    // Only the pieces that differ were shipped, and the whole image was
+    // verified by signature without copying it back.
+    let shipped = m["bytes_shipped"].as_u64().unwrap();
+    assert!(
+        shipped >= changed && shipped * 10 <= changed * 11,
+        "{shipped} bytes shipped for {changed} bytes changed in {dirty} bytes of dirty chunks: {m}"
+    );
+    assert_eq!(m["bytes_verified"], SIZE, "{m}");
+    assert_eq!(m["bytes_repaired"], 0, "{m}");
+    let sigs = m["signature_bytes"].as_u64().unwrap();
+    let up = after.bytes_to_target - before.bytes_to_target;
+    let down = after.bytes_to_client - before.bytes_to_client;
+    // On the wire, frames and handshakes included (the zeroes travel as
+    // a zero record, so the data is at most what was changed).
+    assert!(
+        up * 10 <= changed * 11 + sigs,
+        "{up} bytes went to the origin for {changed} bytes changed: {m}"
+    );
+    assert!(
+        down <= sigs * 2 + 64 * 1024,
+        "{down} bytes came back for {sigs} bytes of signatures: {m}"
+    );
+    // The origin's image is the edge's view, byte for byte.
+    compare(&lab.image.display().to_string(), &target);
+    ferry_tests::assert_range_filled(&lab.image, 8 * MIB, 512 * 1024, 0);
+
+    // Not served here any more, also after a restart (which never
+    // contacts the origin); a removal forgets it.
+    let (_, out) =
+        ferry_tests::run_fail(cmd("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &nbd_uri(&e)]));
+    assert!(!out.is_empty(), "the moved-back volume is still exported");
+    e.stop_ok();
+    let e = start_edge(&lab.config);
+    assert!(
+        wait_until(Duration::from_secs(30), || volume(&e)["state"]
+            == "on_premises"),
+        "{}",
+        volume(&e)
+    );
+    let status = ferry_cli(&e, &["status"]);
+    assert!(status.contains("on-premises"), "{status}");
+    ferry_cli(&e, &["volume", "rm", "v"]);
+    let list = api(&socket(&e), "GET", "/v1/volumes", None, 200);
+    assert_eq!(list["volumes"].as_array().map(Vec::len), Some(0), "{list}");
+    e.stop_ok();
+}
+
+#[test]
+fn a_move_back_survives_a_killed_origin_and_a_killed_edge_and_ends_equal_to_the_edge() {
+    let mut lab = setup();
+    let origin_addr = lab.origin.as_ref().unwrap().announced("origin").to_owned();
+    let e = start_edge(&lab.config);
+    wait_up(&e);
+    let target = lab.dir.path().join("v.raw");
+    migrate_and_cut_over(&e, &target);
+    // 40 MiB changed on the edge: about 3.5 s of shipping at 100 Mbit/s.
+    let mut nbd = ferry_tests::nbd::Client::handshake(e.connect(), "v").unwrap();
+    for m in 0..40u64 {
+        let w = nbd
+            .write(
+                (m + 12) * MIB,
+                &ferry_tests::pattern_bytes(usize::try_from(MIB).unwrap(), 500 + m),
+            )
+            .unwrap();
+        assert_eq!(w.error, 0);
+    }
+    drop(nbd);
+    // Started, not waited for: it goes on in the background.
+    let r = ferry_tests::http_unix(
+        &socket(&e),
+        "POST",
+        "/v1/volumes/v/moveback?timeout_secs=0.5",
+        None,
+        None,
+    );
+    assert_eq!(r.status, 504, "{}", r.body);
+    std::thread::sleep(Duration::from_millis(500));
+    let m = migration(&e);
+    assert_eq!(
+        m["stage"], "moving-back",
+        "the move back ended too soon: {m}"
+    );
+    lab.origin.take().unwrap().signal("KILL");
+    std::thread::sleep(Duration::from_secs(1));
+    lab.origin = Some(start_origin(lab.dir.path(), &lab.image, &origin_addr));
+    // The edge reconnects (attached for the migration, for the move back,
+    // and now again) and goes on; killed in turn, it resumes the move back
+    // on restart (the stage is persisted) without being asked.
+    assert!(
+        wait_until(Duration::from_secs(20), || e
+            .stderr()
+            .matches("attached to the origin")
+            .count()
+            >= 3),
+        "the edge did not reconnect to the restarted origin"
+    );
+    let m = migration(&e);
+    assert_eq!(
+        m["stage"], "moving-back",
+        "the move back ended too soon: {m}"
+    );
+    e.signal("KILL");
+    drop(e);
+    let e = start_edge(&lab.config);
+    assert!(
+        wait_until(Duration::from_secs(60), || volume(&e)["state"]
+            == "on_premises"),
+        "the move back did not resume: {}",
+        volume(&e)
+    );
+    let m = moveback_json(&e);
+    eprintln!("move back after both restarts: {m}");
+    assert_eq!(m["stage"], "on-premises", "{m}");
+    // The journal the killed edge left was shipped first: the comparison
+    // found every piece at the origin and shipped none again.
+    assert_eq!(m["bytes_shipped"], 0, "{m}");
+    compare(&lab.image.display().to_string(), &target);
     e.stop_ok();
 }

@@ -105,6 +105,14 @@ pub struct CopyCounters {
     pub bytes_link: AtomicU64,
     /// Copies redone because a guest write landed in the chunk meanwhile.
     pub respoiled: AtomicU64,
+    /// A move back: write bytes it shipped (pieces of dirty chunks that
+    /// differ at the origin), bytes of the image it verified, bytes of
+    /// signatures it took from the origin for both, and bytes it found
+    /// different in the verification and shipped again.
+    pub moveback_shipped: AtomicU64,
+    pub moveback_verified: AtomicU64,
+    pub moveback_signature_bytes: AtomicU64,
+    pub moveback_repaired: AtomicU64,
 }
 
 /// What `ferry migrate status` shows.
@@ -123,6 +131,10 @@ pub struct LocalStatus {
     pub bytes_journal: u64,
     pub bytes_link: u64,
     pub respoiled: u64,
+    pub moveback_shipped: u64,
+    pub moveback_verified: u64,
+    pub moveback_signature_bytes: u64,
+    pub moveback_repaired: u64,
     /// Local bytes per second over the last few seconds.
     pub rate_bytes_per_sec: f64,
     pub eta: Option<Duration>,
@@ -418,6 +430,20 @@ impl LocalCopy {
     /// The dirty chunks (changed since cut-over), in order.
     pub fn dirty_chunks(&self) -> Vec<u64> {
         lock(&self.state).record.dirty.iter_set().collect()
+    }
+
+    /// Forgets that `chunks` changed since cut-over (a move back shipped
+    /// them and the origin applied them), durably.
+    pub async fn clear_dirty(&self, chunks: &[u64]) -> Result<(), LocalError> {
+        {
+            let mut st = lock(&self.state);
+            for &c in chunks {
+                if st.record.dirty.clear(c) {
+                    st.unsaved = true;
+                }
+            }
+        }
+        self.save().await
     }
 
     /// `[offset, offset + len)` cut into runs, each local or not.
@@ -745,6 +771,10 @@ impl LocalCopy {
             bytes_journal: c.bytes_journal.load(Ordering::Relaxed),
             bytes_link: c.bytes_link.load(Ordering::Relaxed),
             respoiled: c.respoiled.load(Ordering::Relaxed),
+            moveback_shipped: c.moveback_shipped.load(Ordering::Relaxed),
+            moveback_verified: c.moveback_verified.load(Ordering::Relaxed),
+            moveback_signature_bytes: c.moveback_signature_bytes.load(Ordering::Relaxed),
+            moveback_repaired: c.moveback_repaired.load(Ordering::Relaxed),
             rate_bytes_per_sec: rate,
             eta: (remaining == 0)
                 .then_some(Duration::ZERO)

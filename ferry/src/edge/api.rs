@@ -43,6 +43,10 @@ pub enum Request {
         force: bool,
         timeout: Duration,
     },
+    MoveBack {
+        name: String,
+        timeout: Duration,
+    },
     Metrics,
     OpenApi,
 }
@@ -130,8 +134,16 @@ pub struct MigrationInfo {
     pub bytes_from_journal: u64,
     /// Copies redone because a guest write landed meanwhile.
     pub copies_redone: u64,
-    /// Bytes written on the edge since cut-over (what a move back ships).
+    /// Bytes written on the edge since cut-over (what a move back
+    /// compares, and ships where they differ).
     pub bytes_dirty: u64,
+    /// A move back: write bytes shipped, bytes of the image verified by
+    /// signature, bytes found different and shipped again, and bytes of
+    /// signatures received.
+    pub moveback_bytes_shipped: u64,
+    pub moveback_bytes_verified: u64,
+    pub moveback_bytes_repaired: u64,
+    pub moveback_signature_bytes: u64,
     /// Local bytes per second over the last seconds.
     pub rate_bytes_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -162,6 +174,10 @@ impl MigrationInfo {
             bytes_from_journal: s.bytes_journal,
             copies_redone: s.respoiled,
             bytes_dirty: s.bytes_dirty,
+            moveback_bytes_shipped: s.moveback_shipped,
+            moveback_bytes_verified: s.moveback_verified,
+            moveback_bytes_repaired: s.moveback_repaired,
+            moveback_signature_bytes: s.moveback_signature_bytes,
             rate_bytes_per_sec: s.rate_bytes_per_sec,
             eta_secs: s.eta.map(|d| d.as_secs_f64()),
         }
@@ -198,6 +214,11 @@ pub enum VolumeState {
     Removing,
     /// Served from its local copy alone; the origin no longer serves it.
     CutOver,
+    /// Not served (its guest moves on premises); the origin is getting
+    /// what it lacks.
+    MovingBack,
+    /// Moved back: the origin serves it, this edge does not.
+    OnPremises,
 }
 
 /// A volume's state and counters.
@@ -341,6 +362,12 @@ pub struct Flushed {
     pub seconds: f64,
 }
 
+const MOVEBACK_QUERY: &[(&str, &str)] = &[(
+    "timeout_secs",
+    "How long to wait for the origin to have every write and verify the image (default \
+     120); the move back goes on in the background after",
+)];
+
 const TIMEOUT_QUERY: &[(&str, &str)] = &[(
     "timeout_secs",
     "How long to wait for the origin to apply the journal (default 120)",
@@ -474,6 +501,17 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "POST",
+        path: "/v1/volumes/{name}/moveback",
+        summary: "Move a volume back on premises: stop serving it, ship what the origin lacks, \
+                  verify the origin's image by signature, and hand the volume back",
+        request: None,
+        reply: (200, Some(schema_of::<super::MovedBack>)),
+        errors: &[404, 409, 502, 504],
+        query: MOVEBACK_QUERY,
+        example: None,
+    },
+    Route {
+        method: "POST",
         path: "/v1/flush",
         summary: "Flush every volume to its origin",
         request: None,
@@ -564,6 +602,10 @@ pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
         ("POST", "/v1/volumes/{name}/cutover") => Request::CutOver {
             name: name(),
             force: req.query_bool("force")?,
+            timeout: timeout(req)?,
+        },
+        ("POST", "/v1/volumes/{name}/moveback") => Request::MoveBack {
+            name: name(),
             timeout: timeout(req)?,
         },
         ("GET", "/v1/cache") => Request::CacheStatus,
@@ -664,6 +706,7 @@ impl EdgeApi {
                 let copy = d.cutover(&name, force, timeout).await?;
                 Reply::ok(&MigrationInfo::of(&name, &copy.status()))
             }
+            Request::MoveBack { name, timeout } => Reply::ok(&d.moveback(&name, timeout).await?),
             Request::CacheStatus => Reply::ok(&self.cache_info()),
             Request::ResizeCache(r) => {
                 d.resize_cache(r.size.0).await?;
@@ -742,16 +785,23 @@ impl EdgeApi {
             info.stage = m.stage;
             info.migration = Some(m);
         }
+        let by_stage = match info.stage {
+            LifecycleStage::CutOver => Some(VolumeState::CutOver),
+            LifecycleStage::MovingBack => Some(VolumeState::MovingBack),
+            LifecycleStage::OnPremises => Some(VolumeState::OnPremises),
+            _ => None,
+        };
         let Some(s) = served.status() else {
-            // Cut over before this start: no link, cache or journal.
+            // Cut over or moved back before this start: no link, cache or
+            // journal.
             if info.state != VolumeState::Removing {
-                info.state = VolumeState::CutOver;
+                info.state = by_stage.unwrap_or(VolumeState::CutOver);
             }
             return info;
         };
         let l = &s.link.link;
-        if info.state != VolumeState::Removing && info.stage == LifecycleStage::CutOver {
-            info.state = VolumeState::CutOver;
+        if let Some(state) = by_stage.filter(|_| info.state != VolumeState::Removing) {
+            info.state = state;
         } else if info.state != VolumeState::Removing {
             info.state = if l.connected {
                 VolumeState::Up

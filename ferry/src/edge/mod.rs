@@ -307,14 +307,22 @@ impl EdgeDaemon {
             Arc::new(blockcore::storage::DiskStorage);
         let recorded = LocalCopy::recorded_stage(storage.as_ref(), &record)
             .with_context(|| format!("reading the migration record of {}", spec.name))?;
-        if matches!(recorded, Some(Stage::CutOver)) {
-            // Cut over: the origin no longer serves it; never contact it.
+        if matches!(recorded, Some(Stage::CutOver | Stage::OnPremises)) {
+            // Cut over (the origin no longer serves it) or moved back (the
+            // origin serves it, not this edge): never contact it.
             let size = LocalCopy::recorded_size(storage.as_ref(), &record)?;
             let copy =
                 tokio::task::spawn_blocking(move || LocalCopy::open(storage, &record, size, 0))
                     .await??
                     .context("the migration record vanished")?;
-            tracing::info!(volume = %spec.name, size, "cut over: serving the local copy alone");
+            match recorded {
+                Some(Stage::CutOver) => {
+                    tracing::info!(volume = %spec.name, size, "cut over: serving the local copy alone");
+                }
+                _ => {
+                    tracing::info!(volume = %spec.name, size, "moved back: not served here; `ferry volume rm` forgets it");
+                }
+            }
             return Ok(Served {
                 spec: Mutex::new(spec.clone()),
                 size,
@@ -439,8 +447,15 @@ impl EdgeDaemon {
         Ok(cache)
     }
 
-    /// Exports a volume over NBD and iSCSI.
+    /// Exports a volume over NBD and iSCSI; not one moving back or moved
+    /// back (its guest runs on premises now).
     async fn export(&self, name: &str, served: &Served) -> anyhow::Result<()> {
+        if served
+            .local()
+            .is_some_and(|l| matches!(l.stage(), Stage::MovingBack | Stage::OnPremises))
+        {
+            return Ok(());
+        }
         let top = served.top();
         let origin = lock(&served.spec).origin.clone();
         self.nbd.add_export(Export {
@@ -584,12 +599,135 @@ impl EdgeDaemon {
                 tracing::warn!(volume = %name, error = %e, "the origin did not confirm the detach");
             }
         }
+        if served
+            .local()
+            .is_some_and(|l| l.stage() == Stage::OnPremises)
+        {
+            // Moved back: its record must not make a volume of that name
+            // added later look moved back too. The copy itself stays.
+            let record = migration_record_path(&self.file().cache_dir, name);
+            if let Err(e) = std::fs::remove_file(&record) {
+                tracing::warn!(volume = %name, error = %e, "removing the migration record");
+            }
+        }
+        self.forget(name)?;
+        tracing::info!(volume = %name, "volume removed: flushed to its origin and detached");
+        Ok(())
+    }
+
+    /// Drops a volume from the served set and the file.
+    fn forget(&self, name: &str) -> Result<(), ApiError> {
         lock(&self.volumes).remove(name);
         lock(&self.file).volumes.retain(|v| v.name != name);
         self.metrics.forget(name, &["nbd", "iscsi"]);
-        self.save()?;
-        tracing::info!(volume = %name, "volume removed: flushed to its origin and detached");
-        Ok(())
+        self.save()
+    }
+
+    /// Moves a volume back on premises (see [`EdgeDevice::move_back`]):
+    /// its exports go first (the guest must have stopped, it runs on
+    /// premises next), then every write the origin lacks is shipped, the
+    /// origin's image is verified against the edge's copy, and the origin
+    /// takes the volume back. A volume with a local copy stays listed as
+    /// `on-premises` (not served) until removed; a streaming volume is
+    /// removed.
+    pub async fn moveback(&self, name: &str, timeout: Duration) -> Result<MovedBack, ApiError> {
+        let started = Instant::now();
+        let served = self.up(name)?;
+        let local = served.local();
+        let stage = local.as_ref().map_or(Stage::Streaming, |l| l.stage());
+        if stage == Stage::OnPremises {
+            return Ok(MovedBack::of(name, local.as_deref(), 0, started));
+        }
+        stage
+            .check(edge::migrate::Command::MoveBack)
+            .map_err(|r| migrate_error(r.into()))?;
+        if served.overlay.is_some() {
+            return Err(ApiError::conflict(format!(
+                "volume {name} has local-only ranges, which the origin never had: moving it \
+                 back would lose them"
+            )));
+        }
+        self.unexport(name).await;
+        let device = match &served.device {
+            Some(d) if stage != Stage::CutOver => d.clone(),
+            _ => {
+                // Cut over: its link ended with the release, or was never
+                // opened in this run. It is opened again.
+                let Some(l) = &local else {
+                    return Err(ApiError::internal("the volume has no edge device"));
+                };
+                if l.stage() == Stage::CutOver {
+                    l.set_stage(Stage::MovingBack)
+                        .await
+                        .map_err(|e| migrate_error(e.into()))?;
+                    tracing::info!(target: "ferry::audit", volume = %name, from = %stage, "move back started");
+                }
+                let changing = self.changes.lock().await;
+                let spec = lock(&served.spec).clone();
+                let reopened =
+                    match tokio::time::timeout(ATTACH_TIMEOUT, self.open_volume(&spec)).await {
+                        Ok(Ok(s)) => Arc::new(s),
+                        Ok(Err(e)) => return Err(ApiError::bad_gateway(format!("{e:#}"))),
+                        Err(_) => {
+                            return Err(ApiError::timeout(format!(
+                                "attaching {name} at {} took longer than {} s: is the origin \
+                                 reachable? `ferry moveback` again retries",
+                                spec.origin,
+                                ATTACH_TIMEOUT.as_secs()
+                            )))
+                        }
+                    };
+                lock(&self.volumes).insert(name.to_owned(), Slot::Up(reopened.clone()));
+                drop(changing);
+                return self
+                    .finish_moveback(name, &reopened, timeout, 0, started)
+                    .await;
+            }
+        };
+        let unshipped = device.status().journal.unshipped_bytes;
+        self.finish_moveback(name, &served, timeout, unshipped, started)
+            .await
+    }
+
+    async fn finish_moveback(
+        &self,
+        name: &str,
+        served: &Arc<Served>,
+        timeout: Duration,
+        unshipped: u64,
+        started: Instant,
+    ) -> Result<MovedBack, ApiError> {
+        let Some(device) = served.device.clone() else {
+            return Err(ApiError::internal("the volume has no edge device"));
+        };
+        let local = served.local();
+        match device.move_back(timeout).await {
+            Ok(()) => {}
+            // Finished by the task a restart resumed, before this call.
+            Err(MigrateError::Refused(_))
+                if local
+                    .as_ref()
+                    .is_some_and(|l| l.stage() == Stage::OnPremises) => {}
+            Err(e) => return Err(migrate_error(e)),
+        }
+        let _changing = self.changes.lock().await;
+        match &local {
+            Some(l) => {
+                // Home: the link and the journal are done with; the slot
+                // keeps the copy for status until the volume is removed.
+                let home = Arc::new(Served {
+                    spec: Mutex::new(lock(&served.spec).clone()),
+                    size: served.size,
+                    device: None,
+                    local: Mutex::new(Some(l.clone())),
+                    overlay: None,
+                    attached_at: served.attached_at,
+                });
+                lock(&self.volumes).insert(name.to_owned(), Slot::Up(home));
+            }
+            None => self.forget(name)?,
+        }
+        Ok(MovedBack::of(name, local.as_deref(), unshipped, started))
     }
 
     /// Flushes one volume to its origin.
@@ -794,6 +932,43 @@ impl EdgeDaemon {
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         });
+    }
+}
+
+/// What `ferry moveback` reports.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize, schemars::JsonSchema)]
+pub struct MovedBack {
+    pub volume: String,
+    /// `on-premises` for a volume with a local copy (listed, not served,
+    /// until removed); `streaming` for one without (removed from this
+    /// edge).
+    pub stage: api::LifecycleStage,
+    /// Write bytes shipped to the origin: the pieces of changed chunks
+    /// that differed there (cut-over), or the journal's unshipped bytes.
+    pub bytes_shipped: u64,
+    /// Bytes of the origin's image compared with the edge's copy by
+    /// signature, and the bytes found different and shipped again.
+    pub bytes_verified: u64,
+    pub bytes_repaired: u64,
+    /// Bytes of signatures the origin sent for the comparisons.
+    pub signature_bytes: u64,
+    pub seconds: f64,
+}
+
+impl MovedBack {
+    fn of(name: &str, local: Option<&LocalCopy>, unshipped: u64, started: Instant) -> MovedBack {
+        let s = local.map(LocalCopy::status);
+        MovedBack {
+            volume: name.to_owned(),
+            stage: s
+                .as_ref()
+                .map_or(api::LifecycleStage::Streaming, |s| s.stage.into()),
+            bytes_shipped: s.as_ref().map_or(unshipped, |s| s.moveback_shipped),
+            bytes_verified: s.as_ref().map_or(0, |s| s.moveback_verified),
+            bytes_repaired: s.as_ref().map_or(0, |s| s.moveback_repaired),
+            signature_bytes: s.as_ref().map_or(0, |s| s.moveback_signature_bytes),
+            seconds: started.elapsed().as_secs_f64(),
+        }
     }
 }
 
