@@ -17,9 +17,17 @@
 #   ferry+reads  the same, with fio's 4 KiB random reads at depth 1 over the
 #                whole volume through the edge while the copy runs: demand
 #                read latency p50/p99 (target p99 <= RTT + 2 ms).
-# Every copy is checked against the image (`cmp`). Reported: medians of
-# ROUNDS rounds of time, bytes over the link (the emulator's count, towards
-# the copier), and their ratio to DATA_MIB / bandwidth (target <= 1.1x).
+#   moveback     after the `ferry` copy: cut over, CHANGE_MIB of 4 KiB random
+#                writes on the edge (fio, each block once, fresh random data),
+#                then `ferry moveback`: bytes to the origin over the link
+#                against the bytes changed (target <= 1.1x plus signatures).
+#   nbdcopy back the copy-everything way home: `nbdcopy` of the edge's copy
+#                through the same link into a fresh image that `nbdkit file`
+#                serves (it skips holes too).
+# Every copy is checked against the image (`cmp`); after a move back, the
+# origin's image against the edge's copy. Reported: medians of ROUNDS rounds
+# of time, bytes over the link (the emulator's count, towards the copier),
+# and their ratio to DATA_MIB / bandwidth (target <= 1.1x).
 #
 # Usage: benches/system/migrate-bench.sh
 # Environment:
@@ -30,6 +38,7 @@
 #   MBIT        bandwidth each way (default 100)
 #   QUEUE_KIB   the path's buffer per direction (default 4096)
 #   ROUNDS      rounds (default 3; medians reported)
+#   CHANGE_MIB  MiB the guest changes before the move back (default 64)
 #   FERRY_BIN   ferry binary (default: the dev-profile build, built here)
 #   OUT         Markdown report (default /tmp/migrate-bench-DATE.md); raw
 #               numbers and logs in ${OUT%.md}.raw/
@@ -45,6 +54,7 @@ DELAY_MS=${DELAY_MS:-25}
 MBIT=${MBIT:-100}
 QUEUE_KIB=${QUEUE_KIB:-4096}
 ROUNDS=${ROUNDS:-3}
+CHANGE_MIB=${CHANGE_MIB:-64}
 WORK_DIR=${WORK_DIR:-/tmp}
 OUT=${OUT:-/tmp/migrate-bench-$(date +%Y%m%d-%H%M%S).md}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}
@@ -52,7 +62,7 @@ RAW=${OUT%.md}.raw
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-for v in SIZE_MIB DATA_MIB QUEUE_KIB ROUNDS; do
+for v in SIZE_MIB DATA_MIB QUEUE_KIB ROUNDS CHANGE_MIB; do
   [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
 done
 [ "$DATA_MIB" -le "$SIZE_MIB" ] || die "DATA_MIB exceeds SIZE_MIB"
@@ -87,7 +97,9 @@ LINK_BPS=$(awk -v m="$MBIT" 'BEGIN { printf "%d", m * 1e6 / 8 }')
 
 if [ -n "${IMAGE:-}" ]; then
   [ -f "$IMAGE" ] || die "IMAGE $IMAGE is not a file"
-  IMG=$IMAGE
+  # A copy: the move back writes into the origin's image.
+  IMG=$WORK/vm.img
+  cp --sparse=always "$IMAGE" "$IMG"
   SIZE_MIB=$(($(stat -c %s "$IMG") >> 20))
   DATA_MIB=$(($(stat -c %b "$IMG") * $(stat -c %B "$IMG") >> 20))
 else
@@ -122,6 +134,20 @@ link() { # TAG TARGET: the emulator in front of TARGET; sets LINK
   spawn "link-$1" link "$FERRY_BIN" link-emulator --listen 127.0.0.1:0 --target "$2" \
     --delay-ms "$DELAY_MS" --mbit "$MBIT" --queue-kib "$QUEUE_KIB"
   LINK=$ADDR
+}
+
+# link_counts TAG: sets UP and DOWN, the bytes the running emulator has
+# relayed towards the origin and back so far (it logs them on SIGUSR1).
+link_counts() {
+  local log=$RAW/link-$1.log n i
+  n=$(grep -c 'bytes_to_target=' "$log" || true)
+  kill -USR1 "${PID_OF[link-$1]}"
+  for ((i = 0; i < 50; i++)); do
+    [ "$(grep -c 'bytes_to_target=' "$log" || true)" -gt "$n" ] && break
+    sleep 0.1
+  done
+  UP=$(sed -n 's/.*bytes_to_target=\([0-9]*\).*/\1/p' "$log" | tail -1)
+  DOWN=$(sed -n 's/.*bytes_to_client=\([0-9]*\).*/\1/p' "$log" | tail -1)
 }
 
 # link_bytes TAG: bytes the stopped emulator sent towards the copier.
@@ -168,7 +194,58 @@ j = j[0] if isinstance(j, list) else j
 print(j[sys.argv[1]])' "$1"
 }
 
-run_ferry() { # TAG WITH_READS: sets SECS, FROM_LINK, P50, P99
+# move_back TAG SOCK NBD COPY: cut over, CHANGE_MIB of random 4 KiB writes
+# on the edge, `ferry moveback`; sets MB_SECS, MB_SHIPPED, MB_SIGS, MB_UP,
+# MB_DOWN; the origin's image must then equal the edge's copy.
+move_back() {
+  local tag=$1 sock=$2 nbd=$3 copy=$4 start up0 down0
+  "$FERRY_BIN" migrate cutover vm --api "$sock" --json > "$RAW/cutover-$tag.json"
+  fio --name=changes --ioengine=nbd --uri="nbd://$nbd/vm" --rw=randwrite --bs=4k \
+    --iodepth=16 --size="${SIZE_MIB}M" --io_size="${CHANGE_MIB}M" --randrepeat=0 \
+    --refill_buffers --output-format=json --output="$RAW/changes-$tag.json" > /dev/null \
+    || die "fio's writes failed ($tag)"
+  link_counts "$tag"
+  up0=$UP down0=$DOWN
+  start=$(now)
+  "$FERRY_BIN" moveback vm --api "$sock" --json > "$RAW/moveback-$tag.json" \
+    || die "ferry moveback failed ($tag)"
+  MB_SECS=$(elapsed "$start")
+  link_counts "$tag"
+  MB_UP=$((UP - up0))
+  MB_DOWN=$((DOWN - down0))
+  MB_SHIPPED=$(json_key bytes_shipped < "$RAW/moveback-$tag.json")
+  MB_SIGS=$(json_key signature_bytes < "$RAW/moveback-$tag.json")
+  cmp -s "$IMG" "$copy" || die "after the move back the origin's image differs from the copy"
+}
+
+# nbdcopy_back TAG COPY: sets BACK_SECS and BACK_WIRE, the time nbdcopy
+# takes to copy COPY through the link into a fresh image and the bytes it
+# sent.
+nbdcopy_back() {
+  local tag=$1 copy=$2 port dest=$WORK/back-$1.raw start
+  truncate -s "${SIZE_MIB}M" "$dest"
+  port=$(free_port)
+  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$dest" \
+    > "$RAW/nbdkit-$tag.log" 2>&1 &
+  PID_OF[nbdkit-$tag]=$!
+  STARTED+=("nbdkit-$tag")
+  for ((i = 0; i < 100; i++)); do
+    nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  link "$tag" "127.0.0.1:$port"
+  start=$(now)
+  nbdcopy --connections=1 --destination-is-zero "$copy" "nbd://$LINK" 2> "$RAW/nbdcopy-$tag.log" \
+    || die "nbdcopy failed ($tag)"
+  BACK_SECS=$(elapsed "$start")
+  stop_proc "link-$tag"
+  BACK_WIRE=$(sed -n 's/.*bytes_to_target=\([0-9]*\).*/\1/p' "$RAW/link-$tag.log" | tail -1)
+  stop_proc "nbdkit-$tag"
+  cmp -s "$copy" "$dest" || die "$dest differs from the copy"
+  rm -f "$dest"
+}
+
+run_ferry() { # TAG WITH_READS: sets SECS, MIG_WIRE, FROM_LINK, P50, P99 (and MB_*, BACK_SECS)
   local tag=$1 reads=$2
   spawn "origin-$tag" origin "$FERRY_BIN" origin --listen 127.0.0.1:0 --export "vm=$IMG" \
     --state-dir "$WORK/origin-$tag" --no-tls
@@ -197,6 +274,8 @@ import json, sys; print(json.load(sys.stdin)["volumes"][0]["state"])')" = up ] &
     sleep 0.2
   done
   SECS=$(elapsed "$start")
+  link_counts "$tag"
+  MIG_WIRE=$DOWN
   if [ -n "$fpid" ]; then
     kill -INT "$fpid" 2>/dev/null || true
     wait "$fpid" || true
@@ -205,10 +284,16 @@ import json, sys; print(json.load(sys.stdin)["volumes"][0]["state"])')" = up ] &
   fi
   migration_json "$sock" > "$RAW/done-$tag.json"
   FROM_LINK=$(json_key bytes_from_link < "$RAW/done-$tag.json")
+  check_copy "$copy"
+  if [ "$reads" = 0 ]; then
+    move_back "$tag" "$sock" "$nbd" "$copy"
+  fi
   stop_proc "edge-$tag"
   stop_proc "link-$tag"
   stop_proc "origin-$tag"
-  check_copy "$copy"
+  if [ "$reads" = 0 ]; then
+    nbdcopy_back "back-$tag" "$copy"
+  fi
   rm -rf "$copy" "$WORK/cache-$tag" "$WORK/origin-$tag"
 }
 
@@ -224,14 +309,22 @@ for ((round = 1; round <= ROUNDS; round++)); do
   log "round $round/$ROUNDS: ferry migrate"
   run_ferry "ferry-$round" 0
   R[ferry.secs.$round]=$SECS
-  R[ferry.wire.$round]=$(link_bytes "ferry-$round")
+  R[ferry.wire.$round]=$MIG_WIRE
   R[ferry.data.$round]=$FROM_LINK
   log "  $SECS s, $(( ${R[ferry.wire.$round]} >> 20 )) MiB over the link"
+  R[mb.secs.$round]=$MB_SECS
+  R[mb.up.$round]=$MB_UP
+  R[mb.down.$round]=$MB_DOWN
+  R[mb.shipped.$round]=$MB_SHIPPED
+  R[mb.sigs.$round]=$MB_SIGS
+  R[back.secs.$round]=$BACK_SECS
+  R[back.wire.$round]=$BACK_WIRE
+  log "  move back: $MB_SECS s, $(( MB_UP >> 20 )) MiB to the origin for $CHANGE_MIB MiB changed; nbdcopy back: $BACK_SECS s"
 
   log "round $round/$ROUNDS: ferry migrate with demand reads"
   run_ferry "reads-$round" 1
   R[reads.secs.$round]=$SECS
-  R[reads.wire.$round]=$(link_bytes "reads-$round")
+  R[reads.wire.$round]=$MIG_WIRE
   R[reads.p50.$round]=$P50
   R[reads.p99.$round]=$P99
   log "  $SECS s, reads p50 $P50 ms p99 $P99 ms"
@@ -265,5 +358,15 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
   echo "ferry migrate / nbdcopy: $(ratio "$(med ferry.secs)" "$(med nbdcopy.secs)")x the time. Data bytes the copy took from the link: $(mib "$(med ferry.data)") MiB (before compression)."
   echo
   echo "Demand reads during the copy: p50 $(med reads.p50) ms, p99 **$(med reads.p99) ms** ($(col reads.p99)); target <= RTT + 2 = $((RTT_MS + 2)) ms."
+  echo
+  changed=$((CHANGE_MIB << 20))
+  echo "Move back after $CHANGE_MIB MiB of random 4 KiB writes on the cut-over copy (the origin's image checked equal to the copy):"
+  echo
+  echo "| way home | time (s) | bytes to the origin (MiB) | vs bytes changed |"
+  echo "|---|---:|---:|---:|"
+  echo "| nbdcopy of the copy | $(med back.secs) ($(col back.secs)) | $(mib "$(med back.wire)") | $(ratio "$(med back.wire)" "$changed")x |"
+  echo "| ferry moveback | **$(med mb.secs)** ($(col mb.secs)) | $(mib "$(med mb.up)") | **$(ratio "$(med mb.up)" "$changed")x** |"
+  echo
+  echo "ferry moveback: write bytes shipped $(mib "$(med mb.shipped)") MiB ($(ratio "$(med mb.shipped)" "$changed")x the bytes changed), signatures received $(awk -v b="$(med mb.sigs)" 'BEGIN { printf "%.1f", b / 1048576 }') MiB, bytes back over the link $(mib "$(med mb.down)") MiB; target: bytes to the origin <= 1.1x the bytes changed plus signatures."
 } > "$OUT"
 cat "$OUT"

@@ -773,7 +773,25 @@ async fn link_emulator(a: LinkEmuArgs) -> anyhow::Result<()> {
     );
     let emu = LinkEmulator::start(listen, target, cfg).await?;
     print_listening_as("link", &emu.local_addr().to_string());
-    let signal = ferry::serve::shutdown_signal().await?;
+    // SIGUSR1 logs the byte counts so far: a benchmark measures one phase
+    // of a longer run without restarting the link under it.
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let stopped = ferry::serve::shutdown_signal();
+    tokio::pin!(stopped);
+    let signal = loop {
+        tokio::select! {
+            s = &mut stopped => break s?,
+            _ = usr1.recv() => {
+                let st = emu.stats();
+                tracing::info!(
+                    bytes_to_target = st.bytes_to_target,
+                    bytes_to_client = st.bytes_to_client,
+                    connections = st.connections_accepted,
+                    "link emulator counts"
+                );
+            }
+        }
+    };
     let st = emu.stats();
     tracing::info!(
         signal,

@@ -13,5 +13,5 @@
 pub mod record;
 pub mod stage;
 
-pub use record::{Bitmap, MigrationRecord, RecordError, MAX_TARGET_LEN};
+pub use record::{Bitmap, MigrationRecord, RecordError, MAX_CHUNKS, MAX_TARGET_LEN};
 pub use stage::{Command, Refusal, Stage};

@@ -28,8 +28,8 @@ const VERSION: u16 = 1;
 /// Longest target path accepted.
 pub const MAX_TARGET_LEN: usize = 4096;
 /// Chunks a map may have (4 PiB of 1 MiB chunks): bounds the allocation a
-/// damaged file can ask for.
-const MAX_CHUNKS: u64 = 1 << 32;
+/// damaged file can ask for, and the volumes a migration takes.
+pub const MAX_CHUNKS: u64 = 1 << 32;
 
 /// Why a record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]

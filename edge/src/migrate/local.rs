@@ -37,7 +37,7 @@ use blockcore::{
 use bytes::Bytes;
 use tokio::sync::{Mutex as AsyncMutex, MutexGuard as AsyncGuard};
 
-use lifecycle::{Bitmap, MigrationRecord, RecordError, Stage, MAX_TARGET_LEN};
+use lifecycle::{Bitmap, MigrationRecord, RecordError, Stage, MAX_CHUNKS, MAX_TARGET_LEN};
 
 /// The unit of the copy and of both maps.
 pub const MIRROR_CHUNK: u32 = 1 << 20;
@@ -202,6 +202,18 @@ impl LocalCopy {
         new: &NewCopy,
     ) -> Result<LocalCopy, LocalError> {
         let target = &new.target;
+        // The size comes from the origin: a map that large is refused,
+        // never allocated.
+        if new.size.div_ceil(u64::from(MIRROR_CHUNK)) > MAX_CHUNKS {
+            return Err(LocalError::Target {
+                path: target.clone(),
+                reason: format!(
+                    "the volume's {} bytes are more than a migration takes ({} chunks of {} \
+                     bytes)",
+                    new.size, MAX_CHUNKS, MIRROR_CHUNK
+                ),
+            });
+        }
         let shown = target.to_string_lossy().into_owned();
         if shown.len() > MAX_TARGET_LEN || target.to_str().is_none() {
             return Err(LocalError::Target {

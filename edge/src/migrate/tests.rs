@@ -360,6 +360,23 @@ async fn a_new_copy_refuses_to_overwrite_data() {
         },
     );
     assert!(rel.unwrap_err().to_string().contains("absolute"));
+    // A size no map can hold (an origin's word): refused, nothing created.
+    let huge = dir.path().join("huge.raw");
+    let r = LocalCopy::create(
+        Arc::new(DiskStorage),
+        &record(dir.path()),
+        &NewCopy {
+            target: huge.clone(),
+            size: u64::MAX,
+            volume_epoch: 1,
+            rate_bytes_per_sec: 0,
+        },
+    );
+    assert!(r
+        .unwrap_err()
+        .to_string()
+        .contains("more than a migration takes"));
+    assert!(!huge.exists());
 }
 
 #[tokio::test]
