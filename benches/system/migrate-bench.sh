@@ -97,9 +97,7 @@ LINK_BPS=$(awk -v m="$MBIT" 'BEGIN { printf "%d", m * 1e6 / 8 }')
 
 if [ -n "${IMAGE:-}" ]; then
   [ -f "$IMAGE" ] || die "IMAGE $IMAGE is not a file"
-  # A copy: the move back writes into the origin's image.
-  IMG=$WORK/vm.img
-  cp --sparse=always "$IMAGE" "$IMG"
+  IMG=$IMAGE
   SIZE_MIB=$(($(stat -c %s "$IMG") >> 20))
   DATA_MIB=$(($(stat -c %b "$IMG") * $(stat -c %B "$IMG") >> 20))
 else
@@ -194,11 +192,11 @@ j = j[0] if isinstance(j, list) else j
 print(j[sys.argv[1]])' "$1"
 }
 
-# move_back TAG SOCK NBD COPY: cut over, CHANGE_MIB of random 4 KiB writes
-# on the edge, `ferry moveback`; sets MB_SECS, MB_SHIPPED, MB_SIGS, MB_UP,
-# MB_DOWN; the origin's image must then equal the edge's copy.
+# move_back TAG SOCK NBD COPY SERVED: cut over, CHANGE_MIB of random 4 KiB
+# writes on the edge, `ferry moveback`; sets MB_SECS, MB_SHIPPED, MB_SIGS,
+# MB_UP, MB_DOWN; the origin's image SERVED must then equal the copy.
 move_back() {
-  local tag=$1 sock=$2 nbd=$3 copy=$4 start up0 down0
+  local tag=$1 sock=$2 nbd=$3 copy=$4 served=$5 start up0 down0
   "$FERRY_BIN" migrate cutover vm --api "$sock" --json > "$RAW/cutover-$tag.json"
   fio --name=changes --ioengine=nbd --uri="nbd://$nbd/vm" --rw=randwrite --bs=4k \
     --iodepth=16 --size="${SIZE_MIB}M" --io_size="${CHANGE_MIB}M" --randrepeat=0 \
@@ -215,7 +213,7 @@ move_back() {
   MB_DOWN=$((DOWN - down0))
   MB_SHIPPED=$(json_key bytes_shipped < "$RAW/moveback-$tag.json")
   MB_SIGS=$(json_key signature_bytes < "$RAW/moveback-$tag.json")
-  cmp -s "$IMG" "$copy" || die "after the move back the origin's image differs from the copy"
+  cmp -s "$served" "$copy" || die "after the move back the origin's image differs from the copy"
 }
 
 # nbdcopy_back TAG COPY: sets BACK_SECS and BACK_WIRE, the time nbdcopy
@@ -246,8 +244,14 @@ nbdcopy_back() {
 }
 
 run_ferry() { # TAG WITH_READS: sets SECS, MIG_WIRE, FROM_LINK, P50, P99 (and MB_*, BACK_SECS)
-  local tag=$1 reads=$2
-  spawn "origin-$tag" origin "$FERRY_BIN" origin --listen 127.0.0.1:0 --export "vm=$IMG" \
+  local tag=$1 reads=$2 served=$IMG
+  if [ "$reads" = 0 ]; then
+    # The move back writes into the origin's image: a copy of its own, so
+    # every run starts from the same disk.
+    served=$WORK/origin-$tag.img
+    cp --sparse=always "$IMG" "$served"
+  fi
+  spawn "origin-$tag" origin "$FERRY_BIN" origin --listen 127.0.0.1:0 --export "vm=$served" \
     --state-dir "$WORK/origin-$tag" --no-tls
   link "$tag" "$ADDR"
   local sock=$WORK/edge-$tag.sock copy=$WORK/copy-$tag.raw
@@ -286,7 +290,7 @@ import json, sys; print(json.load(sys.stdin)["volumes"][0]["state"])')" = up ] &
   FROM_LINK=$(json_key bytes_from_link < "$RAW/done-$tag.json")
   check_copy "$copy"
   if [ "$reads" = 0 ]; then
-    move_back "$tag" "$sock" "$nbd" "$copy"
+    move_back "$tag" "$sock" "$nbd" "$copy" "$served"
   fi
   stop_proc "edge-$tag"
   stop_proc "link-$tag"
@@ -294,7 +298,7 @@ import json, sys; print(json.load(sys.stdin)["volumes"][0]["state"])')" = up ] &
   if [ "$reads" = 0 ]; then
     nbdcopy_back "back-$tag" "$copy"
   fi
-  rm -rf "$copy" "$WORK/cache-$tag" "$WORK/origin-$tag"
+  rm -rf "$copy" "$WORK/cache-$tag" "$WORK/origin-$tag" "$WORK/origin-$tag.img"
 }
 
 
