@@ -10,6 +10,11 @@
 //! origin's image must hold that token (read with `debugfs`, no mount) and
 //! pass `e2fsck -fn`: reads and writes both went through ferry.
 //!
+//! A third test takes a guest through its disk's lifecycle: it boots while
+//! the disk migrates, again from the cut-over copy with the origin stopped,
+//! and after `ferry moveback` the origin's image and the copy both boot in
+//! qemu directly.
+//!
 //! Each test prints the boot time and how much crossed the WAN
 //! (`bytes_fetched`/`bytes_pushed` from `ferry edge status`, and the link's
 //! own byte count); run with `--no-capture` to see them.
@@ -103,11 +108,17 @@ fn vm_image() -> VmImage {
 // ---------------------------------------------------------------------------
 
 fn origin(dir: &Path, image: &Path) -> Ferry {
+    origin_at(dir, image, "127.0.0.1:0")
+}
+
+/// The origin listening on `listen` (a restart takes its old address, which
+/// the WAN relays to).
+fn origin_at(dir: &Path, image: &Path, listen: &str) -> Ferry {
     Ferry::spawn(
         [
             "origin".as_ref(),
             "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
+            listen.as_ref(),
             "--export".as_ref(),
             format!("{VOLUME}={}", image.display()).as_ref(),
             "--state-dir".as_ref(),
@@ -455,4 +466,129 @@ fn a_debian_vm_boots_from_the_edge_over_nbd() {
 #[test]
 fn a_debian_vm_boots_from_the_edge_over_iscsi() {
     boot(Protocol::Iscsi);
+}
+
+// ---------------------------------------------------------------------------
+// The lifecycle with a real guest
+// ---------------------------------------------------------------------------
+
+fn lifecycle_cli(e: &Ferry, args: &[&str]) -> String {
+    run(Command::new(ferry_bin())
+        .args(args)
+        .arg("--api")
+        .arg(e.announced("control")))
+}
+
+fn migration_stage(e: &Ferry) -> String {
+    let m = ferry_tests::json(&lifecycle_cli(e, &["migrate", "status", VOLUME, "--json"]));
+    m[0]["stage"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Boots `drive` to its marker and power-off; returns the token the guest
+/// wrote.
+fn boot_once(dir: &Path, vm: &VmImage, drive: &str, what: &str) -> String {
+    let run_dir = dir.join(what);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let start = Instant::now();
+    let mut qemu = Qemu::start(&run_dir, drive);
+    let marker = qemu.wait_for_marker();
+    qemu.wait_poweroff();
+    assert_eq!(
+        marker_field(&marker, "image"),
+        vm.info("image_id"),
+        "{what}: the guest read another image id: {marker}"
+    );
+    let token = marker_field(&marker, "token").to_string();
+    assert_eq!(token.len(), 36, "{what}: bad token in {marker}");
+    eprintln!("{what}: booted in {:.1}s", start.elapsed().as_secs_f64());
+    token
+}
+
+/// A guest boots from the edge while its disk migrates (the copy rate
+/// limited so the boot's reads and writes land in the middle of it); the
+/// copy finishes, the volume is cut over and the origin stopped; the guest
+/// boots again from the edge alone and writes; the origin comes back and
+/// `ferry moveback` brings the volume home. The origin's image then holds
+/// the last boot's token and is a clean filesystem, and both it and the
+/// edge's local copy boot directly in qemu, no ferry in the path.
+#[test]
+fn a_vm_migrates_runs_cut_over_and_moves_back() {
+    let vm = vm_image();
+    let site = tempdir();
+    let dir = site.path();
+    let image = dir.join("disk.img");
+    run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
+    let o = origin(dir, &image);
+    let origin_addr = o.announced("origin").to_owned();
+    let wan = Wan::start(&origin_addr);
+    let e = edge(dir, &wan.addr(), Protocol::Nbd);
+    let copy = dir.join("local.raw");
+    let lock = FileLock::acquire(
+        &std::env::temp_dir().join("ferry-vm-boot.lock"),
+        BOOT_LOCK_TIMEOUT,
+    );
+
+    // 591 MiB at 40 Mbit/s take two minutes: the boot runs mid-copy.
+    lifecycle_cli(
+        &e,
+        &[
+            "migrate",
+            "start",
+            VOLUME,
+            "--target",
+            copy.to_str().unwrap(),
+            "--rate",
+            "40",
+        ],
+    );
+    let during = boot_once(dir, &vm, &e.uri(VOLUME), "boot-while-migrating");
+    assert_eq!(
+        migration_stage(&e),
+        "migrating",
+        "the copy finished before the boot did"
+    );
+    lifecycle_cli(&e, &["migrate", "rate", VOLUME, "0"]);
+    lifecycle_cli(&e, &["migrate", "status", VOLUME, "--wait"]);
+    assert!(
+        wait_until(Duration::from_secs(60), || migration_stage(&e)
+            == "mirrored"),
+        "the copy did not complete"
+    );
+    lifecycle_cli(&e, &["migrate", "cutover", VOLUME]);
+    assert_eq!(migration_stage(&e), "cut-over");
+    // The journal was drained: the origin has the first boot's writes.
+    assert_eq!(read_guest_file(&image, &vm, TOKEN_PATH).trim(), during);
+    o.stop_ok();
+
+    // The origin is gone; the guest runs from the edge's copy.
+    let cut_over = boot_once(dir, &vm, &e.uri(VOLUME), "boot-cut-over");
+    assert_ne!(cut_over, during);
+
+    // Home again: the origin comes back where it was.
+    let o = origin_at(dir, &image, &origin_addr);
+    let before = wan.link.stats();
+    let moved = ferry_tests::json(&lifecycle_cli(&e, &["moveback", VOLUME, "--json"]));
+    let after = wan.link.stats();
+    assert_eq!(moved["stage"], "on-premises", "{moved}");
+    assert_eq!(moved["bytes_repaired"], 0, "{moved}");
+    let changed = moved["bytes_shipped"].as_u64().unwrap();
+    let up = after.bytes_to_target - before.bytes_to_target;
+    eprintln!(
+        "move back after a boot on the cut-over copy: {moved}; {up} bytes to the origin, {} back",
+        after.bytes_to_client - before.bytes_to_client
+    );
+    assert!(changed > 0, "the cut-over boot changed nothing: {moved}");
+    e.stop_ok();
+    o.stop_ok();
+    drop(wan);
+    assert_eq!(read_guest_file(&image, &vm, TOKEN_PATH).trim(), cut_over);
+    assert_eq!(read_guest_file(&copy, &vm, TOKEN_PATH).trim(), cut_over);
+    run(cmd("e2fsck").arg("-fn").arg(root_fs(&image, &vm)));
+    ferry_tests::assert_files_equal(&image, &copy);
+
+    // Both boot without ferry.
+    let drive = |p: &Path| p.display().to_string();
+    boot_once(dir, &vm, &drive(&image), "boot-origin-image");
+    boot_once(dir, &vm, &drive(&copy), "boot-local-copy");
+    drop(lock);
 }
