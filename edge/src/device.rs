@@ -612,11 +612,11 @@ async fn finish_moveback(
         let dirty = local.dirty_chunks();
         if !dirty.is_empty() {
             let spans = chunk_spans(local, &dirty);
-            let pieces = retrying(shared, "comparing the changed chunks", || {
-                differing_pieces(shared, local, &spans, DIFF_BLOCK)
+            let shipped = retrying(shared, "comparing the changed chunks", || {
+                compare_and_ship(shared, local, &spans, DIFF_BLOCK, true)
             })
             .await?;
-            let bytes = ship_pieces(shared, &pieces).await?;
+            let bytes: u64 = shipped.iter().map(|&(_, n)| n).sum();
             local
                 .counters()
                 .moveback_shipped
@@ -634,37 +634,39 @@ async fn finish_moveback(
         let mut round = 0;
         loop {
             let verified: u64 = suspects.iter().map(|&(_, n)| n).sum();
-            let pieces = retrying(shared, "verifying the origin's image", || {
-                differing_pieces(shared, local, &suspects, block)
+            // Differing pieces are shipped again as they are found, but
+            // not after the last repair.
+            let repair = round < VERIFY_ROUNDS;
+            let differ = retrying(shared, "verifying the origin's image", || {
+                compare_and_ship(shared, local, &suspects, block, repair)
             })
             .await?;
             local
                 .counters()
                 .moveback_verified
                 .fetch_add(verified, Ordering::Relaxed);
-            if pieces.is_empty() {
+            if differ.is_empty() {
                 tracing::info!(volume = %volume, bytes = verified, round, "move back: the origin's image equals the edge's copy");
                 break;
             }
-            round += 1;
-            let differ: u64 = pieces.iter().map(|(_, d)| d.len() as u64).sum();
-            if round > VERIFY_ROUNDS {
+            let bytes: u64 = differ.iter().map(|&(_, n)| n).sum();
+            if !repair {
                 return Err(MigrateError::Local(format!(
                     "the origin's image still differs from the edge's copy in {} pieces \
-                     ({differ} bytes) after {VERIFY_ROUNDS} repairs: is something else \
+                     ({bytes} bytes) after {VERIFY_ROUNDS} repairs: is something else \
                      writing to it? The move back stops here, and resumes with \
                      `ferry moveback`",
-                    pieces.len()
+                    differ.len()
                 )));
             }
-            tracing::warn!(volume = %volume, pieces = pieces.len(), bytes = differ, round, "move back: the origin's image differs from the edge's copy; shipping those pieces again");
-            let bytes = ship_pieces(shared, &pieces).await?;
+            tracing::warn!(volume = %volume, pieces = differ.len(), bytes, round, "move back: the origin's image differs from the edge's copy; those pieces were shipped again");
             local
                 .counters()
                 .moveback_repaired
                 .fetch_add(bytes, Ordering::Relaxed);
             drain_retrying(shared, "move back").await?;
-            suspects = pieces.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+            suspects = differ;
+            round += 1;
         }
     } else {
         drain_retrying(shared, "move back").await?;
@@ -717,19 +719,22 @@ fn chunk_spans(local: &LocalCopy, chunks: &[u64]) -> Vec<(u64, u64)> {
     spans
 }
 
-/// The `block`-byte pieces of `spans` whose signature at the origin
-/// differs from the local copy's, with the copy's data, in order.
-async fn differing_pieces(
+/// Compares the `block`-byte pieces of `spans` with the origin's image by
+/// signature and returns those that differ, as `(offset, len)` in order;
+/// with `ship` their data from the copy goes into the journal as each span
+/// is compared, so memory holds at most [`SIGN_PARALLEL`] spans.
+async fn compare_and_ship(
     shared: &Shared,
     local: &LocalCopy,
     spans: &[(u64, u64)],
     block: u32,
-) -> Result<Vec<(u64, Bytes)>, MigrateError> {
-    use futures::stream::{self, StreamExt, TryStreamExt};
+    ship: bool,
+) -> Result<Vec<(u64, u64)>, MigrateError> {
+    use futures::stream::{self, StreamExt};
     let key = Arc::new(keys::SignatureKey::from_dedup_key(
         *shared.client.attachment().dedup_key,
     ));
-    let found: Vec<Vec<(u64, Bytes)>> = stream::iter(spans.iter().copied())
+    let mut compared = stream::iter(spans.iter().copied())
         .map(|(offset, len)| {
             let key = key.clone();
             async move {
@@ -752,6 +757,8 @@ async fn differing_pieces(
                 })
                 .await
                 .map_err(|e| MigrateError::Local(e.to_string()))?;
+                // Copies, not slices: a slice would keep the whole span's
+                // buffer alive until the journal lets go of the piece.
                 Ok::<_, MigrateError>(
                     mine.iter()
                         .zip(&theirs)
@@ -760,16 +767,25 @@ async fn differing_pieces(
                         .map(|(i, _)| {
                             let from = i * block as usize;
                             let to = (from + block as usize).min(ours.len());
-                            (offset + from as u64, ours.slice(from..to))
+                            (
+                                offset + from as u64,
+                                Bytes::copy_from_slice(&ours[from..to]),
+                            )
                         })
-                        .collect(),
+                        .collect::<Vec<_>>(),
                 )
             }
         })
-        .buffered(SIGN_PARALLEL)
-        .try_collect()
-        .await?;
-    Ok(found.into_iter().flatten().collect())
+        .buffered(SIGN_PARALLEL);
+    let mut differ = Vec::new();
+    while let Some(pieces) = compared.next().await {
+        let pieces = pieces?;
+        if ship {
+            ship_pieces(shared, &pieces).await?;
+        }
+        differ.extend(pieces.iter().map(|(o, d)| (*o, d.len() as u64)));
+    }
+    Ok(differ)
 }
 
 /// Appends `pieces` to the journal as writes (zeroes as zero records),

@@ -442,6 +442,15 @@ fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
     let dirty = migration(&e)["bytes_dirty"].as_u64().unwrap();
     assert!(dirty >= 10 * MIB, "{}", migration(&e));
 
+    // Behind everyone's back, 4 KiB of the origin's image change where the
+    // edge wrote nothing: the verification finds the 64 KiB piece and
+    // repairs it from the edge's copy.
+    write_at(
+        &lab.image,
+        45 * MIB + 8192,
+        &ferry_tests::pattern_bytes(4096, 999),
+    );
+
     // The origin comes back where it was; the volume goes home.
     lab.origin = Some(start_origin(lab.dir.path(), &lab.image, &origin_addr));
     let before = lab.wan.link.stats();
@@ -460,15 +469,20 @@ fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
         shipped >= changed && shipped * 10 <= changed * 11,
         "{shipped} bytes shipped for {changed} bytes changed in {dirty} bytes of dirty chunks: {m}"
     );
-    assert_eq!(m["bytes_verified"], SIZE, "{m}");
-    assert_eq!(m["bytes_repaired"], 0, "{m}");
+    assert_eq!(
+        m["bytes_verified"],
+        SIZE + 65536,
+        "the whole image, then the repaired piece: {m}"
+    );
+    assert_eq!(m["bytes_repaired"], 65536, "{m}");
     let sigs = m["signature_bytes"].as_u64().unwrap();
     let up = after.bytes_to_target - before.bytes_to_target;
     let down = after.bytes_to_client - before.bytes_to_client;
     // On the wire, frames and handshakes included (the zeroes travel as
-    // a zero record, so the data is at most what was changed).
+    // a zero record, so the data is at most what was changed, plus the
+    // repair).
     assert!(
-        up * 10 <= changed * 11 + sigs,
+        up * 10 <= (changed + 65536) * 11 + sigs,
         "{up} bytes went to the origin for {changed} bytes changed: {m}"
     );
     assert!(
