@@ -153,14 +153,12 @@ link_bytes() {
   sed -n 's/.*bytes_to_client=\([0-9]*\).*/\1/p' "$RAW/link-$1.log" | tail -1
 }
 
-check_copy() { # COPY
-  cmp -s "$IMG" "$1" || die "$1 differs from the image"
-}
-
-run_nbdcopy() { # TAG: sets SECS
-  local tag=$1 port
+# serve_file TAG FILE: `nbdkit file` serving FILE, behind the emulator;
+# sets LINK.
+serve_file() {
+  local tag=$1 port i
   port=$(free_port)
-  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$IMG" \
+  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$2" \
     > "$RAW/nbdkit-$tag.log" 2>&1 &
   PID_OF[nbdkit-$tag]=$!
   STARTED+=("nbdkit-$tag")
@@ -169,6 +167,15 @@ run_nbdcopy() { # TAG: sets SECS
     sleep 0.1
   done
   link "$tag" "127.0.0.1:$port"
+}
+
+check_copy() { # COPY
+  cmp -s "$IMG" "$1" || die "$1 differs from the image"
+}
+
+run_nbdcopy() { # TAG: sets SECS
+  local tag=$1
+  serve_file "$tag" "$IMG"
   local copy=$WORK/copy-$tag.raw start
   truncate -s "${SIZE_MIB}M" "$copy"
   start=$(now)
@@ -220,18 +227,9 @@ move_back() {
 # takes to copy COPY through the link into a fresh image and the bytes it
 # sent.
 nbdcopy_back() {
-  local tag=$1 copy=$2 port dest=$WORK/back-$1.raw start
+  local tag=$1 copy=$2 dest=$WORK/back-$1.raw start
   truncate -s "${SIZE_MIB}M" "$dest"
-  port=$(free_port)
-  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$dest" \
-    > "$RAW/nbdkit-$tag.log" 2>&1 &
-  PID_OF[nbdkit-$tag]=$!
-  STARTED+=("nbdkit-$tag")
-  for ((i = 0; i < 100; i++)); do
-    nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  link "$tag" "127.0.0.1:$port"
+  serve_file "$tag" "$dest"
   start=$(now)
   nbdcopy --connections=1 --destination-is-zero "$copy" "nbd://$LINK" 2> "$RAW/nbdcopy-$tag.log" \
     || die "nbdcopy failed ($tag)"

@@ -376,6 +376,19 @@ fn sigkill_in_the_middle_of_a_copy_resumes_where_the_map_says() {
     e.stop_ok();
 }
 
+/// The lab with `v` migrated into `v.raw` and cut over: the lab, the
+/// origin's address (for a restart where the WAN relays to), the edge and
+/// the copy.
+fn cut_over_lab() -> (Setup, String, Ferry, PathBuf) {
+    let lab = setup();
+    let origin_addr = lab.origin.as_ref().unwrap().announced("origin").to_owned();
+    let e = start_edge(&lab.config);
+    wait_up(&e);
+    let target = lab.dir.path().join("v.raw");
+    migrate_and_cut_over(&e, &target);
+    (lab, origin_addr, e, target)
+}
+
 /// Migrates `v` into `target` at full speed and cuts it over.
 fn migrate_and_cut_over(e: &Ferry, target: &Path) {
     ferry_cli(
@@ -401,12 +414,7 @@ fn moveback_json(e: &Ferry) -> Value {
 
 #[test]
 fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
-    let mut lab = setup();
-    let origin_addr = lab.origin.as_ref().unwrap().announced("origin").to_owned();
-    let e = start_edge(&lab.config);
-    wait_up(&e);
-    let target = lab.dir.path().join("v.raw");
-    migrate_and_cut_over(&e, &target);
+    let (mut lab, origin_addr, e, target) = cut_over_lab();
     // The origin is stopped after the cut-over, as it may be; the guest
     // goes on writing on the edge.
     lab.origin.take().unwrap().stop_ok();
@@ -516,12 +524,7 @@ fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
 
 #[test]
 fn a_move_back_survives_a_killed_origin_and_a_killed_edge_and_ends_equal_to_the_edge() {
-    let mut lab = setup();
-    let origin_addr = lab.origin.as_ref().unwrap().announced("origin").to_owned();
-    let e = start_edge(&lab.config);
-    wait_up(&e);
-    let target = lab.dir.path().join("v.raw");
-    migrate_and_cut_over(&e, &target);
+    let (mut lab, origin_addr, e, target) = cut_over_lab();
     // 40 MiB changed on the edge: about 3.5 s of shipping at 100 Mbit/s.
     let mut nbd = ferry_tests::nbd::Client::handshake(e.connect(), "v").unwrap();
     for m in 0..40u64 {
