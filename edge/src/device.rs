@@ -467,6 +467,12 @@ impl EdgeDevice {
         self.shared.rpo_changed.notify_one();
     }
 
+    /// Whether the link's session is over for good (released, detached,
+    /// fenced): nothing more goes over it.
+    pub fn link_finished(&self) -> bool {
+        self.shared.client.finished().is_some()
+    }
+
     /// Asks the origin to release the volume (after a [`drain`](Self::drain),
     /// nothing is left to ship), so another edge may attach it; the link
     /// then closes.

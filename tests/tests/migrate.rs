@@ -462,8 +462,16 @@ fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
     // The origin comes back where it was; the volume goes home.
     lab.origin = Some(start_origin(lab.dir.path(), &lab.image, &origin_addr));
     let before = lab.wan.link.stats();
+    // A second caller at the same time joins the same move back.
+    let sock = socket(&e);
+    let other = std::thread::spawn(move || {
+        ferry_tests::http_unix(&sock, "POST", "/v1/volumes/v/moveback", None, None)
+    });
     let m = moveback_json(&e);
+    let other = other.join().unwrap();
     let after = lab.wan.link.stats();
+    assert_eq!(other.status, 200, "{}", other.body);
+    assert!(other.body.contains("on-premises"), "{}", other.body);
     eprintln!(
         "move back: {m}; link bytes to the origin {}, back {}; {changed} bytes changed",
         after.bytes_to_target - before.bytes_to_target,

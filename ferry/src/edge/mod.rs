@@ -649,7 +649,7 @@ impl EdgeDaemon {
         }
         self.unexport(name).await;
         let device = match &served.device {
-            Some(d) if stage != Stage::CutOver => d.clone(),
+            Some(d) if !d.link_finished() => d.clone(),
             _ => {
                 // Cut over: its link ended with the release, or was never
                 // opened in this run. It is opened again.
@@ -663,6 +663,15 @@ impl EdgeDaemon {
                     tracing::info!(target: "ferry::audit", volume = %name, from = %stage, "move back started");
                 }
                 let changing = self.changes.lock().await;
+                // A concurrent call may have opened it again meanwhile: one
+                // link and one journal per volume, so this call joins it.
+                let current = self.up(name)?;
+                if !Arc::ptr_eq(&current, &served) {
+                    drop(changing);
+                    return self
+                        .finish_moveback(name, &current, timeout, 0, started)
+                        .await;
+                }
                 let spec = lock(&served.spec).clone();
                 let reopened =
                     match tokio::time::timeout(ATTACH_TIMEOUT, self.open_volume(&spec)).await {
