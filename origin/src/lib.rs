@@ -223,6 +223,7 @@ struct VolumeStats {
     bytes_pushed: AtomicU64,
     signature_replies: AtomicU64,
     signature_bytes_saved: AtomicU64,
+    bytes_signed: AtomicU64,
     batches_applied: AtomicU64,
     batch_bytes_applied: AtomicU64,
     batches_already_applied: AtomicU64,
@@ -242,6 +243,9 @@ pub struct VolumeCounters {
     /// not cross the link because of them.
     pub signature_replies: u64,
     pub signature_bytes_saved: u64,
+    /// Bytes of the volume signed for an edge's comparison (`Sign`: a
+    /// move back's), read here and never sent.
+    pub bytes_signed: u64,
     /// Batches applied, and the data bytes they carried (zeroed ranges
     /// carry none).
     pub batches_applied: u64,
@@ -449,6 +453,7 @@ impl Volume {
             bytes_pushed: get(&s.bytes_pushed),
             signature_replies: get(&s.signature_replies),
             signature_bytes_saved: get(&s.signature_bytes_saved),
+            bytes_signed: get(&s.bytes_signed),
             batches_applied: get(&s.batches_applied),
             batch_bytes_applied: get(&s.batch_bytes_applied),
             batches_already_applied: get(&s.batches_already_applied),
@@ -1126,6 +1131,9 @@ impl Origin {
                 .map(|piece| *origin.signature_key.signature(piece).as_bytes())
                 .collect::<Vec<_>>()
         };
+        v.stats
+            .bytes_signed
+            .fetch_add(u64::from(len), Ordering::Relaxed);
         let sigs = match self.config.file_io {
             FileIo::Inline => sign(),
             // About 8 µs per 64 KiB: off the async threads.

@@ -84,7 +84,7 @@ fn start_origin(dir: &Path, image: &Path, listen: &str) -> Ferry {
             "--export".into(),
             format!("v={}", image.display()),
         ],
-        &["origin"],
+        &["origin", "api"],
     )
 }
 
@@ -505,6 +505,17 @@ fn a_cut_over_volume_moves_back_shipping_only_the_pieces_that_changed() {
         down <= sigs * 2 + 64 * 1024,
         "{down} bytes came back for {sigs} bytes of signatures: {m}"
     );
+    // The origin read and signed the whole image for the comparisons
+    // (the changed chunks at 4 KiB, then all of it), and sent none of it.
+    let at_origin = api(
+        Path::new(lab.origin.as_ref().unwrap().announced("api")),
+        "GET",
+        "/v1/volumes/v",
+        None,
+        200,
+    );
+    let signed = at_origin["bytes_signed"].as_u64().unwrap();
+    assert!(signed >= SIZE + dirty, "{at_origin}");
     // The origin's image is the edge's view, byte for byte.
     compare(&lab.image.display().to_string(), &target);
     ferry_tests::assert_range_filled(&lab.image, 8 * MIB, 512 * 1024, 0);

@@ -76,6 +76,9 @@ pub struct OriginVolumeInfo {
     pub bytes_pushed: u64,
     pub signature_replies: u64,
     pub signature_bytes_saved: u64,
+    /// Bytes signed for an edge's comparison (a move back's), not sent.
+    #[serde(default)]
+    pub bytes_signed: u64,
     pub batches_applied: u64,
     pub batch_bytes_applied: u64,
     pub attaches: u64,
@@ -464,6 +467,7 @@ impl OriginApi {
             bytes_pushed: c.bytes_pushed,
             signature_replies: c.signature_replies,
             signature_bytes_saved: c.signature_bytes_saved,
+            bytes_signed: c.bytes_signed,
             batches_applied: c.batches_applied,
             batch_bytes_applied: c.batch_bytes_applied,
             attaches: c.attaches,
@@ -726,6 +730,12 @@ impl OriginApi {
                 "Data bytes signature replies kept off the link.",
                 &l,
                 i.signature_bytes_saved,
+            );
+            m.counter(
+                "ferry_origin_signed_bytes_total",
+                "Bytes of the volume signed for an edge's comparison (a move back's).",
+                &l,
+                i.bytes_signed,
             );
             m.counter(
                 "ferry_origin_batches_applied_total",
