@@ -65,6 +65,23 @@ spawn() {
   return 1
 }
 
+# start_work: a scratch directory WORK under WORK_DIR; at exit everything
+# started is stopped and WORK removed, and a failure points at $RAW.
+start_work() {
+  WORK=$(mktemp -d "$WORK_DIR/$BENCH.XXXXXX")
+  trap finish_work EXIT
+  trap 'exit 130' INT TERM
+}
+
+finish_work() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_all
+  rm -rf "$WORK"
+  [ "$rc" -eq 0 ] || echo "$BENCH: failed (exit $rc); logs in $RAW" >&2
+  exit "$rc"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

@@ -81,17 +81,7 @@ if [ -e "$RAW" ] && [ -n "$(ls -A "$RAW" 2>/dev/null)" ]; then
   die "$RAW exists and is not empty: remove it or choose another OUT"
 fi
 mkdir -p "$RAW" "$(dirname "$OUT")"
-WORK=$(mktemp -d "$WORK_DIR/link-bench.XXXXXX")
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  stop_all
-  rm -rf "$WORK"
-  [ "$rc" -eq 0 ] || echo "$BENCH: failed (exit $rc); logs in $RAW" >&2
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_work
 
 RTT_MS=$(awk -v d="$DELAY_MS" 'BEGIN { print 2 * d }')
 LINK_BPS=$(awk -v m="$MBIT" 'BEGIN { printf "%d", m * 1e6 / 8 }')

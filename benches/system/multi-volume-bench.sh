@@ -55,17 +55,7 @@ if [ -z "${FERRY_BIN:-}" ]; then
 fi
 [ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
 mkdir -p "$RAW" "$(dirname "$OUT")"
-WORK=$(mktemp -d "$WORK_DIR/multi-volume-bench.XXXXXX")
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  stop_all
-  rm -rf "$WORK"
-  [ "$rc" -eq 0 ] || echo "$BENCH: failed (exit $rc); logs in $RAW" >&2
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_work
 # Fifty edges and their clients need more than the default 1024 descriptors.
 ulimit -n 65536 2>/dev/null || true
 
