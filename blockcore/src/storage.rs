@@ -33,6 +33,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes creations, renames and removals in `dir` durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Removes `dir` and everything under it; nothing there is not an
+    /// error.
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()>;
 }
 
 /// The whole content of `path`, or `None` if there is no such file.
@@ -130,6 +133,18 @@ impl Storage for DiskStorage {
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         File::open(dir)?.sync_all()
+    }
+
+    fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => {
+                if let Some(parent) = dir.parent() {
+                    self.sync_dir(parent)?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -427,6 +442,12 @@ pub mod mem {
             self.faults.op("sync_dir")?;
             let mut dir = self.dir();
             dir.durable = dir.current.clone();
+            Ok(())
+        }
+
+        fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+            self.faults.op("remove_dir_all")?;
+            self.dir().current.retain(|p, _| !p.starts_with(dir));
             Ok(())
         }
     }

@@ -3,6 +3,7 @@
 //! this crate only wires them together.
 
 pub mod api;
+pub mod clone;
 pub mod config;
 pub mod ctl;
 pub mod demo;

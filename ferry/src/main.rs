@@ -67,6 +67,11 @@ enum Command {
     /// to, delete (VOLUME@SNAPSHOT).
     #[command(subcommand)]
     Snapshot(ferry::snapshot::SnapshotCommand),
+    /// A running origin's clones: new volumes made from a snapshot of
+    /// another, sharing its blocks (create VOLUME@SNAPSHOT NAME, list,
+    /// delete).
+    #[command(subcommand)]
+    Clone(ferry::clone::CloneCommand),
     /// Relay TCP connections to TARGET like a WAN link (one-way delay,
     /// bandwidth cap), for tests and benchmarks on one machine.
     LinkEmulator(LinkEmuArgs),
@@ -1052,6 +1057,7 @@ fn main() -> ExitCode {
             }
             Command::Origin(cmd) => origin(cmd).await,
             Command::Snapshot(cmd) => ferry::snapshot::run(cmd).await,
+            Command::Clone(cmd) => ferry::clone::run(cmd).await,
             Command::Edge(cmd) => edge(cmd).await,
             Command::LinkEmulator(a) => link_emulator(a).await,
         }

@@ -67,14 +67,14 @@ fn both(target: &str, what: &str) -> anyhow::Result<(String, String)> {
 
 /// The volume and snapshot names go into the API's paths as they are:
 /// refuse what would change the path.
-fn path_part(s: &str) -> anyhow::Result<&str> {
+pub(crate) fn path_part(s: &str) -> anyhow::Result<&str> {
     if s.contains(['/', '?', '#', '%', ' ']) {
         anyhow::bail!("{s:?} cannot be a volume or snapshot name");
     }
     Ok(s)
 }
 
-fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -217,7 +217,7 @@ pub fn snapshot_table(l: &SnapshotListing) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` from the auto name's stamp.
-fn utc(unix_ms: u64) -> String {
+pub(crate) fn utc(unix_ms: u64) -> String {
     let stamp = origin::auto_snapshot_name(unix_ms);
     let s = stamp.trim_start_matches("auto-");
     // YYYYMMDDTHHMMSSZ

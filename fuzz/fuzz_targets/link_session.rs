@@ -90,6 +90,7 @@ fn origin(data: &[u8], chunk_seed: u8, psk: Option<[u8; 32]>) {
                             volume_epoch: 9,
                             next_seq: 1,
                             resume: None,
+                            local_writes: step & 2 == 0,
                         })
                     } else {
                         Err(Refusal::new(link::proto::ErrorCode::VolumeBusy, "busy"))
@@ -303,6 +304,7 @@ fuzz_target!(|input: &[u8]| {
                     volume_epoch: 1,
                     next_seq: 1,
                     resume_part: 0,
+                    local_writes: false,
                 }
             },
         ));

@@ -46,6 +46,7 @@
 //! same for every edge, so clones of one template dedup across volumes and
 //! the origin's signature replies name content the edge's cache knows.
 
+mod clone;
 mod migration;
 mod serve;
 mod snapshot;
@@ -66,6 +67,7 @@ use link::session::{
 };
 use zeroize::Zeroizing;
 
+pub use clone::{CloneError, CloneInfo, Persistence};
 use keys::{edge_cache_key, SignatureKey};
 use link::BoundedSet;
 pub use serve::{serve, serve_connection, TlsAcceptor};
@@ -207,6 +209,8 @@ pub enum OriginError {
     BadEdgeId(String),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Clone(#[from] CloneError),
 }
 
 /// Who holds a volume: an edge, on one connection.
@@ -291,6 +295,8 @@ pub struct Volume {
     migrated: Mutex<Option<String>>,
     /// A batch an edge was sending when its connection ended.
     partial: Mutex<Option<(String, PartialBatch)>>,
+    /// What it was cloned from, if it is a clone.
+    clone_of: Option<CloneInfo>,
     stats: VolumeStats,
 }
 
@@ -358,6 +364,7 @@ impl Volume {
         state_dir: &Path,
         name: String,
         device: Arc<dyn BlockDevice>,
+        clone_of: Option<CloneInfo>,
         config: &OriginConfig,
         random: impl FnOnce() -> [u8; 32],
     ) -> Result<Volume, OriginError> {
@@ -394,6 +401,7 @@ impl Volume {
             fenced: Mutex::new(fenced),
             migrated: Mutex::new(migrated),
             partial: Mutex::new(None),
+            clone_of,
             stats: VolumeStats::default(),
         })
     }
@@ -417,6 +425,19 @@ impl Volume {
     }
 
     /// Where its epoch, fences and apply journal live.
+    /// What it was cloned from, if it is a clone.
+    pub fn clone_of(&self) -> Option<&CloneInfo> {
+        self.clone_of.as_ref()
+    }
+
+    /// A clone with cloud persistence: the origin keeps none of its
+    /// writes.
+    pub fn keeps_no_writes(&self) -> bool {
+        self.clone_of
+            .as_ref()
+            .is_some_and(|c| c.persistence == Persistence::Cloud)
+    }
+
     pub fn state_dir(&self) -> &Path {
         &self.dir
     }
@@ -563,6 +584,10 @@ pub struct Origin {
     /// volumes and reconnections.
     known: Mutex<HashMap<String, Arc<Mutex<KnownSignatures>>>>,
     volumes: Mutex<Volumes>,
+    /// The clone registry as stored (`clone.rs`).
+    clones: Mutex<Vec<CloneInfo>>,
+    /// Clone creates and deletes, one at a time.
+    clone_ops: tokio::sync::Mutex<()>,
     /// Bumped whenever an edge is fenced, so every connection checks
     /// whether it was its edge (`serve` then closes it).
     fences: tokio::sync::watch::Sender<u64>,
@@ -731,12 +756,15 @@ impl Origin {
             state_dir: state_dir.to_path_buf(),
             known: Mutex::new(HashMap::new()),
             volumes: Mutex::default(),
+            clones: Mutex::default(),
+            clone_ops: tokio::sync::Mutex::new(()),
             fences: tokio::sync::watch::Sender::new(0),
             stats: OriginCounters::default(),
         };
         for (name, device) in volumes {
-            origin.add(name, device, &mut random).await?;
+            origin.add(name, device, None, &mut random).await?;
         }
+        origin.open_clones().await?;
         Ok(origin)
     }
 
@@ -766,15 +794,21 @@ impl Origin {
         name: String,
         device: Arc<dyn BlockDevice>,
     ) -> Result<Arc<Volume>, OriginError> {
-        let v = self.add(name, device, random).await?;
+        let v = self.add(name, device, None, random).await?;
         tracing::info!(target: "ferry::audit", volume = %v.name, epoch = v.epoch(), size = v.size(), "volume added");
         Ok(v)
+    }
+
+    /// A volume's state directory.
+    fn volume_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("volumes").join(name)
     }
 
     async fn add(
         &self,
         name: String,
         device: Arc<dyn BlockDevice>,
+        clone_of: Option<CloneInfo>,
         random: impl FnOnce() -> [u8; 32],
     ) -> Result<Arc<Volume>, OriginError> {
         check_name(&name)?;
@@ -793,6 +827,7 @@ impl Origin {
             &self.state_dir,
             name,
             device,
+            clone_of,
             &self.config,
             random,
         )
@@ -803,9 +838,31 @@ impl Origin {
     }
 
     /// Stops serving `name`: later attaches get `NoSuchVolume`. Refused
-    /// while an edge holds it. Its state directory stays, so adding the
-    /// name again finds its epoch, fences and apply journal.
+    /// while an edge holds it, while it has clones, and for a clone
+    /// ([`Origin::delete_clone`]). Its state directory stays, so adding
+    /// the name again finds its epoch, fences and apply journal.
     pub fn remove_volume(&self, name: &str) -> Result<Arc<Volume>, OriginError> {
+        if let Some(c) = self.volume(name).and_then(|v| v.clone_of.clone()) {
+            return Err(CloneError::IsAClone {
+                volume: name.to_owned(),
+                parent: c.parent,
+                snapshot: c.snapshot,
+            }
+            .into());
+        }
+        let clones = self.clones_of(name, None);
+        if !clones.is_empty() {
+            return Err(CloneError::HasClones {
+                volume: name.to_owned(),
+                clones,
+            }
+            .into());
+        }
+        self.unserve(name)
+    }
+
+    /// [`Origin::remove_volume`] without the clone checks.
+    fn unserve(&self, name: &str) -> Result<Arc<Volume>, OriginError> {
         // Under the map's lock, which attach takes too: no edge attaches
         // between the check and the removal.
         let mut vols = lock(&self.volumes);
@@ -1023,6 +1080,7 @@ impl Origin {
             volume_epoch: v.epoch(),
             next_seq,
             resume,
+            local_writes: v.keeps_no_writes(),
         };
         Ok((v, grant))
     }
@@ -1152,6 +1210,16 @@ impl Origin {
         seq: u64,
         entries: Vec<WriteEntry>,
     ) -> Result<Applied, Refusal> {
+        if v.keeps_no_writes() {
+            return Err(refusal(
+                ErrorCode::Unsupported,
+                format!(
+                    "volume {:?} is a clone with cloud persistence: the origin keeps none of \
+                     its writes (the edge must keep them locally)",
+                    v.name
+                ),
+            ));
+        }
         let _in_order = v.apply_order.lock().await;
         // Re-checked in order: another connection of the same edge may
         // have taken the volume over meanwhile, or an operator fenced it.

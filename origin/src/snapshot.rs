@@ -87,7 +87,9 @@ use blockcore::{
 use bytes::Bytes;
 use journal::storage::{read_file, replace_file, Storage};
 
-use crate::{lock, now_unix_ms, random, state_err, FileIo, Origin, OriginError, Volume};
+use crate::{
+    lock, now_unix_ms, random, state_err, CloneError, FileIo, Origin, OriginError, Volume,
+};
 
 /// First line of the catalogue.
 const MAGIC: &str = "ferry snapshot catalogue v1";
@@ -367,8 +369,9 @@ pub(crate) struct Chain {
     head: RwLock<Arc<dyn BlockDevice>>,
     /// Ranges written while the head is merged into the image.
     dirty: Mutex<Option<Vec<Range<u64>>>>,
-    /// Snapshot operations, one at a time.
-    ops: tokio::sync::Mutex<()>,
+    /// Snapshot operations, one at a time (and a clone's create, which
+    /// pins a snapshot).
+    pub(crate) ops: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -508,6 +511,13 @@ impl Chain {
             chain.finish_delete(i, None).await?;
         }
         Ok(chain)
+    }
+
+    /// The device showing live snapshot `name`: a clone's base.
+    pub(crate) fn snapshot_layer(&self, name: &str) -> Option<Arc<dyn BlockDevice>> {
+        let st = lock(&self.state);
+        let i = st.find_live(&self.volume, name).ok()?;
+        Some(st.layer(&self.base, i))
     }
 
     /// Whether a snapshot operation runs now.
@@ -1093,6 +1103,9 @@ impl Origin {
             check_snapshot_name(n)?;
         }
         let v = self.snapshot_volume(volume)?;
+        if v.keeps_no_writes() {
+            return Err(CloneError::CloudPersistent(volume.to_owned()).into());
+        }
         let _one_at_a_time = v.chain.ops.lock().await;
         self.still_served(volume, &v)?;
         v.chain.create(&v, name).await
@@ -1124,6 +1137,17 @@ impl Origin {
         let v = self.snapshot_volume(volume)?;
         let _one_at_a_time = v.chain.ops.lock().await;
         self.still_served(volume, &v)?;
+        // Under the snapshot lock, which a clone's create holds while it
+        // pins: no clone appears between this check and the merge.
+        let clones = self.clones_of(volume, Some(snapshot));
+        if !clones.is_empty() {
+            return Err(CloneError::Pinned {
+                volume: volume.to_owned(),
+                snapshot: snapshot.to_owned(),
+                clones,
+            }
+            .into());
+        }
         v.chain.delete(&v, snapshot).await
     }
 }
@@ -1135,41 +1159,41 @@ fn has_extension(name: &str, ext: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::OriginConfig;
     use blockcore::{MemDevice, WriteEntry};
     use std::sync::atomic::AtomicBool;
 
     /// Not a multiple of any block size.
-    const SIZE: u64 = (1 << 20) + 1000;
+    pub(crate) const SIZE: u64 = (1 << 20) + 1000;
 
-    fn u(v: u64) -> usize {
+    pub(crate) fn u(v: u64) -> usize {
         usize::try_from(v).unwrap()
     }
 
     /// What the image holds before anything is written: non-zero, by
     /// position.
-    fn image_bytes() -> Vec<u8> {
+    pub(crate) fn image_bytes() -> Vec<u8> {
         #[allow(clippy::cast_possible_truncation)]
         (0..SIZE).map(|i| (i % 249) as u8 + 1).collect()
     }
 
-    fn image() -> Arc<MemDevice> {
+    pub(crate) fn image() -> Arc<MemDevice> {
         Arc::new(MemDevice::from_bytes(&image_bytes()))
     }
 
-    async fn open(dir: &Path, base: Arc<dyn BlockDevice>) -> Origin {
+    pub(crate) async fn open(dir: &Path, base: Arc<dyn BlockDevice>) -> Origin {
         Origin::open(dir, vec![("vol".into(), base)], OriginConfig::default())
             .await
             .expect("open the origin")
     }
 
-    async fn content(dev: &dyn BlockDevice) -> Vec<u8> {
+    pub(crate) async fn content(dev: &dyn BlockDevice) -> Vec<u8> {
         dev.read(0, u(dev.info().size)).await.unwrap().to_vec()
     }
 
-    fn write(offset: u64, len: u64, byte: u8) -> WriteEntry {
+    pub(crate) fn write(offset: u64, len: u64, byte: u8) -> WriteEntry {
         WriteEntry::Data {
             offset,
             data: Bytes::from(vec![byte; u(len)]),
@@ -1178,7 +1202,7 @@ mod tests {
 
     /// Applies `entries` as batch `seq` for the edge on `conn` and to
     /// `model`.
-    async fn apply(
+    pub(crate) async fn apply(
         o: &Origin,
         conn: u64,
         v: &Volume,

@@ -336,7 +336,15 @@ impl EdgeDaemon {
             .await
             .with_context(|| format!("attaching volume {} at {}", spec.name, spec.origin))?;
         let a = client.attachment().clone();
-        tracing::info!(volume = %spec.name, origin = %spec.origin, size = a.size, next_seq = a.next_seq, "attached");
+        if a.local_writes && !spec.isolated {
+            anyhow::bail!(
+                "volume {} is a clone with cloud persistence: its origin keeps none of its \
+                 writes, so this edge must keep them all; add it with --isolated \
+                 (`isolated = true`)",
+                spec.name
+            );
+        }
+        tracing::info!(volume = %spec.name, origin = %spec.origin, size = a.size, next_seq = a.next_seq, local_writes = a.local_writes, "attached");
         let cache = self.open_cache(&file, &a).await?;
         let journal_dir = file.cache_dir.join("journals").join(&spec.name);
         let journal_opts = JournalOptions {

@@ -1,14 +1,15 @@
 //! The origin's management API: volumes added and removed at run time, a
 //! volume force-released from an edge that is gone (fencing it, so it can
 //! never write again), a volume's snapshots (taken, listed, rolled back
-//! to, deleted), and the origin's metrics. The document generated
+//! to, deleted), clones of a snapshot (created, listed, deleted), and the
+//! origin's metrics. The document generated
 //! from these routes is `ferry/api/origin.openapi.json`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use origin::{Origin, OriginError, SnapshotError};
+use origin::{CloneError, Origin, OriginError, Persistence, SnapshotError};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +71,9 @@ pub struct OriginVolumeInfo {
     /// moves the volume back (or a forced release brings it home).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migrated_to: Option<String>,
+    /// What it was cloned from, if it is a clone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<CloneBase>,
     /// The newest write batch applied.
     pub applied_seq: u64,
     pub bytes_read: u64,
@@ -187,6 +191,93 @@ pub struct SnapshotDeleted {
     pub snapshot: String,
 }
 
+/// Where a clone's writes are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ClonePersistence {
+    /// At the origin, in the clone's own delta (its edge ships them).
+    #[default]
+    Origin,
+    /// On the edge only ("test clones"): the origin never receives a
+    /// write, and the edge must serve the clone isolated.
+    Cloud,
+}
+
+impl From<ClonePersistence> for Persistence {
+    fn from(p: ClonePersistence) -> Self {
+        match p {
+            ClonePersistence::Origin => Persistence::Origin,
+            ClonePersistence::Cloud => Persistence::Cloud,
+        }
+    }
+}
+
+impl From<Persistence> for ClonePersistence {
+    fn from(p: Persistence) -> Self {
+        match p {
+            Persistence::Origin => ClonePersistence::Origin,
+            Persistence::Cloud => ClonePersistence::Cloud,
+        }
+    }
+}
+
+/// A clone's base: a snapshot of its parent volume.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct CloneBase {
+    pub volume: String,
+    pub snapshot: String,
+    pub persistence: ClonePersistence,
+}
+
+/// `POST /v1/clones`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClone {
+    /// The new volume's name.
+    pub name: String,
+    /// The volume to clone, and its snapshot to start from.
+    pub volume: String,
+    pub snapshot: String,
+    /// Default `origin`.
+    #[serde(default)]
+    pub persistence: ClonePersistence,
+}
+
+/// One clone.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct CloneEntry {
+    pub name: String,
+    #[serde(flatten)]
+    pub base: CloneBase,
+    /// When it was created, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Whether the origin serves it now (a clone whose parent is not
+    /// served waits for it).
+    pub served: bool,
+}
+
+impl From<origin::CloneInfo> for CloneEntry {
+    fn from(c: origin::CloneInfo) -> Self {
+        CloneEntry {
+            name: c.name,
+            base: CloneBase {
+                volume: c.parent,
+                snapshot: c.snapshot,
+                persistence: c.persistence.into(),
+            },
+            created_unix_ms: c.created_unix_ms,
+            served: false,
+        }
+    }
+}
+
+/// `GET /v1/clones`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct CloneListing {
+    /// In the order they were created.
+    pub clones: Vec<CloneEntry>,
+}
+
 pub const ROUTES: &[Route] = &[
     Route {
         method: "GET",
@@ -301,6 +392,36 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/v1/clones",
+        summary: "Every clone: its base snapshot, where its writes are kept",
+        request: None,
+        reply: (200, Some(schema_of::<CloneListing>)),
+        errors: &[],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/clones",
+        summary: "Create a volume from a snapshot of another, sharing its blocks (O(1))",
+        request: Some(schema_of::<CreateClone>),
+        reply: (201, Some(schema_of::<CloneEntry>)),
+        errors: &[400, 404, 409],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "DELETE",
+        path: "/v1/clones/{name}",
+        summary: "Delete a clone and its writes (refused while an edge holds it)",
+        request: None,
+        reply: (200, Some(schema_of::<CloneEntry>)),
+        errors: &[404, 409],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "GET",
         path: "/metrics",
         summary: "Prometheus metrics (text format 0.0.4)",
         request: None,
@@ -335,6 +456,9 @@ pub enum Request {
     CreateSnapshot(String, CreateSnapshot),
     Rollback(String, String),
     DeleteSnapshot(String, String),
+    ListClones,
+    CreateClone(CreateClone),
+    DeleteClone(String),
     Metrics,
     OpenApi,
 }
@@ -373,6 +497,9 @@ pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
             Request::DeleteSnapshot(name(), snapshot())
         }
         ("GET", "/metrics") => Request::Metrics,
+        ("GET", "/v1/clones") => Request::ListClones,
+        ("POST", "/v1/clones") => Request::CreateClone(req.json()?),
+        ("DELETE", "/v1/clones/{name}") => Request::DeleteClone(name()),
         ("GET", "/v1/openapi.json") => Request::OpenApi,
         (m, p) => return Err(ApiError::internal(format!("route {m} {p} has no parser"))),
     })
@@ -401,6 +528,19 @@ fn origin_error(e: &OriginError) -> ApiError {
             | SnapshotError::HalfApplied { .. }
             | SnapshotError::Busy(_) => ApiError::conflict(m),
             SnapshotError::Device { .. } | SnapshotError::Corrupt { .. } => ApiError::internal(m),
+        },
+        OriginError::Clone(c) => match c {
+            CloneError::NotAClone(_) => {
+                ApiError::not_found(format!("{m}: `ferry clone list` shows the clones"))
+            }
+            CloneError::IsAClone { volume, .. } => {
+                ApiError::conflict(format!("{m}: `ferry clone delete {volume}`"))
+            }
+            CloneError::HasClones { .. }
+            | CloneError::Pinned { .. }
+            | CloneError::CloudPersistent(_)
+            | CloneError::StaleState { .. } => ApiError::conflict(m),
+            CloneError::Corrupt { .. } => ApiError::internal(m),
         },
     }
 }
@@ -462,6 +602,11 @@ impl OriginApi {
             last_attached_by: v.last_holder(),
             fenced: v.fenced(),
             migrated_to: v.migrated_to(),
+            clone_of: v.clone_of().map(|c| CloneBase {
+                volume: c.parent.clone(),
+                snapshot: c.snapshot.clone(),
+                persistence: c.persistence.into(),
+            }),
             applied_seq: v.applied(),
             bytes_read: c.bytes_read,
             bytes_pushed: c.bytes_pushed,
@@ -472,6 +617,11 @@ impl OriginApi {
             batch_bytes_applied: c.batch_bytes_applied,
             attaches: c.attaches,
         }
+    }
+
+    fn clone_entry(&self, c: origin::CloneInfo) -> CloneEntry {
+        let served = self.origin.volume(&c.name).is_some();
+        CloneEntry { served, ..c.into() }
     }
 
     fn volume(&self, name: &str) -> Result<Arc<origin::Volume>, ApiError> {
@@ -648,6 +798,30 @@ impl OriginApi {
                     volume: name,
                     snapshot,
                 })
+            }
+            Request::ListClones => Reply::ok(&CloneListing {
+                clones: self
+                    .origin
+                    .clones()
+                    .into_iter()
+                    .map(|c| self.clone_entry(c))
+                    .collect(),
+            }),
+            Request::CreateClone(c) => {
+                let made = self
+                    .origin
+                    .create_clone(&c.volume, &c.snapshot, c.name, c.persistence.into())
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                Reply::with_status(201, &self.clone_entry(made))
+            }
+            Request::DeleteClone(name) => {
+                let gone = self
+                    .origin
+                    .delete_clone(&name)
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                Reply::ok(&CloneEntry::from(gone))
             }
             Request::Metrics => Ok(Reply::Metrics(self.metrics())),
             Request::OpenApi => Ok(Reply::Json {
@@ -859,6 +1033,63 @@ mod tests {
         });
         assert_eq!(held.status, 409);
         assert!(held.message.contains("edge-7"));
+    }
+
+    #[test]
+    fn clone_requests_parse_and_default_to_origin_persistence() {
+        let p = |m: &str, path: &str, body: &str| parse(&request(m, path, body));
+        assert!(matches!(
+            p("GET", "/v1/clones", ""),
+            Ok(Request::ListClones)
+        ));
+        assert!(matches!(
+            p(
+                "POST",
+                "/v1/clones",
+                r#"{"name": "c", "volume": "v", "snapshot": "s"}"#
+            ),
+            Ok(Request::CreateClone(CreateClone {
+                persistence: ClonePersistence::Origin,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            p(
+                "POST",
+                "/v1/clones",
+                r#"{"name": "c", "volume": "v", "snapshot": "s", "persistence": "cloud"}"#
+            ),
+            Ok(Request::CreateClone(CreateClone {
+                persistence: ClonePersistence::Cloud,
+                ..
+            }))
+        ));
+        for bad in [
+            r#"{"name": "c", "volume": "v"}"#,
+            r#"{"name": "c", "volume": "v", "snapshot": "s", "persistence": "edge"}"#,
+        ] {
+            assert!(
+                matches!(p("POST", "/v1/clones", bad), Err(e) if e.status == 400),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            p("DELETE", "/v1/clones/c", ""),
+            Ok(Request::DeleteClone(c)) if c == "c"
+        ));
+        let pinned = origin_error(&OriginError::Clone(CloneError::Pinned {
+            volume: "v".into(),
+            snapshot: "s".into(),
+            clones: vec!["c1".into(), "c2".into()],
+        }));
+        assert_eq!(pinned.status, 409);
+        assert!(pinned.message.contains("c1, c2"), "{pinned}");
+        let is = origin_error(&OriginError::Clone(CloneError::IsAClone {
+            volume: "c1".into(),
+            parent: "v".into(),
+            snapshot: "s".into(),
+        }));
+        assert!(is.message.contains("ferry clone delete c1"), "{is}");
     }
 
     #[test]

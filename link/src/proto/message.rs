@@ -36,6 +36,9 @@ use super::{
 /// | `0x33` | `Delivered` | `0x3f` | `Error` |
 ///
 /// `0x00` is never a kind, so a zeroed header is rejected.
+/// `Attached`'s flag: the origin keeps none of the volume's writes.
+const ATTACHED_LOCAL_WRITES: u8 = 0x01;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Hello,
@@ -393,7 +396,8 @@ pub enum Message {
     /// Origin → edge, answering `Attach`.
     ///
     /// Format: `size u64 | chunk_size u32 | group_size u32 | cache_key [32]
-    /// | dedup_key [32] | volume_epoch u64 | next_seq u64 | resume_part u32`.
+    /// | dedup_key [32] | volume_epoch u64 | next_seq u64 | resume_part u32
+    /// | flags u8` (bit 0: `local_writes`; every other bit must be clear).
     Attached {
         /// Volume size in bytes.
         size: u64,
@@ -416,6 +420,10 @@ pub enum Message {
         /// edge (an earlier connection ended mid-batch): shipping resumes
         /// at this part.
         resume_part: u32,
+        /// The origin keeps none of this volume's writes (a clone with
+        /// cloud persistence): the edge must keep them itself, and the
+        /// origin refuses write batches.
+        local_writes: bool,
     },
     /// Edge → origin: stop serving the volume. Format: empty.
     Detach,
@@ -709,7 +717,7 @@ impl Message {
             Message::Attach {
                 volume, edge_id, ..
             } => 2 + volume.len() + 2 + edge_id.len() + 8,
-            Message::Attached { .. } => 8 + 4 + 4 + 32 + 32 + 8 + 8 + 4,
+            Message::Attached { .. } => 8 + 4 + 4 + 32 + 32 + 8 + 8 + 4 + 1,
             Message::Detach | Message::Detached | Message::PrefetchDone => 0,
             Message::Release { .. } => 1,
             Message::Read { .. } => 8 + 4 + 1,
@@ -765,6 +773,7 @@ impl Message {
                 volume_epoch,
                 next_seq,
                 resume_part,
+                local_writes,
             } => {
                 out.put_u64(*size);
                 out.put_u32(*chunk_size);
@@ -774,6 +783,11 @@ impl Message {
                 out.put_u64(*volume_epoch);
                 out.put_u64(*next_seq);
                 out.put_u32(*resume_part);
+                out.put_u8(if *local_writes {
+                    ATTACHED_LOCAL_WRITES
+                } else {
+                    0
+                });
             }
             Message::Detach | Message::Detached | Message::PrefetchDone => {}
             Message::Release { disposition } => out.put_u8(disposition.code()),
@@ -912,6 +926,17 @@ impl Message {
                 volume_epoch: b.u64("volume_epoch")?,
                 next_seq: b.u64("next_seq")?,
                 resume_part: b.u32("resume_part")?,
+                local_writes: {
+                    let flags = b.u8("flags")?;
+                    if flags & !ATTACHED_LOCAL_WRITES != 0 {
+                        return Err(ProtoError::BadValue {
+                            kind,
+                            field: "flags",
+                            value: flags.into(),
+                        });
+                    }
+                    flags & ATTACHED_LOCAL_WRITES != 0
+                },
             },
             Kind::Detach => Message::Detach,
             Kind::Detached => Message::Detached,

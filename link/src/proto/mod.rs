@@ -82,7 +82,10 @@ pub use sched::{
 ///
 /// 4: `Sign` (the signatures of the origin's image, piece by piece), which
 /// a move back ships and verifies by.
-pub const PROTOCOL_VERSION: u16 = 4;
+///
+/// 5: `Attached` carries flags (`local_writes`: a clone whose writes the
+/// origin does not keep), which an older edge would not know to honour.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Bytes in a frame header, the `len` field included.
 pub const HEADER_LEN: usize = 16;

@@ -60,6 +60,7 @@ fn samples() -> Vec<Message> {
             dedup_key: [4; 32],
             volume_epoch: 2,
             next_seq: 18,
+            local_writes: true,
         },
         Message::Detach,
         Message::Detached,
@@ -561,6 +562,18 @@ fn malformed_payloads_are_named() {
             value: 2,
         },
     );
+    // `Attached` with an unknown flag bit: an older or newer peer's
+    // meaning this edge cannot honour.
+    let mut attached = vec![0; 8 + 4 + 4 + 32 + 32 + 8 + 8 + 4];
+    attached.push(0x03);
+    check(
+        frame(0x04, 0, &attached),
+        ProtoError::BadValue {
+            kind: Kind::Attached,
+            field: "flags",
+            value: 3,
+        },
+    );
     let mut hello = vec![0, 1, 3];
     hello.extend([0; 32]);
     check(
@@ -1019,6 +1032,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
                         dedup_key,
                         volume_epoch,
                         next_seq,
+                        local_writes: next_seq & 1 == 1,
                     }
                 }
             ),

@@ -122,6 +122,9 @@ pub struct Attachment {
     pub dedup_key: Zeroizing<[u8; 32]>,
     pub volume_epoch: u64,
     pub next_seq: u64,
+    /// The origin keeps none of the volume's writes (a clone with cloud
+    /// persistence): the edge must keep them and never ship any.
+    pub local_writes: bool,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -132,6 +135,7 @@ impl std::fmt::Debug for Attachment {
             .field("group_size", &self.group_size)
             .field("volume_epoch", &self.volume_epoch)
             .field("next_seq", &self.next_seq)
+            .field("local_writes", &self.local_writes)
             .finish_non_exhaustive()
     }
 }
@@ -950,6 +954,7 @@ impl EdgeSession {
                     volume_epoch,
                     next_seq,
                     resume_part,
+                    local_writes,
                 },
             ) if header.id == ATTACH_ID => {
                 let a = Attachment {
@@ -960,6 +965,7 @@ impl EdgeSession {
                     dedup_key: Zeroizing::new(dedup_key),
                     volume_epoch,
                     next_seq,
+                    local_writes,
                 };
                 self.on_attached(a, resume_part, now);
                 Ok(())
@@ -1075,6 +1081,7 @@ impl EdgeSession {
             if first.size != a.size
                 || first.volume_epoch != a.volume_epoch
                 || first.chunk_size != a.chunk_size
+                || first.local_writes != a.local_writes
             {
                 let e = LinkError::VolumeChanged {
                     was: format!("{} bytes, epoch {:016x}", first.size, first.volume_epoch),

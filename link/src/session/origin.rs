@@ -157,6 +157,9 @@ pub struct AttachGrant {
     pub next_seq: u64,
     /// A partial batch this edge left on an earlier connection.
     pub resume: Option<PartialBatch>,
+    /// The origin keeps none of the volume's writes (see
+    /// `Message::Attached`).
+    pub local_writes: bool,
 }
 
 /// The result of a read operation.
@@ -440,6 +443,7 @@ impl OriginSession {
                         volume_epoch: g.volume_epoch,
                         next_seq: g.next_seq,
                         resume_part,
+                        local_writes: g.local_writes,
                     },
                 );
             }

@@ -319,6 +319,7 @@ impl World {
                 volume_epoch: self.epoch,
                 next_seq: self.applied + 1,
                 resume: self.partial.take(),
+                local_writes: false,
             })),
             OriginOp::Read {
                 tag, offset, len, ..
