@@ -158,6 +158,26 @@ struct Shared {
     status: Mutex<LinkStatus>,
     /// Why the driver stopped for good, once it has.
     finished: Mutex<Option<LinkError>>,
+    /// The origin's batch number of journal batch `s` is `s + seq_offset`
+    /// ([`LinkClient::set_seq_offset`]); everything this client hands out
+    /// (applied batches, `as_of`) is in the journal's numbering.
+    seq_offset: std::sync::atomic::AtomicI64,
+}
+
+impl Shared {
+    fn offset(&self) -> i64 {
+        self.seq_offset.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// An origin batch number in the journal's numbering (0: none of the
+    /// journal's batches).
+    fn to_journal(&self, origin_seq: u64) -> u64 {
+        if origin_seq == u64::MAX {
+            return u64::MAX;
+        }
+        let j = i128::from(origin_seq) - i128::from(self.offset());
+        u64::try_from(j.max(0)).unwrap_or(u64::MAX)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -444,9 +464,23 @@ impl LinkClient {
     /// [`EdgeSession::ship`]) until the origin has applied it: watch
     /// [`LinkClient::applied`].
     pub fn ship(&self, seq: u64, entries: Vec<WriteEntry>) -> Result<(), LinkError> {
+        let wire = i128::from(seq) + i128::from(self.shared.offset());
+        let seq = u64::try_from(wire).map_err(|_| LinkError::Closed)?;
         self.cmd
             .send(Cmd::Ship { seq, entries })
             .map_err(|_| self.gone())
+    }
+
+    /// Numbers the journal's batches for the origin: journal batch `s`
+    /// ships as the origin's batch `s + offset`. An edge whose journal
+    /// starts (or resumes) behind the volume's sequence (another edge
+    /// wrote the volume since) would otherwise have its batches taken
+    /// for ones the origin already applied. Set before the first
+    /// [`LinkClient::ship`], from the journal's persisted offset.
+    pub fn set_seq_offset(&self, offset: i64) {
+        self.shared
+            .seq_offset
+            .store(offset, std::sync::atomic::Ordering::Release);
     }
 
     /// The newest batch the origin has applied (every one before it too).
@@ -740,6 +774,13 @@ impl Driver {
                 }
                 EdgeEvent::ReadDone { id, result } => {
                     if let Some(Waiter::Read(w)) = self.waiters.remove(&id) {
+                        let result = result.map(|r| match r {
+                            ReadReply::Data { as_of, data } => ReadReply::Data {
+                                as_of: self.shared.to_journal(as_of),
+                                data,
+                            },
+                            other => other,
+                        });
                         let _ = w.send(result);
                     }
                 }
@@ -761,6 +802,7 @@ impl Driver {
                     as_of,
                     data,
                 } if matches!(self.waiters.get(&id), Some(Waiter::Fetch { .. })) => {
+                    let as_of = self.shared.to_journal(as_of);
                     if let Some(Waiter::Fetch { pushes, .. }) = self.waiters.get_mut(&id) {
                         pushes.push(Push {
                             id,
@@ -781,11 +823,12 @@ impl Driver {
                     let _ = self.pushes.try_send(Push {
                         id,
                         offset,
-                        as_of,
+                        as_of: self.shared.to_journal(as_of),
                         data,
                     });
                 }
                 EdgeEvent::BatchApplied { seq } => {
+                    let seq = self.shared.to_journal(seq);
                     self.applied.send_if_modified(|a| {
                         let newer = seq > *a;
                         *a = (*a).max(seq);

@@ -189,6 +189,24 @@ impl EdgeDevice {
         let a = client.attachment();
         let size = a.size;
         let name = cache_volume_name(client.volume(), a.volume_epoch);
+        // The journal's batches in the origin's numbering. With every batch
+        // cut also applied, the next one cut is the origin's next; with
+        // batches in flight (a restart), they keep the numbers they were
+        // shipped under.
+        let stats = journal.stats();
+        let journal_err = |e| crate::volume::journal_block_error(blockcore::Op::Write, 0, e);
+        let stored = journal.link_seq_offset().map_err(journal_err)?;
+        let offset = if stats.last_cut_seq > stats.acked_seq {
+            stored
+        } else {
+            let next = i128::from(a.next_seq) - i128::from(stats.last_cut_seq) - 1;
+            i64::try_from(next).unwrap_or(stored)
+        };
+        if offset != stored {
+            journal.set_link_seq_offset(offset).map_err(journal_err)?;
+            tracing::info!(volume = %client.volume(), offset, next_seq = a.next_seq, journal_seq = stats.last_cut_seq, "the journal's batches are renumbered for the origin");
+        }
+        client.set_seq_offset(offset);
         let remote = RemoteDevice::new(client.clone())
             .with_signatures(Arc::new(CacheSignatures(cache.clone())));
         // Write-around: the layer never sees the edge's writes (they go to

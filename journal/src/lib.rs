@@ -1156,7 +1156,49 @@ impl Journal {
     pub fn dir(&self) -> &Path {
         &self.shared.dir
     }
+
+    /// What the origin's numbering of write batches adds to this
+    /// journal's (kept in `link-seq-offset` beside the segments; 0 if it
+    /// was never set). A journal numbers its batches from 1; the volume's
+    /// sequence at the origin goes on across edges, so an edge that starts
+    /// with a new journal, or comes back after another edge wrote, ships
+    /// its batch `s` as the origin's `s + offset`.
+    pub fn link_seq_offset(&self) -> Result<i64, JournalError> {
+        let path = self.shared.dir.join(SEQ_OFFSET_FILE);
+        let io = |source| JournalError::Io {
+            op: "read",
+            path: path.clone(),
+            source,
+        };
+        match storage::read_file(self.shared.storage.as_ref(), &path).map_err(io)? {
+            None => Ok(0),
+            Some(b) => {
+                let bytes: [u8; 8] = b.as_slice().try_into().map_err(|_| {
+                    io(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{} bytes, expected 8", b.len()),
+                    ))
+                })?;
+                Ok(i64::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    /// Sets [`Journal::link_seq_offset`], atomically and durably.
+    pub fn set_link_seq_offset(&self, offset: i64) -> Result<(), JournalError> {
+        let path = self.shared.dir.join(SEQ_OFFSET_FILE);
+        storage::replace_file(self.shared.storage.as_ref(), &path, &offset.to_be_bytes()).map_err(
+            |source| JournalError::Io {
+                op: "write",
+                path: path.clone(),
+                source,
+            },
+        )
+    }
 }
+
+/// See [`Journal::link_seq_offset`].
+const SEQ_OFFSET_FILE: &str = "link-seq-offset";
 
 /// The data records of a batch, oldest first, with where their data is.
 fn batch_items(st: &State, first_lsn: Lsn, last_lsn: Lsn) -> Vec<Item> {
