@@ -211,6 +211,15 @@ struct OriginCliArgs {
     tls_client_ca: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     engine: Engine,
+    /// Automatic snapshots kept per volume: one is taken before the first
+    /// write batch of an edge that did not hold the volume last (and of
+    /// every move back), named `pre-write-YYYYMMDDTHHMMSSZ`; older ones
+    /// are merged away. Off by default: while a volume has a snapshot,
+    /// its image file holds the oldest snapshot, not the current content
+    /// (the origin serves the chain), so a user of the raw file must opt
+    /// in.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    auto_snapshots: usize,
 }
 
 #[derive(Args, Debug)]
@@ -946,6 +955,7 @@ async fn origin(cmd: OriginCmd) -> anyhow::Result<()> {
                 tls_key: a.tls_key,
                 tls_client_ca: a.tls_client_ca,
                 engine: a.engine,
+                auto_snapshots: a.auto_snapshots,
             };
             ferry::origin::run(args, print_listening_as).await
         }

@@ -157,6 +157,10 @@ pub struct OriginConfig {
     /// to answer later reads of the same content with signatures.
     pub known_signatures: usize,
     pub file_io: FileIo,
+    /// Automatic snapshots kept per volume: one is taken before the
+    /// first write batch of a new holder (see `snapshot.rs`), the oldest
+    /// beyond this many merged away. 0 (the library's default): none.
+    pub auto_snapshots: usize,
     /// Known mistakes, for the simulator's tests only.
     pub mistakes: Mistakes,
 }
@@ -169,6 +173,7 @@ impl Default for OriginConfig {
             // (64 GiB of 64 KiB chunks).
             known_signatures: 1 << 20,
             file_io: FileIo::default(),
+            auto_snapshots: 0,
             mistakes: Mistakes::default(),
         }
     }
@@ -295,6 +300,9 @@ pub struct Volume {
     migrated: Mutex<Option<String>>,
     /// A batch an edge was sending when its connection ended.
     partial: Mutex<Option<(String, PartialBatch)>>,
+    /// The edge whose first write batch takes an automatic snapshot
+    /// first: set at attach for a new holder (or a move back).
+    auto_snapshot_for: Mutex<Option<String>>,
     /// What it was cloned from, if it is a clone.
     clone_of: Option<CloneInfo>,
     stats: VolumeStats,
@@ -401,6 +409,7 @@ impl Volume {
             fenced: Mutex::new(fenced),
             migrated: Mutex::new(migrated),
             partial: Mutex::new(None),
+            auto_snapshot_for: Mutex::new(None),
             clone_of,
             stats: VolumeStats::default(),
         })
@@ -584,8 +593,9 @@ pub struct Origin {
     /// volumes and reconnections.
     known: Mutex<HashMap<String, Arc<Mutex<KnownSignatures>>>>,
     volumes: Mutex<Volumes>,
-    /// The clone registry as stored (`clone.rs`).
-    clones: Mutex<Vec<CloneInfo>>,
+    /// The clone registry as stored (`clone.rs`); shared with background
+    /// snapshot deletions, which must not remove a clone's base.
+    clones: Arc<Mutex<Vec<CloneInfo>>>,
     /// Clone creates and deletes, one at a time.
     clone_ops: tokio::sync::Mutex<()>,
     /// Bumped whenever an edge is fenced, so every connection checks
@@ -756,7 +766,7 @@ impl Origin {
             state_dir: state_dir.to_path_buf(),
             known: Mutex::new(HashMap::new()),
             volumes: Mutex::default(),
-            clones: Mutex::default(),
+            clones: Arc::default(),
             clone_ops: tokio::sync::Mutex::new(()),
             fences: tokio::sync::watch::Sender::new(0),
             stats: OriginCounters::default(),
@@ -1060,7 +1070,14 @@ impl Origin {
                         edge_id: edge_id.to_owned(),
                         conn,
                     });
-                    *lock(&v.last_holder) = Some(edge_id.to_owned());
+                    let before = lock(&v.last_holder).replace(edge_id.to_owned());
+                    // A new holder, or a move back (the edge that owns the
+                    // content ships it home): its writes are preceded by
+                    // an automatic snapshot. A reconnection is not new.
+                    let new = before.as_deref() != Some(edge_id) || v.migrated_to().is_some();
+                    if new && self.config.auto_snapshots > 0 && !v.keeps_no_writes() {
+                        *lock(&v.auto_snapshot_for) = Some(edge_id.to_owned());
+                    }
                 }
             }
             drop(holder);
@@ -1225,6 +1242,17 @@ impl Origin {
         // have taken the volume over meanwhile, or an operator fenced it.
         if !v.held_by(conn) {
             return Err(not_held());
+        }
+        let first = {
+            let mut armed = lock(&v.auto_snapshot_for);
+            let first = armed.is_some() && *armed == v.holder();
+            if first {
+                *armed = None;
+            }
+            first
+        };
+        if first {
+            self.auto_snapshot_held(v).await;
         }
         let file_io = self.config.file_io;
         let journal = v.journal.clone();

@@ -129,6 +129,8 @@ pub enum SnapshotError {
     },
     #[error("the snapshot catalogue {path}: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error("snapshot names starting with {AUTO_PREFIX:?} are the automatic snapshots'")]
+    Reserved(String),
 }
 
 /// One snapshot, as listed.
@@ -183,6 +185,15 @@ pub fn check_snapshot_name(name: &str) -> Result<(), SnapshotError> {
 /// (UTC): the name of a snapshot taken without one.
 pub fn auto_snapshot_name(unix_ms: u64) -> String {
     format!("auto-{}", utc_stamp(unix_ms))
+}
+
+/// The prefix of automatic snapshots' names, reserved for them: the
+/// retention deletes only these.
+const AUTO_PREFIX: &str = "pre-write-";
+
+/// `pre-write-YYYYMMDDTHHMMSSZ`: an automatic snapshot taken at that time.
+fn pre_write_name(unix_ms: u64) -> String {
+    format!("{AUTO_PREFIX}{}", utc_stamp(unix_ms))
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC).
@@ -679,6 +690,18 @@ impl Chain {
 
     /// Takes snapshot `name` of `v` (see the module docs).
     async fn create(&self, v: &Volume, name: Option<&str>) -> Result<SnapshotInfo, OriginError> {
+        // No batch is half applied while this is held: the snapshot sits
+        // on a batch boundary, and `applied` names it.
+        let _no_writes = v.apply_order.lock().await;
+        self.create_held(v, name).await
+    }
+
+    /// [`Chain::create`] with `v`'s applies held off by the caller.
+    pub(crate) async fn create_held(
+        &self,
+        v: &Volume,
+        name: Option<&str>,
+    ) -> Result<SnapshotInfo, OriginError> {
         let now = now_unix_ms();
         let name = {
             let st = lock(&self.state);
@@ -709,9 +732,6 @@ impl Chain {
                 }
             }
         };
-        // No batch is half applied while this is held: the snapshot sits
-        // on a batch boundary, and `applied` names it.
-        let no_writes = v.apply_order.lock().await;
         if let Some(seq) = lock(&v.journal).pending() {
             return Err(SnapshotError::HalfApplied {
                 volume: self.volume.clone(),
@@ -743,7 +763,6 @@ impl Chain {
             self.set_head(delta);
             (st.catalogue.clone(), st.deltas.clone())
         };
-        drop(no_writes);
         let i = cat.snapshots.len() - 1;
         let info = Self::info_of(&cat, i, self.held_bytes(&deltas, i).await?);
         tracing::info!(target: "ferry::audit", volume = %self.volume, snapshot = %info.name, applied_seq, layer = %info.layer, "snapshot taken");
@@ -1101,6 +1120,9 @@ impl Origin {
     ) -> Result<SnapshotInfo, OriginError> {
         if let Some(n) = name {
             check_snapshot_name(n)?;
+            if n.starts_with(AUTO_PREFIX) {
+                return Err(SnapshotError::Reserved(n.to_owned()).into());
+            }
         }
         let v = self.snapshot_volume(volume)?;
         if v.keeps_no_writes() {
@@ -1305,6 +1327,68 @@ pub(crate) mod tests {
             "auto-20260101T000000Z"
         );
         assert!(check_snapshot_name(&auto_snapshot_name(u64::from(u32::MAX) * 1000)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_new_holders_first_batch_takes_an_automatic_snapshot_and_old_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = OriginConfig {
+            auto_snapshots: 2,
+            ..OriginConfig::default()
+        };
+        let o = Origin::open(dir.path(), vec![("vol".into(), image() as _)], config)
+            .await
+            .unwrap();
+        let autos = |l: &SnapshotList| {
+            l.snapshots
+                .iter()
+                .filter(|s| s.name.starts_with(AUTO_PREFIX))
+                .map(|s| (s.name.clone(), s.applied_seq))
+                .collect::<Vec<_>>()
+        };
+        let mut model = image_bytes();
+        let (v, _) = o.attach(1, "vol", "edge-1").unwrap();
+        apply(&o, 1, &v, 1, vec![write(0, 5000, 1)], &mut model).await;
+        apply(&o, 1, &v, 2, vec![write(9000, 5000, 2)], &mut model).await;
+        let l = o.snapshots("vol").await.unwrap();
+        assert_eq!(autos(&l).len(), 1, "{l:?}");
+        assert_eq!(autos(&l)[0].1, 0, "taken before the first batch");
+        let first = autos(&l)[0].0.clone();
+        assert!(content(v.chain.view(&first).as_ref()).await == image_bytes());
+        // The same edge reconnecting is no new holder.
+        o.release(1, &v, None);
+        let (v, _) = o.attach(2, "vol", "edge-1").unwrap();
+        apply(&o, 2, &v, 3, vec![write(1, 10, 3)], &mut model).await;
+        assert_eq!(autos(&o.snapshots("vol").await.unwrap()).len(), 1);
+        // Two more holders: two more snapshots, each before its writes;
+        // the oldest goes past the retention of two.
+        for (i, edge) in [(3, "edge-2"), (4, "edge-3")] {
+            o.release(i - 1, &v, None);
+            let (w, _) = o.attach(i, "vol", edge).unwrap();
+            let before = model.clone();
+            apply(&o, i, &w, i + 1, vec![write(100 * i, 77, 4)], &mut model).await;
+            let l = o.snapshots("vol").await.unwrap();
+            let (newest, seq) = autos(&l).last().cloned().unwrap();
+            assert_eq!(seq, i, "{l:?}");
+            assert!(content(w.chain.view(&newest).as_ref()).await == before);
+        }
+        let mut left = Vec::new();
+        for _ in 0..200 {
+            left = autos(&o.snapshots("vol").await.unwrap());
+            if left.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(left.iter().map(|a| a.1).collect::<Vec<_>>(), vec![3, 4]);
+        assert!(!left.iter().any(|a| a.0 == first));
+        assert!(content(v.device().as_ref()).await == model);
+        // The prefix is theirs.
+        let reserved = o.snapshot("vol", Some("pre-write-mine")).await.unwrap_err();
+        assert!(
+            matches!(reserved, OriginError::Snapshot(SnapshotError::Reserved(_))),
+            "{reserved}"
+        );
     }
 
     #[tokio::test]
@@ -1834,5 +1918,97 @@ pub(crate) mod tests {
             outcomes.push(gone);
         }
         eprintln!("deleted when killed, by round: {outcomes:?}");
+    }
+}
+
+impl Chain {
+    /// The batch the newest live snapshot holds up to.
+    fn newest_applied_seq(&self) -> Option<u64> {
+        let st = lock(&self.state);
+        st.catalogue
+            .snapshots
+            .iter()
+            .rev()
+            .find(|e| !e.deleting)
+            .map(|e| e.applied_seq)
+    }
+
+    /// Automatic snapshots beyond the newest `keep`, oldest first.
+    fn auto_surplus(&self, keep: usize) -> Vec<String> {
+        let st = lock(&self.state);
+        let auto: Vec<&Entry> = st
+            .catalogue
+            .snapshots
+            .iter()
+            .filter(|e| !e.deleting && e.name.starts_with(AUTO_PREFIX))
+            .collect();
+        let n = auto.len().saturating_sub(keep);
+        auto[..n].iter().map(|e| e.name.clone()).collect()
+    }
+}
+
+impl Origin {
+    /// Before the first write batch of a new holder, with `v`'s applies
+    /// held off by the caller: an automatic snapshot (unless the newest
+    /// snapshot already holds every batch applied), then the automatic
+    /// snapshots beyond the retention are deleted in the background (a
+    /// merge copies data; the batch does not wait for it). Nothing here
+    /// stops the batch: a failure is logged.
+    pub(crate) async fn auto_snapshot_held(&self, v: &Volume) {
+        let Ok(one_at_a_time) = v.chain.ops.try_lock() else {
+            tracing::warn!(volume = %v.name, "no automatic snapshot: a snapshot operation is running");
+            return;
+        };
+        if v.chain.newest_applied_seq() == Some(v.applied()) {
+            return;
+        }
+        let name = {
+            let base = pre_write_name(now_unix_ms());
+            let st = lock(&v.chain.state);
+            let taken = |n: &str| st.catalogue.snapshots.iter().any(|e| e.name == n);
+            (1..=st.catalogue.snapshots.len() + 1)
+                .map(|i| {
+                    if i == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{i}")
+                    }
+                })
+                .find(|n| !taken(n))
+                .expect("some suffix is free")
+        };
+        if let Err(e) = v.chain.create_held(v, Some(&name)).await {
+            tracing::warn!(volume = %v.name, error = %e, "no automatic snapshot before the first write batch");
+            return;
+        }
+        let surplus = v.chain.auto_surplus(self.config.auto_snapshots);
+        drop(one_at_a_time);
+        let Some(served) = self.volume(&v.name).filter(|s| std::ptr::eq(s.as_ref(), v)) else {
+            return;
+        };
+        if surplus.is_empty() {
+            return;
+        }
+        let clones = self.clones.clone();
+        tokio::spawn(async move {
+            for name in surplus {
+                let _one_at_a_time = served.chain.ops.lock().await;
+                // Re-checked under the lock a clone's create holds.
+                let pinned = lock(&clones)
+                    .iter()
+                    .any(|c| c.parent == served.name && c.snapshot == name);
+                if pinned || served.chain.snapshot_layer(&name).is_none() {
+                    continue;
+                }
+                match served.chain.delete(&served, &name).await {
+                    Ok(()) => {
+                        tracing::info!(volume = %served.name, snapshot = %name, "automatic snapshot past the retention deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %served.name, snapshot = %name, error = %e, "deleting an automatic snapshot past the retention")
+                    }
+                }
+            }
+        });
     }
 }

@@ -39,6 +39,10 @@ impl Site {
 
     /// `ferry origin` serving the image as `vol`, its state in the site.
     fn origin(&self) -> Ferry {
+        self.origin_with(&[])
+    }
+
+    fn origin_with(&self, extra: &[&str]) -> Ferry {
         Ferry::spawn(
             [
                 "origin".as_ref(),
@@ -49,7 +53,9 @@ impl Site {
                 "--state-dir".as_ref(),
                 self.path("origin-state").as_os_str(),
                 "--no-tls".as_ref(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(std::ffi::OsStr::new)),
             &["origin", "api"],
         )
     }
@@ -171,6 +177,56 @@ fn snapshot_names(o: &Ferry) -> Vec<(String, u64)> {
             )
         })
         .collect()
+}
+
+#[test]
+fn automatic_snapshots_precede_each_new_edges_writes_and_keep_the_newest() {
+    let s = site();
+    let o = s.origin_with(&["--auto-snapshots", "2"]);
+    let mut before = Vec::new();
+    // Three edges one after the other (their own caches: new holders),
+    // each writing; the same edge reconnecting takes none.
+    for (i, cache) in ["c1", "c2", "c3"].into_iter().enumerate() {
+        let e = s.edge(&o, cache);
+        let at = s.path(&format!("before-{cache}.raw"));
+        capture(&e, &at);
+        before.push(at);
+        qemu_io(&e, &[&format!("write -P 0x{:02x} {}M 1M", 0x61 + i, 2 * i)]);
+        flush(&e);
+        qemu_io(&e, &["write -P 0x70 10M 64k"]);
+        flush(&e);
+        stop_edge(&o, e);
+    }
+    let e = s.edge(&o, "c3");
+    qemu_io(&e, &["write -P 0x71 11M 64k"]);
+    stop_edge(&o, e);
+    let names = || -> Vec<String> {
+        snapshot_names(&o)
+            .into_iter()
+            .map(|(n, _)| n)
+            .filter(|n| n.starts_with("pre-write-"))
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || names().len() == 2),
+        "the oldest automatic snapshot is merged away: {:?}",
+        snapshot_names(&o)
+    );
+    let kept = names();
+    // Each holds the volume as it was before its edge's first write.
+    for (name, at) in kept.iter().zip(&before[1..]) {
+        snapshot_cli(&o, &["rollback", &format!("vol@{name}")]);
+        let e = s.edge(&o, "check");
+        compare(&e, at);
+        stop_edge(&o, e);
+    }
+    let out = run_fail(
+        Command::new(ferry_bin())
+            .args(["snapshot", "create", "vol@pre-write-x", "--api"])
+            .arg(origin_api(&o)),
+    )
+    .1;
+    assert!(out.contains("automatic"), "{out}");
 }
 
 #[test]

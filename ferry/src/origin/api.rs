@@ -520,7 +520,7 @@ fn origin_error(e: &OriginError) -> ApiError {
         OriginError::BadName(_) | OriginError::BadEdgeId(_) => ApiError::bad_request(m),
         OriginError::State { .. } | OriginError::Apply(_) => ApiError::internal(m),
         OriginError::Snapshot(s) => match s {
-            SnapshotError::BadName(_) => ApiError::bad_request(m),
+            SnapshotError::BadName(_) | SnapshotError::Reserved(_) => ApiError::bad_request(m),
             SnapshotError::NoSuch { volume, .. } => ApiError::not_found(format!(
                 "{m}: `ferry snapshot list {volume}` shows its snapshots"
             )),

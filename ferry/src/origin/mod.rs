@@ -34,6 +34,8 @@ pub struct OriginArgs {
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
     pub engine: Engine,
+    /// Automatic snapshots kept per volume (0: none).
+    pub auto_snapshots: usize,
 }
 
 /// A volume's backing device: an NBD export when `source` is an NBD URI
@@ -160,6 +162,7 @@ pub async fn run(args: OriginArgs, mut on_listening: impl FnMut(&str, &str)) -> 
         Origin::open(&args.state_dir, volumes, {
             let mut c = OriginConfig::default();
             c.session.psk = psk;
+            c.auto_snapshots = args.auto_snapshots;
             c
         })
         .await
