@@ -779,7 +779,7 @@ impl Driver {
                                 as_of: self.shared.to_journal(as_of),
                                 data,
                             },
-                            other => other,
+                            other @ ReadReply::Signatures { .. } => other,
                         });
                         let _ = w.send(result);
                     }

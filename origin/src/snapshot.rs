@@ -2002,10 +2002,10 @@ impl Origin {
                 }
                 match served.chain.delete(&served, &name).await {
                     Ok(()) => {
-                        tracing::info!(volume = %served.name, snapshot = %name, "automatic snapshot past the retention deleted")
+                        tracing::info!(volume = %served.name, snapshot = %name, "automatic snapshot past the retention deleted");
                     }
                     Err(e) => {
-                        tracing::warn!(volume = %served.name, snapshot = %name, error = %e, "deleting an automatic snapshot past the retention")
+                        tracing::warn!(volume = %served.name, snapshot = %name, error = %e, "deleting an automatic snapshot past the retention");
                     }
                 }
             }
