@@ -1180,6 +1180,98 @@ fn has_extension(name: &str, ext: &str) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case(ext))
 }
 
+impl Chain {
+    /// The batch the newest live snapshot holds up to.
+    fn newest_applied_seq(&self) -> Option<u64> {
+        let st = lock(&self.state);
+        st.catalogue
+            .snapshots
+            .iter()
+            .rev()
+            .find(|e| !e.deleting)
+            .map(|e| e.applied_seq)
+    }
+
+    /// Automatic snapshots beyond the newest `keep`, oldest first.
+    fn auto_surplus(&self, keep: usize) -> Vec<String> {
+        let st = lock(&self.state);
+        let auto: Vec<&Entry> = st
+            .catalogue
+            .snapshots
+            .iter()
+            .filter(|e| !e.deleting && e.name.starts_with(AUTO_PREFIX))
+            .collect();
+        let n = auto.len().saturating_sub(keep);
+        auto[..n].iter().map(|e| e.name.clone()).collect()
+    }
+}
+
+impl Origin {
+    /// Before the first write batch of a new holder, with `v`'s applies
+    /// held off by the caller: an automatic snapshot (unless the newest
+    /// snapshot already holds every batch applied), then the automatic
+    /// snapshots beyond the retention are deleted in the background (a
+    /// merge copies data; the batch does not wait for it). Nothing here
+    /// stops the batch: a failure is logged.
+    pub(crate) async fn auto_snapshot_held(&self, v: &Volume) {
+        let Ok(one_at_a_time) = v.chain.ops.try_lock() else {
+            tracing::warn!(volume = %v.name, "no automatic snapshot: a snapshot operation is running");
+            return;
+        };
+        if v.chain.newest_applied_seq() == Some(v.applied()) {
+            return;
+        }
+        let name = {
+            let base = pre_write_name(now_unix_ms());
+            let st = lock(&v.chain.state);
+            let taken = |n: &str| st.catalogue.snapshots.iter().any(|e| e.name == n);
+            (1..=st.catalogue.snapshots.len() + 1)
+                .map(|i| {
+                    if i == 1 {
+                        base.clone()
+                    } else {
+                        format!("{base}-{i}")
+                    }
+                })
+                .find(|n| !taken(n))
+                .expect("some suffix is free")
+        };
+        if let Err(e) = v.chain.create_held(v, Some(&name)).await {
+            tracing::warn!(volume = %v.name, error = %e, "no automatic snapshot before the first write batch");
+            return;
+        }
+        let surplus = v.chain.auto_surplus(self.config.auto_snapshots);
+        drop(one_at_a_time);
+        let Some(served) = self.volume(&v.name).filter(|s| std::ptr::eq(s.as_ref(), v)) else {
+            return;
+        };
+        if surplus.is_empty() {
+            return;
+        }
+        let clones = self.clones.clone();
+        tokio::spawn(async move {
+            for name in surplus {
+                let _one_at_a_time = served.chain.ops.lock().await;
+                // Re-checked under the lock a clone's create holds.
+                let pinned = lock(&clones)
+                    .iter()
+                    .any(|c| c.parent == served.name && c.snapshot == name);
+                if pinned || served.chain.snapshot_layer(&name).is_none() {
+                    continue;
+                }
+                match served.chain.delete(&served, &name).await {
+                    Ok(()) => {
+                        tracing::info!(volume = %served.name, snapshot = %name, "automatic snapshot past the retention deleted");
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %served.name, snapshot = %name, error = %e, "deleting an automatic snapshot past the retention");
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1918,97 +2010,5 @@ pub(crate) mod tests {
             outcomes.push(gone);
         }
         eprintln!("deleted when killed, by round: {outcomes:?}");
-    }
-}
-
-impl Chain {
-    /// The batch the newest live snapshot holds up to.
-    fn newest_applied_seq(&self) -> Option<u64> {
-        let st = lock(&self.state);
-        st.catalogue
-            .snapshots
-            .iter()
-            .rev()
-            .find(|e| !e.deleting)
-            .map(|e| e.applied_seq)
-    }
-
-    /// Automatic snapshots beyond the newest `keep`, oldest first.
-    fn auto_surplus(&self, keep: usize) -> Vec<String> {
-        let st = lock(&self.state);
-        let auto: Vec<&Entry> = st
-            .catalogue
-            .snapshots
-            .iter()
-            .filter(|e| !e.deleting && e.name.starts_with(AUTO_PREFIX))
-            .collect();
-        let n = auto.len().saturating_sub(keep);
-        auto[..n].iter().map(|e| e.name.clone()).collect()
-    }
-}
-
-impl Origin {
-    /// Before the first write batch of a new holder, with `v`'s applies
-    /// held off by the caller: an automatic snapshot (unless the newest
-    /// snapshot already holds every batch applied), then the automatic
-    /// snapshots beyond the retention are deleted in the background (a
-    /// merge copies data; the batch does not wait for it). Nothing here
-    /// stops the batch: a failure is logged.
-    pub(crate) async fn auto_snapshot_held(&self, v: &Volume) {
-        let Ok(one_at_a_time) = v.chain.ops.try_lock() else {
-            tracing::warn!(volume = %v.name, "no automatic snapshot: a snapshot operation is running");
-            return;
-        };
-        if v.chain.newest_applied_seq() == Some(v.applied()) {
-            return;
-        }
-        let name = {
-            let base = pre_write_name(now_unix_ms());
-            let st = lock(&v.chain.state);
-            let taken = |n: &str| st.catalogue.snapshots.iter().any(|e| e.name == n);
-            (1..=st.catalogue.snapshots.len() + 1)
-                .map(|i| {
-                    if i == 1 {
-                        base.clone()
-                    } else {
-                        format!("{base}-{i}")
-                    }
-                })
-                .find(|n| !taken(n))
-                .expect("some suffix is free")
-        };
-        if let Err(e) = v.chain.create_held(v, Some(&name)).await {
-            tracing::warn!(volume = %v.name, error = %e, "no automatic snapshot before the first write batch");
-            return;
-        }
-        let surplus = v.chain.auto_surplus(self.config.auto_snapshots);
-        drop(one_at_a_time);
-        let Some(served) = self.volume(&v.name).filter(|s| std::ptr::eq(s.as_ref(), v)) else {
-            return;
-        };
-        if surplus.is_empty() {
-            return;
-        }
-        let clones = self.clones.clone();
-        tokio::spawn(async move {
-            for name in surplus {
-                let _one_at_a_time = served.chain.ops.lock().await;
-                // Re-checked under the lock a clone's create holds.
-                let pinned = lock(&clones)
-                    .iter()
-                    .any(|c| c.parent == served.name && c.snapshot == name);
-                if pinned || served.chain.snapshot_layer(&name).is_none() {
-                    continue;
-                }
-                match served.chain.delete(&served, &name).await {
-                    Ok(()) => {
-                        tracing::info!(volume = %served.name, snapshot = %name, "automatic snapshot past the retention deleted");
-                    }
-                    Err(e) => {
-                        tracing::warn!(volume = %served.name, snapshot = %name, error = %e, "deleting an automatic snapshot past the retention");
-                    }
-                }
-            }
-        });
     }
 }
