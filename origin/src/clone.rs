@@ -376,6 +376,19 @@ impl Origin {
             .collect()
     }
 
+    /// Refuses while `volume` has clones (their base is in it).
+    pub(crate) fn check_no_clones(&self, volume: &str) -> Result<(), OriginError> {
+        let clones = self.clones_of(volume, None);
+        if clones.is_empty() {
+            return Ok(());
+        }
+        Err(CloneError::HasClones {
+            volume: volume.to_owned(),
+            clones,
+        }
+        .into())
+    }
+
     /// The device a clone is served from, over its parent's chain.
     async fn clone_device(
         &self,
@@ -518,14 +531,7 @@ impl Origin {
                 None => OriginError::NoSuchVolume(name.to_owned()),
             });
         };
-        let clones = self.clones_of(name, None);
-        if !clones.is_empty() {
-            return Err(CloneError::HasClones {
-                volume: name.to_owned(),
-                clones,
-            }
-            .into());
-        }
+        self.check_no_clones(name)?;
         if let Some(v) = self.volume(name) {
             if let Some(edge) = v.migrated_to() {
                 return Err(OriginError::MigratedAway {

@@ -860,14 +860,7 @@ impl Origin {
             }
             .into());
         }
-        let clones = self.clones_of(name, None);
-        if !clones.is_empty() {
-            return Err(CloneError::HasClones {
-                volume: name.to_owned(),
-                clones,
-            }
-            .into());
-        }
+        self.check_no_clones(name)?;
         self.unserve(name)
     }
 

@@ -239,6 +239,22 @@ struct Catalogue {
 }
 
 impl Catalogue {
+    /// `base`, or `base-2`, `base-3`... whichever no snapshot has.
+    fn free_name(&self, base: &str) -> String {
+        let taken = |n: &str| self.snapshots.iter().any(|e| e.name == n);
+        // At most as many names are taken as there are snapshots: one of
+        // these is free.
+        (1..=self.snapshots.len() + 1)
+            .map(|i| {
+                if i == 1 {
+                    base.to_owned()
+                } else {
+                    format!("{base}-{i}")
+                }
+            })
+            .find(|n| !taken(n))
+            .expect("some suffix is free")
+    }
     fn empty(size: u64) -> Catalogue {
         Catalogue {
             size,
@@ -715,21 +731,7 @@ impl Chain {
                     .into())
                 }
                 Some(n) => n.to_owned(),
-                None => {
-                    let auto = auto_snapshot_name(now);
-                    // At most as many names are taken as there are
-                    // snapshots: one of these is free.
-                    (1..=st.catalogue.snapshots.len() + 1)
-                        .map(|i| {
-                            if i == 1 {
-                                auto.clone()
-                            } else {
-                                format!("{auto}-{i}")
-                            }
-                        })
-                        .find(|n| !taken(n))
-                        .expect("some suffix is free")
-                }
+                None => st.catalogue.free_name(&auto_snapshot_name(now)),
             }
         };
         if let Some(seq) = lock(&v.journal).pending() {
@@ -1221,21 +1223,9 @@ impl Origin {
         if v.chain.newest_applied_seq() == Some(v.applied()) {
             return;
         }
-        let name = {
-            let base = pre_write_name(now_unix_ms());
-            let st = lock(&v.chain.state);
-            let taken = |n: &str| st.catalogue.snapshots.iter().any(|e| e.name == n);
-            (1..=st.catalogue.snapshots.len() + 1)
-                .map(|i| {
-                    if i == 1 {
-                        base.clone()
-                    } else {
-                        format!("{base}-{i}")
-                    }
-                })
-                .find(|n| !taken(n))
-                .expect("some suffix is free")
-        };
+        let name = lock(&v.chain.state)
+            .catalogue
+            .free_name(&pre_write_name(now_unix_ms()));
         if let Err(e) = v.chain.create_held(v, Some(&name)).await {
             tracing::warn!(volume = %v.name, error = %e, "no automatic snapshot before the first write batch");
             return;
