@@ -133,9 +133,7 @@ struct Shared {
     rpo_nanos: AtomicU64,
     /// Wakes the shipper to look at a changed RPO.
     rpo_changed: Notify,
-    /// Wakes the shipper to cut everything now (a drain).
-    drain: Notify,
-    /// Bumped after every batch applied, and when a drain finds nothing.
+    /// Bumped after every batch applied (drains wait on it).
     shipped: tokio::sync::watch::Sender<u64>,
     /// A forced cut-over: the copy ignores the pause and the rate limit.
     copy_forced: std::sync::atomic::AtomicBool,
@@ -219,7 +217,6 @@ impl EdgeDevice {
             rpo_nanos: AtomicU64::new(duration_nanos(config.rpo)),
             rpo_changed: Notify::new(),
             config,
-            drain: Notify::new(),
             shipped,
             copy_forced: std::sync::atomic::AtomicBool::new(false),
             lifecycle: tokio::sync::Mutex::new(()),
@@ -553,7 +550,12 @@ async fn finish_cutover(shared: &Arc<Shared>, local: &Arc<LocalCopy>) -> Result<
 
 async fn drain_journal(shared: &Shared) -> Result<(), JournalError> {
     let journal = shared.volume.journal();
-    let barrier = journal.sync_all().await?;
+    // A boundary of the drain's own, as a guest FLUSH is: the shipper cuts
+    // up to it when it is due and never into writes the guest makes after
+    // the drain began (cutting "everything now" would, on a loaded machine,
+    // end a batch in the middle of the guest's next writes).
+    let barrier = journal.append_flush().await?;
+    journal.sync(barrier).await?;
     let mut shipped = shared.shipped.subscribe();
     loop {
         if journal.unshipped_through(barrier) == 0 {
@@ -564,11 +566,6 @@ async fn drain_journal(shared: &Shared) -> Result<(), JournalError> {
                 format!("the link to the origin ended ({e}) with writes unshipped").into(),
             ));
         }
-        // Not `notify_one`: a permit left over after the shipper cut this
-        // batch by itself would make it cut the next one early, in the
-        // middle of the guest's writes. A wake-up missed while the shipper
-        // is busy is retried below.
-        shared.drain.notify_waiters();
         let _ = tokio::time::timeout(Duration::from_millis(200), shipped.changed()).await;
     }
 }
@@ -1096,21 +1093,18 @@ async fn ship_loop(shared: Arc<Shared>) {
             return;
         }
         let rpo = shared.rpo();
-        let draining = tokio::select! {
+        tokio::select! {
             biased;
-            () = shared.drain.notified() => true,
             () = shared.rpo_changed.notified() => continue,
             r = v.journal().wait_batch_ready(cfg.batch_bytes, rpo) => {
                 if let Err(e) = r {
                     tracing::error!(error = %e, "journal failed; the shipper stops");
                     return;
                 }
-                false
             }
-        };
-        let max_age = if draining { Duration::ZERO } else { rpo };
+        }
         while client.batch_room() > 0 {
-            match v.cut(cfg.batch_bytes, max_age).await {
+            match v.cut(cfg.batch_bytes, rpo).await {
                 Ok(Some(b)) => {
                     if client.ship(b.seq, b.entries).is_err() {
                         return;
@@ -1124,8 +1118,6 @@ async fn ship_loop(shared: Arc<Shared>) {
                 }
             }
         }
-        // A drain with nothing left to cut still wakes its waiter.
-        shared.shipped.send_modify(|n| *n += 1);
     }
 }
 
