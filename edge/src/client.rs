@@ -99,6 +99,14 @@ enum Cmd {
         ranges: Vec<(u64, u32)>,
         reply: oneshot::Sender<Result<(), LinkError>>,
     },
+    Plan {
+        budget: u64,
+        reply: oneshot::Sender<Result<(), LinkError>>,
+    },
+    StoreProfile {
+        data: Bytes,
+        reply: oneshot::Sender<Result<(), LinkError>>,
+    },
     Fetch {
         ranges: Vec<(u64, u32)>,
         reply: oneshot::Sender<Result<Vec<Push>, LinkError>>,
@@ -143,6 +151,7 @@ fn detach_outcome(reason: LinkError) -> Result<(), LinkError> {
 
 enum Waiter {
     Read(oneshot::Sender<Result<ReadReply, LinkError>>),
+    /// Done or not, nothing more: a prefetch, a plan, a stored profile.
     Prefetch(oneshot::Sender<Result<(), LinkError>>),
     Extents(oneshot::Sender<Result<Vec<Extent>, LinkError>>),
     Sign(oneshot::Sender<Result<Vec<[u8; 32]>, LinkError>>),
@@ -426,6 +435,27 @@ impl LinkClient {
         rx.await.map_err(|_| self.gone())?
     }
 
+    /// Asks the origin to push the volume's prefetch plan (at most
+    /// `budget` bytes; its pushes carry the plan's request id to the push
+    /// channel); returns when it has sent it all.
+    pub async fn plan(&self, budget: u64) -> Result<(), LinkError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Plan { budget, reply })
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Hands the origin a boot profile (the `prefetch` crate's encoding)
+    /// to keep with the volume.
+    pub async fn store_profile(&self, data: Bytes) -> Result<(), LinkError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::StoreProfile { data, reply })
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
     /// Reads `len` bytes at `offset` in the background class: the origin
     /// sends them as pushes, which never queue ahead of demand reads, and
     /// they come back here instead of going to the push channel. For bulk
@@ -650,6 +680,14 @@ impl Driver {
                 let id = self.session.prefetch(ranges);
                 self.waiters.insert(id, Waiter::Prefetch(reply));
             }
+            Cmd::Plan { budget, reply } => {
+                let id = self.session.plan(budget);
+                self.waiters.insert(id, Waiter::Prefetch(reply));
+            }
+            Cmd::StoreProfile { data, reply } => {
+                let id = self.session.store_profile(data, t);
+                self.waiters.insert(id, Waiter::Prefetch(reply));
+            }
             Cmd::Fetch { ranges, reply } => {
                 let id = self.session.prefetch(ranges);
                 self.waiters.insert(
@@ -850,6 +888,11 @@ impl Driver {
                 }
                 EdgeEvent::SignDone { id, result } => {
                     if let Some(Waiter::Sign(w)) = self.waiters.remove(&id) {
+                        let _ = w.send(result);
+                    }
+                }
+                EdgeEvent::ProfileStored { id, result } => {
+                    if let Some(Waiter::Prefetch(w)) = self.waiters.remove(&id) {
                         let _ = w.send(result);
                     }
                 }

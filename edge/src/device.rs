@@ -8,6 +8,11 @@
 //!                 ──> EdgeVolume::cut ──> LinkClient::ship
 //!   applied task: LinkClient::applied ──> EdgeVolume::applied
 //!   push task:    LinkClient pushes ──> EdgeVolume::offer_push
+//!   prefetch:     at start, LinkClient::plan: the origin pushes what the
+//!                 volume's boot profiles say a boot reads, in order;
+//!                 meanwhile guest reads are recorded (prefetch::Recorder)
+//!                 until the boot window closes, and the profile goes to
+//!                 the origin for the next boot
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +25,7 @@ use bytes::Bytes;
 use cache::{Cache, CachedDevice, EpochSnapshot, WriteMode};
 use journal::{Journal, JournalError, JournalStats};
 use link::session::Mistakes;
+use prefetch::{RecordWindow, Recorder};
 use tokio::sync::Notify;
 
 use crate::client::{
@@ -30,7 +36,7 @@ use crate::volume::{
     AllocationWindow, CopyOutcome, EdgeVolume, Fetched, MirrorSource, ReadThrough,
 };
 
-/// How the edge ships writes.
+/// How the edge ships writes and prefetches.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
     /// Recovery point objective: uncut writes older than this are shipped
@@ -38,6 +44,12 @@ pub struct EdgeConfig {
     pub rpo: Duration,
     /// A batch is cut once this many journal bytes are waiting.
     pub batch_bytes: u64,
+    /// Record the reads of this start (the boot) as a profile for the
+    /// origin, within this window (`None`: no recording).
+    pub profile_window: Option<RecordWindow>,
+    /// Ask the origin for the volume's prefetch plan at start, at most
+    /// this many bytes (0: no plan).
+    pub plan_budget: u64,
 }
 
 impl Default for EdgeConfig {
@@ -45,8 +57,24 @@ impl Default for EdgeConfig {
         Self {
             rpo: Duration::from_secs(30),
             batch_bytes: 64 << 20,
+            profile_window: Some(RecordWindow::default()),
+            plan_budget: 256 << 20,
         }
     }
+}
+
+/// Where this start's boot profile and prefetch plan are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefetchStatus {
+    /// `off`, `recording`, `sending`, `stored`, `empty` (nothing was
+    /// read in the window) or `failed: why`.
+    pub profile: String,
+    /// Chunks the profile holds (so far, while recording).
+    pub profile_chunks: u64,
+    /// `off`, `streaming`, `done` or `failed: why`.
+    pub plan: String,
+    /// Bytes the plan (and other prefetches) pushed.
+    pub pushed_bytes: u64,
 }
 
 /// What `ferry edge status` shows.
@@ -66,6 +94,7 @@ pub struct EdgeStatus {
     pub bytes_shipped: u64,
     pub pushes_kept: u64,
     pub pushes_dropped: u64,
+    pub prefetch: PrefetchStatus,
 }
 
 /// The name a volume has in the edge's cache: the origin's epoch is part of
@@ -143,6 +172,13 @@ struct Shared {
     /// move back (none: no task).
     transition_waiters:
         std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<(), MigrateError>>>>,
+    /// When this device started (the attach): profile times count from it.
+    started: std::time::Instant,
+    /// The boot profile, while its window is open.
+    recording: std::sync::Mutex<Option<Recorder>>,
+    prefetch: std::sync::Mutex<PrefetchStatus>,
+    /// Bytes of prefetch pushes (any but group pushes) taken in.
+    prefetch_pushed: AtomicU64,
 }
 
 /// The edge's block device. See the module docs.
@@ -211,6 +247,26 @@ impl EdgeDevice {
         // the journal); its invalidations come from applied batches.
         let cached = CachedDevice::new(remote, cache, &name, WriteMode::Around)?;
         let (shipped, _) = tokio::sync::watch::channel(0);
+        let chunk = client.attachment().chunk_size;
+        let recorder = config
+            .profile_window
+            .filter(|_| chunk >= 512 && chunk.is_power_of_two())
+            .map(|w| Recorder::new(chunk, size, w));
+        let prefetch = PrefetchStatus {
+            profile: if recorder.is_some() {
+                "recording"
+            } else {
+                "off"
+            }
+            .to_owned(),
+            plan: if config.plan_budget > 0 {
+                "streaming"
+            } else {
+                "off"
+            }
+            .to_owned(),
+            ..PrefetchStatus::default()
+        };
         let shared = Arc::new(Shared {
             volume: EdgeVolume::new(journal, cached, size, Mistakes::default()),
             client,
@@ -221,12 +277,20 @@ impl EdgeDevice {
             copy_forced: std::sync::atomic::AtomicBool::new(false),
             lifecycle: tokio::sync::Mutex::new(()),
             transition_waiters: std::sync::Mutex::new(Vec::new()),
+            started: std::time::Instant::now(),
+            recording: std::sync::Mutex::new(recorder),
+            prefetch: std::sync::Mutex::new(prefetch),
+            prefetch_pushed: AtomicU64::new(0),
         });
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(ship_loop(shared.clone())),
             tokio::spawn(applied_loop(shared.clone())),
             tokio::spawn(push_loop(shared.clone(), pushes)),
+            tokio::spawn(profile_loop(shared.clone())),
         ];
+        if shared.config.plan_budget > 0 {
+            tasks.push(tokio::spawn(plan_task(shared.clone())));
+        }
         Ok(EdgeDevice {
             shared,
             tasks: std::sync::Mutex::new(tasks),
@@ -510,6 +574,7 @@ impl EdgeDevice {
             bytes_shipped: c.bytes_shipped.load(Ordering::Relaxed),
             pushes_kept: c.pushes_kept.load(Ordering::Relaxed),
             pushes_dropped: c.pushes_dropped.load(Ordering::Relaxed),
+            prefetch: self.shared.prefetch_status(),
         }
     }
 }
@@ -1140,8 +1205,86 @@ async fn applied_loop(shared: Arc<Shared>) {
 
 async fn push_loop(shared: Arc<Shared>, mut pushes: PushReceiver) {
     while let Some(p) = pushes.recv().await {
+        if p.id != 0 {
+            shared
+                .prefetch_pushed
+                .fetch_add(p.data.len() as u64, Ordering::Relaxed);
+        }
         shared.volume.offer_push(p.offset, p.as_of, p.data).await;
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    fn note_read(&self, offset: u64, len: usize) {
+        let mut r = lock(&self.recording);
+        if let Some(r) = r.as_mut() {
+            r.note_read(offset, len as u64, self.started.elapsed());
+        }
+    }
+
+    fn prefetch_status(&self) -> PrefetchStatus {
+        let mut s = lock(&self.prefetch).clone();
+        if let Some(r) = lock(&self.recording).as_ref() {
+            s.profile_chunks = r.len() as u64;
+        }
+        s.pushed_bytes = self.prefetch_pushed.load(Ordering::Relaxed);
+        s
+    }
+
+    fn set_prefetch(&self, f: impl FnOnce(&mut PrefetchStatus)) {
+        f(&mut lock(&self.prefetch));
+    }
+}
+
+/// Streams the volume's prefetch plan once, at start (the session sends
+/// the request again after a reconnection until the plan is through).
+async fn plan_task(shared: Arc<Shared>) {
+    let state = match shared.client.plan(shared.config.plan_budget).await {
+        Ok(()) => "done".to_owned(),
+        Err(e) => {
+            tracing::warn!(volume = %shared.client.volume(), error = %e, "the prefetch plan did not stream");
+            format!("failed: {e}")
+        }
+    };
+    shared.set_prefetch(|s| s.plan = state);
+}
+
+/// Closes the boot profile's window when it is due and hands the profile
+/// to the origin.
+async fn profile_loop(shared: Arc<Shared>) {
+    let recorder = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut g = lock(&shared.recording);
+        match g.as_ref() {
+            None => return,
+            Some(r) if r.is_done(shared.started.elapsed()) => break g.take(),
+            Some(_) => {}
+        }
+    };
+    let Some(profile) = recorder.and_then(Recorder::finish) else {
+        shared.set_prefetch(|s| "empty".clone_into(&mut s.profile));
+        return;
+    };
+    let chunks = profile.touches.len() as u64;
+    shared.set_prefetch(|s| {
+        "sending".clone_into(&mut s.profile);
+        s.profile_chunks = chunks;
+    });
+    let state = match shared.client.store_profile(profile.encode().into()).await {
+        Ok(()) => {
+            tracing::info!(volume = %shared.client.volume(), chunks, "boot profile stored at the origin");
+            "stored".to_owned()
+        }
+        Err(e) => {
+            tracing::warn!(volume = %shared.client.volume(), error = %e, "the origin did not keep the boot profile");
+            format!("failed: {e}")
+        }
+    };
+    shared.set_prefetch(|s| s.profile = state);
 }
 
 #[async_trait]
@@ -1165,6 +1308,7 @@ impl BlockDevice for EdgeDevice {
     }
 
     async fn read(&self, offset: u64, len: usize) -> blockcore::Result<Bytes> {
+        self.shared.note_read(offset, len);
         self.shared.volume.read(offset, len).await
     }
 

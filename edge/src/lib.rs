@@ -30,7 +30,9 @@ pub use client::{
     SignatureStore,
 };
 #[cfg(feature = "device")]
-pub use device::{cache_volume_name, EdgeConfig, EdgeDevice, EdgeStatus, MigrateError};
+pub use device::{
+    cache_volume_name, EdgeConfig, EdgeDevice, EdgeStatus, MigrateError, PrefetchStatus,
+};
 pub use link::session::{Attachment, ReadReply};
 pub use volume::{
     journal_block_error, AllocationWindow, CopyOutcome, EdgeVolume, Fetched, MirrorSource,

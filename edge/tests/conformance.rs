@@ -77,6 +77,7 @@ async fn edge_over(
         EdgeConfig {
             rpo,
             batch_bytes: 64 << 10,
+            ..EdgeConfig::default()
         },
     )
     .unwrap()

@@ -310,6 +310,14 @@ fn status_lines_linked(v: &VolumeInfo, cache: &CacheInfo) -> String {
     kv("batch_bytes_sent", l.write_bytes.to_string());
     kv("pushes_kept", vc.pushes_kept.to_string());
     kv("pushes_dropped", vc.pushes_dropped.to_string());
+    if let Some(p) = &v.prefetch {
+        kv(
+            "prefetch_profile",
+            format!("{} ({} chunks)", p.profile, p.profile_chunks),
+        );
+        kv("prefetch_plan", p.plan.clone());
+        kv("prefetch_pushed_bytes", p.pushed_bytes.to_string());
+    }
     if let Some(o) = &v.local_only {
         kv("local_only_bytes", o.local_only_bytes.to_string());
         kv("overlay_allocated_bytes", o.allocated_bytes.to_string());

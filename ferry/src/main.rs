@@ -506,6 +506,17 @@ struct EdgeRunArgs {
     /// before failing with EIO, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     request_timeout: f64,
+    /// Bytes of the volume's prefetch plan (what its recorded boots read,
+    /// in order) the origin pushes at attach; 0: none.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    prefetch_budget: ByteSize,
+    /// Record the reads from the attach as the volume's boot profile for
+    /// at most this long, in seconds (0: never)...
+    #[arg(long, value_name = "SECS", default_value_t = 180.0)]
+    profile_window: f64,
+    /// ...or until no new chunk is read for this long.
+    #[arg(long, value_name = "SECS", default_value_t = 20.0)]
+    profile_quiet: f64,
     /// NBD listen address (repeatable; default 127.0.0.1:10809 unless
     /// --iscsi is given).
     #[arg(long, value_name = "ADDR")]
@@ -868,6 +879,11 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
                 file.link.tls_server_name = r.tls_server_name;
                 secs(r.request_timeout, "request-timeout")?;
                 file.link.request_timeout_secs = r.request_timeout;
+                file.prefetch = ferry::edge::config::PrefetchSettings {
+                    budget: r.prefetch_budget,
+                    profile_window_secs: r.profile_window,
+                    profile_quiet_secs: r.profile_quiet,
+                };
                 secs(r.rpo, "rpo")?;
                 file.volumes.push(VolumeSpec {
                     journal_size: r.journal_size,

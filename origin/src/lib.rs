@@ -48,6 +48,7 @@
 
 mod clone;
 mod migration;
+mod profiles;
 mod serve;
 mod snapshot;
 
@@ -1393,7 +1394,7 @@ mod tests {
         Arc::new(MemDevice::new(SIZE))
     }
 
-    async fn open(storage: &MemStorage, names: &[&str]) -> Origin {
+    pub(crate) async fn open(storage: &MemStorage, names: &[&str]) -> Origin {
         let mut n = 0u8;
         let config = OriginConfig {
             file_io: FileIo::Inline,

@@ -75,6 +75,8 @@ enum Done {
     Read(u64, Result<ReadAnswer, Refusal>),
     Apply(u64, Result<(), Refusal>),
     Extents(u64, Result<Vec<blockcore::Extent>, Refusal>),
+    Profile(u64, Result<(), Refusal>),
+    Plan(u64, Result<Vec<(u64, u32)>, Refusal>),
     Sign(u64, Result<Vec<[u8; 32]>, Refusal>),
     Release(Result<(), Refusal>),
 }
@@ -188,6 +190,26 @@ where
                         let _ = done.send(Done::Sign(tag, r));
                     });
                 }
+                OriginOp::StoreProfile { tag, data } => {
+                    let Some((v, _, _)) = volume.clone() else {
+                        continue;
+                    };
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let r = origin.store_profile(&v, data).await;
+                        let _ = done.send(Done::Profile(tag, r));
+                    });
+                }
+                OriginOp::Plan { tag, budget } => {
+                    let Some((v, _, _)) = volume.clone() else {
+                        continue;
+                    };
+                    let (origin, done) = (origin.clone(), done_tx.clone());
+                    tokio::spawn(async move {
+                        let r = origin.plan(&v, budget).await;
+                        let _ = done.send(Done::Plan(tag, r));
+                    });
+                }
                 OriginOp::Detach => {
                     if let Some((v, _, _)) = volume.take() {
                         origin.release(conn, &v, session.take_partial());
@@ -242,6 +264,8 @@ where
                 Done::Apply(seq, r) => session.apply_done(seq, r),
                 Done::Extents(tag, r) => session.extents_done(tag, r),
                 Done::Sign(tag, r) => session.sign_done(tag, r),
+                Done::Profile(tag, r) => session.profile_done(tag, r),
+                Done::Plan(tag, r) => session.plan_done(tag, r),
                 Done::Release(r) => {
                     if r.is_ok() {
                         // Released at the origin: nothing to let go of

@@ -301,6 +301,8 @@ enum Done {
     Apply(u64, Result<(), Refusal>),
     Extents(u64, Result<Vec<Extent>, Refusal>),
     Sign(u64, Result<Vec<[u8; 32]>, Refusal>),
+    Profile(u64, Result<(), Refusal>),
+    Plan(u64, Result<Vec<(u64, u32)>, Refusal>),
     Release(Result<(), Refusal>),
 }
 
@@ -988,6 +990,7 @@ impl Sim {
                 EdgeEvent::Refused(_)
                 | EdgeEvent::PrefetchDone { .. }
                 | EdgeEvent::SignDone { .. }
+                | EdgeEvent::ProfileStored { .. }
                 | EdgeEvent::BatchFailed { .. }
                 | EdgeEvent::Detached
                 | EdgeEvent::DetachRefused(_) => {}
@@ -1211,6 +1214,8 @@ impl Sim {
                     Done::Apply(seq, r) => c.session.apply_done(seq, r),
                     Done::Extents(tag, r) => c.session.extents_done(tag, r),
                     Done::Sign(tag, r) => c.session.sign_done(tag, r),
+                    Done::Profile(tag, r) => c.session.profile_done(tag, r),
+                    Done::Plan(tag, r) => c.session.plan_done(tag, r),
                     Done::Release(r) => {
                         if r.is_ok() {
                             c.volume = None;
@@ -1326,6 +1331,26 @@ impl Sim {
                             sleep.await;
                             let r = origin.sign(no, &v, offset, len, block).await;
                             lock(&out).push_back((id, Done::Sign(tag, r)));
+                        });
+                    }
+                    OriginOp::StoreProfile { tag, data } => {
+                        let Some(v) = c.volume.clone() else { continue };
+                        let (origin, out) = (o.origin.clone(), o.done.clone());
+                        let sleep = self.clock.sleep(self.sc.storage_latency);
+                        self.exec.spawn(Owner::Origin(o.gen), async move {
+                            sleep.await;
+                            let r = origin.store_profile(&v, data).await;
+                            lock(&out).push_back((id, Done::Profile(tag, r)));
+                        });
+                    }
+                    OriginOp::Plan { tag, budget } => {
+                        let Some(v) = c.volume.clone() else { continue };
+                        let (origin, out) = (o.origin.clone(), o.done.clone());
+                        let sleep = self.clock.sleep(self.sc.storage_latency);
+                        self.exec.spawn(Owner::Origin(o.gen), async move {
+                            sleep.await;
+                            let r = origin.plan(&v, budget).await;
+                            lock(&out).push_back((id, Done::Plan(tag, r)));
                         });
                     }
                     OriginOp::Detach => {

@@ -243,6 +243,8 @@ pub struct VolumeInfo {
     pub journal: Option<JournalInfo>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_only: Option<OverlayInfo>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<PrefetchInfo>,
     /// The lifecycle stage (streaming until a migration starts).
     pub stage: LifecycleStage,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -282,6 +284,21 @@ pub struct VolumeCacheInfo {
     pub hit_ratio: f64,
     pub pushes_kept: u64,
     pub pushes_dropped: u64,
+}
+
+/// A volume's boot profile (recorded from its attach) and prefetch plan
+/// (pushed at its attach, from the profiles the origin keeps).
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct PrefetchInfo {
+    /// `off`, `recording`, `sending`, `stored`, `empty` (nothing read in
+    /// the window) or `failed: why`.
+    pub profile: String,
+    /// Chunks the profile holds (so far, while recording).
+    pub profile_chunks: u64,
+    /// `off`, `streaming`, `done` or `failed: why`.
+    pub plan: String,
+    /// Bytes the plan (and other prefetches) pushed.
+    pub pushed_bytes: u64,
 }
 
 /// A volume's write journal.
@@ -763,6 +780,7 @@ impl EdgeApi {
             cache: None,
             journal: None,
             local_only: None,
+            prefetch: None,
             stage: LifecycleStage::Streaming,
             migration: None,
         };
@@ -842,6 +860,13 @@ impl EdgeApi {
             },
             pushes_kept: s.pushes_kept,
             pushes_dropped: s.pushes_dropped,
+        });
+        let p = &s.prefetch;
+        info.prefetch = Some(PrefetchInfo {
+            profile: p.profile.clone(),
+            profile_chunks: p.profile_chunks,
+            plan: p.plan.clone(),
+            pushed_bytes: p.pushed_bytes,
         });
         let j = &s.journal;
         info.journal = Some(JournalInfo {

@@ -27,6 +27,11 @@
 //! psk_file = "/etc/ferry/link.psk"
 //! request_timeout_secs = 30
 //!
+//! [prefetch]                          # boot profiles and prefetch plans
+//! budget = "256M"                     # plan bytes pushed at attach ("0": none)
+//! profile_window_secs = 180           # record a boot for at most this (0: never)
+//! profile_quiet_secs = 20             # ...or until no new chunk is read this long
+//!
 //! [[volume]]
 //! name = "web1"
 //! origin = "origin.example:7000"
@@ -67,6 +72,8 @@ pub struct EdgeFile {
     pub iscsi: Option<IscsiSettings>,
     #[serde(default)]
     pub link: LinkSettings,
+    #[serde(default)]
+    pub prefetch: PrefetchSettings,
     #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeSpec>,
 }
@@ -122,6 +129,54 @@ impl Default for LinkSettings {
             edge_id: None,
         }
     }
+}
+
+/// Boot profiles and prefetch plans, for every volume of the edge.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchSettings {
+    /// Bytes of the volume's prefetch plan the origin pushes at attach,
+    /// at most (0: no plan).
+    #[serde(default = "default_prefetch_budget")]
+    pub budget: ByteSize,
+    /// A volume's reads from its attach are recorded as its boot profile
+    /// for at most this long (0: no recording).
+    #[serde(default = "default_profile_window")]
+    pub profile_window_secs: f64,
+    /// ...or until no chunk not read before is read for this long.
+    #[serde(default = "default_profile_quiet")]
+    pub profile_quiet_secs: f64,
+}
+
+impl Default for PrefetchSettings {
+    fn default() -> Self {
+        PrefetchSettings {
+            budget: default_prefetch_budget(),
+            profile_window_secs: default_profile_window(),
+            profile_quiet_secs: default_profile_quiet(),
+        }
+    }
+}
+
+impl PrefetchSettings {
+    /// The recording window (`None`: recording is off).
+    pub fn window(&self) -> Option<prefetch::RecordWindow> {
+        (self.profile_window_secs > 0.0).then(|| prefetch::RecordWindow {
+            max: std::time::Duration::from_secs_f64(self.profile_window_secs),
+            quiet: std::time::Duration::from_secs_f64(self.profile_quiet_secs),
+            ..prefetch::RecordWindow::default()
+        })
+    }
+}
+
+fn default_prefetch_budget() -> ByteSize {
+    ByteSize(256 << 20)
+}
+fn default_profile_window() -> f64 {
+    180.0
+}
+fn default_profile_quiet() -> f64 {
+    20.0
 }
 
 /// One volume the edge serves: the same shape in the file and in the API.
@@ -302,6 +357,7 @@ impl EdgeFile {
             nbd: Vec::new(),
             iscsi: None,
             link: LinkSettings::default(),
+            prefetch: PrefetchSettings::default(),
             volumes: Vec::new(),
         }
     }
@@ -330,6 +386,16 @@ impl EdgeFile {
             self.link.request_timeout_secs > 0.0 && self.link.request_timeout_secs <= 3600.0,
             "link.request_timeout_secs must be between 0 and 3600"
         );
+        let p = &self.prefetch;
+        for (name, v) in [
+            ("prefetch.profile_window_secs", p.profile_window_secs),
+            ("prefetch.profile_quiet_secs", p.profile_quiet_secs),
+        ] {
+            anyhow::ensure!(
+                (0.0..=86400.0).contains(&v),
+                "{name} must be between 0 and 86400"
+            );
+        }
         Ok(())
     }
 

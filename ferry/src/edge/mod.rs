@@ -219,6 +219,7 @@ struct LinkBase {
     tls: Option<Arc<rustls::ClientConfig>>,
     tls_server_name: Option<String>,
     request_timeout: Duration,
+    prefetch: crate::edge::config::PrefetchSettings,
 }
 
 impl LinkBase {
@@ -363,6 +364,8 @@ impl EdgeDaemon {
                 journal,
                 EdgeConfig {
                     rpo: spec.rpo(),
+                    profile_window: self.link.prefetch.window(),
+                    plan_budget: self.link.prefetch.budget.0,
                     ..EdgeConfig::default()
                 },
             )
@@ -1061,6 +1064,7 @@ fn link_base(file: &EdgeFile) -> anyhow::Result<LinkBase> {
         tls_server_name: l.tls_server_name.clone(),
         request_timeout: Duration::try_from_secs_f64(l.request_timeout_secs)
             .context("request_timeout_secs")?,
+        prefetch: file.prefetch.clone(),
     })
 }
 
@@ -1294,7 +1298,10 @@ pub fn format_status(s: &EdgeStatus) -> String {
          bytes_shipped: {}\n\
          batch_bytes_sent: {}\n\
          pushes_kept: {}\n\
-         pushes_dropped: {}\n",
+         pushes_dropped: {}\n\
+         prefetch_profile: {} ({} chunks)\n\
+         prefetch_plan: {}\n\
+         prefetch_pushed_bytes: {}\n",
         if l.connected { "up" } else { "down" },
         l.connects,
         l.deaths,
@@ -1322,6 +1329,10 @@ pub fn format_status(s: &EdgeStatus) -> String {
         l.batch_bytes_sent,
         s.pushes_kept,
         s.pushes_dropped,
+        s.prefetch.profile,
+        s.prefetch.profile_chunks,
+        s.prefetch.plan,
+        s.prefetch.pushed_bytes,
     )
 }
 

@@ -29,7 +29,8 @@ use super::{
 /// | `0x05` | `Detach` | `0x15` | `PrefetchDone` |
 /// | `0x06` | `Detached` | `0x16` | `Extents` |
 /// | `0x07` | `Release` | `0x17` | `ExtentMap` |
-/// | `0x18` | `Sign` | | |
+/// | `0x18` | `Sign` | `0x19` | `Profile` |
+/// | `0x1a` | `ProfileStored` | `0x1b` | `Plan` |
 /// | `0x10` | `Read` | `0x20` | `WriteBatch` |
 /// | `0x21` | `BatchAck` | `0x30` | `Credit` |
 /// | `0x31` | `Heartbeat` | `0x32` | `HeartbeatAck` |
@@ -57,6 +58,9 @@ pub enum Kind {
     Extents,
     ExtentMap,
     Sign,
+    Profile,
+    ProfileStored,
+    Plan,
     WriteBatch,
     BatchAck,
     Credit,
@@ -68,7 +72,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for tests and tools.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 26] = [
         Kind::Hello,
         Kind::Auth,
         Kind::Attach,
@@ -85,6 +89,9 @@ impl Kind {
         Kind::Extents,
         Kind::ExtentMap,
         Kind::Sign,
+        Kind::Profile,
+        Kind::ProfileStored,
+        Kind::Plan,
         Kind::WriteBatch,
         Kind::BatchAck,
         Kind::Credit,
@@ -113,6 +120,9 @@ impl Kind {
             Kind::Extents => 0x16,
             Kind::ExtentMap => 0x17,
             Kind::Sign => 0x18,
+            Kind::Profile => 0x19,
+            Kind::ProfileStored => 0x1a,
+            Kind::Plan => 0x1b,
             Kind::WriteBatch => 0x20,
             Kind::BatchAck => 0x21,
             Kind::Credit => 0x30,
@@ -142,6 +152,9 @@ impl Kind {
             0x16 => Kind::Extents,
             0x17 => Kind::ExtentMap,
             0x18 => Kind::Sign,
+            0x19 => Kind::Profile,
+            0x1a => Kind::ProfileStored,
+            0x1b => Kind::Plan,
             0x20 => Kind::WriteBatch,
             0x21 => Kind::BatchAck,
             0x30 => Kind::Credit,
@@ -519,6 +532,22 @@ pub enum Message {
     /// Format: `offset u64 | len u32 | block u32`; `len` is 1 to
     /// [`MAX_DATA_LEN`], `block` at least 512.
     Sign { offset: u64, len: u32, block: u32 },
+    /// Edge → origin: an access profile the edge recorded while the
+    /// volume booted (the `prefetch` crate's encoding, opaque here); the
+    /// origin keeps it with the volume and plans the pushes of later
+    /// attaches from it. Answered by `ProfileStored`, or `Error`.
+    ///
+    /// Format: `data` (1 to [`MAX_DATA_LEN`] bytes).
+    Profile { data: Bytes },
+    /// Origin → edge: the profile with this id is stored. Format: empty.
+    ProfileStored,
+    /// Edge → origin: push the volume's prefetch plan (at most `budget`
+    /// bytes; what its profiles say a boot reads, first needed first).
+    /// Answered like a `Prefetch` of the plan's ranges: `Push` frames with
+    /// this id, then `PrefetchDone` (at once when there is no plan).
+    ///
+    /// Format: `budget u64`.
+    Plan { budget: u64 },
     /// Either way: the sender may send this many more background bytes
     /// (counted as whole encoded frames, see [`Scheduler`](super::Scheduler)).
     ///
@@ -581,6 +610,9 @@ impl Message {
             Message::Extents { .. } => Kind::Extents,
             Message::ExtentMap { .. } => Kind::ExtentMap,
             Message::Sign { .. } => Kind::Sign,
+            Message::Profile { .. } => Kind::Profile,
+            Message::ProfileStored => Kind::ProfileStored,
+            Message::Plan { .. } => Kind::Plan,
             Message::WriteBatch { .. } => Kind::WriteBatch,
             Message::BatchAck { .. } => Kind::BatchAck,
             Message::Credit { .. } => Kind::Credit,
@@ -690,10 +722,22 @@ impl Message {
                     }
                 }
             }
+            Message::Profile { data } => {
+                check_len(kind, "data", data.len(), MAX_DATA_LEN)?;
+                if data.is_empty() {
+                    return Err(ProtoError::BadValue {
+                        kind,
+                        field: "data",
+                        value: 0,
+                    });
+                }
+            }
             Message::Error { message, .. } => {
                 check_len(kind, "message", message.len(), MAX_STRING_LEN)?;
             }
             Message::Hello { .. }
+            | Message::ProfileStored
+            | Message::Plan { .. }
             | Message::Auth { .. }
             | Message::Attached { .. }
             | Message::Detach
@@ -718,7 +762,11 @@ impl Message {
                 volume, edge_id, ..
             } => 2 + volume.len() + 2 + edge_id.len() + 8,
             Message::Attached { .. } => 8 + 4 + 4 + 32 + 32 + 8 + 8 + 4 + 1,
-            Message::Detach | Message::Detached | Message::PrefetchDone => 0,
+            Message::Detach
+            | Message::Detached
+            | Message::PrefetchDone
+            | Message::ProfileStored => 0,
+            Message::Profile { data } => 4 + data.len(),
             Message::Release { .. } => 1,
             Message::Read { .. } => 8 + 4 + 1,
             Message::ReadData { data, .. } | Message::Push { data, .. } => {
@@ -731,6 +779,7 @@ impl Message {
                 WRITE_BATCH_OVERHEAD + entries.iter().map(entry_encoded_len).sum::<usize>()
             }
             Message::BatchAck { .. }
+            | Message::Plan { .. }
             | Message::Credit { .. }
             | Message::Heartbeat { .. }
             | Message::HeartbeatAck { .. } => 8,
@@ -789,7 +838,11 @@ impl Message {
                     0
                 });
             }
-            Message::Detach | Message::Detached | Message::PrefetchDone => {}
+            Message::Detach
+            | Message::Detached
+            | Message::PrefetchDone
+            | Message::ProfileStored => {}
+            Message::Profile { data } => put_data(out, data),
             Message::Release { disposition } => out.put_u8(disposition.code()),
             Message::Read {
                 offset,
@@ -876,6 +929,7 @@ impl Message {
                 }
             }
             Message::BatchAck { seq } => out.put_u64(*seq),
+            Message::Plan { budget } => out.put_u64(*budget),
             Message::Credit { bytes } => out.put_u64(*bytes),
             Message::Heartbeat { nanos } | Message::HeartbeatAck { nanos } => out.put_u64(*nanos),
             Message::Delivered { bytes, nanos } => {
@@ -988,6 +1042,13 @@ impl Message {
                 data: b.data("data")?,
             },
             Kind::PrefetchDone => Message::PrefetchDone,
+            Kind::Profile => Message::Profile {
+                data: b.data("data")?,
+            },
+            Kind::ProfileStored => Message::ProfileStored,
+            Kind::Plan => Message::Plan {
+                budget: b.u64("budget")?,
+            },
             Kind::Extents => Message::Extents {
                 offset: b.u64("offset")?,
                 len: b.u64("len")?,

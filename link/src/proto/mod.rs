@@ -85,7 +85,10 @@ pub use sched::{
 ///
 /// 5: `Attached` carries flags (`local_writes`: a clone whose writes the
 /// origin does not keep), which an older edge would not know to honour.
-pub const PROTOCOL_VERSION: u16 = 5;
+///
+/// 6: `Profile`/`ProfileStored` (boot profiles the origin keeps) and
+/// `Plan` (the pushes planned from them).
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Bytes in a frame header, the `len` field included.
 pub const HEADER_LEN: usize = 16;

@@ -108,6 +108,11 @@ fn samples() -> Vec<Message> {
             len: 1 << 20,
             block: 4096,
         },
+        Message::Profile {
+            data: Bytes::from_static(b"FPRF\x01 a profile"),
+        },
+        Message::ProfileStored,
+        Message::Plan { budget: 256 << 20 },
         Message::WriteBatch {
             seq: 5,
             part: 0,
@@ -1065,6 +1070,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
             data
         }),
         Just(Message::PrefetchDone),
+        prop::collection::vec(any::<u8>(), 1..300)
+            .prop_map(|data| Message::Profile { data: data.into() }),
+        Just(Message::ProfileStored),
+        any::<u64>().prop_map(|budget| Message::Plan { budget }),
         prop_oneof![Just(Disposition::CutOver), Just(Disposition::Home)]
             .prop_map(|disposition| Message::Release { disposition }),
         (1..=u64::MAX)

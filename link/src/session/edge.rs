@@ -193,6 +193,11 @@ pub enum EdgeEvent {
         id: RequestId,
         result: Result<Vec<[u8; 32]>, LinkError>,
     },
+    /// The answer to [`EdgeSession::store_profile`].
+    ProfileStored {
+        id: RequestId,
+        result: Result<(), LinkError>,
+    },
     /// Data the edge did not ask for right now (a prefetch's, id = its
     /// request, or a group push, id 0), as of batch `as_of`.
     Push {
@@ -284,6 +289,7 @@ enum RequestKind {
         len: u32,
         block: u32,
     },
+    Profile,
 }
 
 #[derive(Debug)]
@@ -654,6 +660,35 @@ impl EdgeSession {
             return id;
         }
         self.request(msg, kind, Some(now + self.cfg.request_timeout))
+    }
+
+    /// Asks the origin to push the volume's prefetch plan (at most
+    /// `budget` bytes) in the background; completes with `PrefetchDone`
+    /// once it has sent it all (at once when there is none). Sent again
+    /// after a reconnection until then.
+    pub fn plan(&mut self, budget: u64) -> RequestId {
+        self.request(Message::Plan { budget }, RequestKind::Prefetch, None)
+    }
+
+    /// Hands the origin a boot profile (encoded, at most [`MAX_DATA_LEN`]
+    /// bytes) to keep with the volume; completes with `ProfileStored`.
+    /// Waits across reconnections like a read, up to the request timeout.
+    pub fn store_profile(&mut self, data: Bytes, now: Instant) -> RequestId {
+        let msg = Message::Profile { data };
+        if let Err(e) = msg.validate() {
+            let id = self.take_id();
+            self.events.push_back(failed(
+                id,
+                &RequestKind::Profile,
+                LinkError::Unexpected(e.to_string()),
+            ));
+            return id;
+        }
+        self.request(
+            msg,
+            RequestKind::Profile,
+            Some(now + self.cfg.request_timeout),
+        )
     }
 
     /// Gives up waiting for a request (its completion never comes).
@@ -1260,6 +1295,18 @@ impl EdgeSession {
                 Ok(())
             }
             Message::ExtentMap { offset, extents } => self.on_extent_map(id, offset, &extents),
+            Message::ProfileStored => {
+                if let Some(Request {
+                    kind: RequestKind::Profile,
+                    ..
+                }) = self.requests.get(&id)
+                {
+                    self.requests.remove(&id);
+                    self.events
+                        .push_back(EdgeEvent::ProfileStored { id, result: Ok(()) });
+                }
+                Ok(())
+            }
             Message::PrefetchDone => {
                 if let Some(Request {
                     kind: RequestKind::Prefetch,
@@ -1417,6 +1464,10 @@ fn failed(id: RequestId, kind: &RequestKind, error: LinkError) -> EdgeEvent {
             result: Err(error),
         },
         RequestKind::Sign { .. } => EdgeEvent::SignDone {
+            id,
+            result: Err(error),
+        },
+        RequestKind::Profile => EdgeEvent::ProfileStored {
             id,
             result: Err(error),
         },

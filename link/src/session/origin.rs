@@ -7,6 +7,8 @@
 //!   Read      ──> Op::Read ── read_done ──> ReadData | ReadSignatures (demand)
 //!                   └─ then the rest of its group: Op::Read(push) ... Push (background)
 //!   Prefetch  ──> Op::Read(push) ... Push ... PrefetchDone                 (background)
+//!   Plan      ──> Op::Plan ── plan_done(ranges) ──> as a Prefetch of them    (background)
+//!   Profile   ──> Op::StoreProfile ── profile_done ──> ProfileStored (demand)
 //!   WriteBatch parts ──> reassembled ──> Op::Apply, one at a time, in order
 //!        apply_done ──> BatchAck (or Error: everything from that batch on
 //!                       is dropped until the edge resends it from part 0)
@@ -133,6 +135,12 @@ pub enum OriginOp {
     /// [`OriginSession::release_done`]. Asked for at the same point as
     /// `Detach`.
     Release { disposition: Disposition },
+    /// Keep this boot profile with the volume (untrusted bytes: check
+    /// them): [`OriginSession::profile_done`].
+    StoreProfile { tag: u64, data: Bytes },
+    /// The volume's prefetch plan, at most `budget` bytes:
+    /// [`OriginSession::plan_done`].
+    Plan { tag: u64, budget: u64 },
     /// Close the connection; the session is finished.
     Close { reason: LinkError },
 }
@@ -263,7 +271,14 @@ pub struct OriginSession {
     /// Signature queries being answered: tag -> (request id, offset, len,
     /// block).
     signs: BTreeMap<u64, (u64, u64, u32, u32)>,
+    /// Profiles being stored: tag -> request id.
+    profiles: BTreeMap<u64, u64>,
+    /// Plans being made: tag -> request id.
+    plans: BTreeMap<u64, u64>,
     push_jobs: VecDeque<PushJob>,
+    /// A plan's pushes: issued only while `push_jobs` is empty, so the
+    /// groups of what the guest reads now go first.
+    plan_jobs: VecDeque<PushJob>,
     /// Prefetch id -> its jobs not fully issued plus its pieces being
     /// read; at 0 its `PrefetchDone` goes out.
     prefetches: BTreeMap<u64, u64>,
@@ -310,7 +325,10 @@ impl OriginSession {
             reads: BTreeMap::new(),
             extents: BTreeMap::new(),
             signs: BTreeMap::new(),
+            profiles: BTreeMap::new(),
+            plans: BTreeMap::new(),
             push_jobs: VecDeque::new(),
+            plan_jobs: VecDeque::new(),
             prefetches: BTreeMap::new(),
             push_in_flight: 0,
             pushed: BoundedSet::new(1024),
@@ -595,6 +613,31 @@ impl OriginSession {
         self.reply(id, msg);
     }
 
+    /// The end of [`OriginOp::StoreProfile`]: stored, or why not.
+    pub fn profile_done(&mut self, tag: u64, result: Result<(), Refusal>) {
+        let Some(id) = self.profiles.remove(&tag) else {
+            return;
+        };
+        let msg = match result {
+            Ok(()) => Message::ProfileStored,
+            Err(r) => refusal_message(r),
+        };
+        self.reply(id, msg);
+    }
+
+    /// The end of [`OriginOp::Plan`]: the ranges to push, in order (the
+    /// plan's request then goes on as a `Prefetch` of them), or why not.
+    pub fn plan_done(&mut self, tag: u64, result: Result<Vec<(u64, u32)>, Refusal>) {
+        let Some(id) = self.plans.remove(&tag) else {
+            return;
+        };
+        match result {
+            Ok(ranges) => self.prefetch(id, ranges, true),
+            Err(r) => self.reply(id, refusal_message(r)),
+        }
+        self.pump_pushes();
+    }
+
     pub fn detach_done(&mut self) {
         if self.stage == Stage::Attached {
             self.stage = Stage::Ready;
@@ -746,6 +789,8 @@ impl OriginSession {
                 | Message::Prefetch { .. }
                 | Message::Extents { .. }
                 | Message::Sign { .. }
+                | Message::Profile { .. }
+                | Message::Plan { .. }
                 | Message::WriteBatch { .. }
                 | Message::Detach
                 | Message::Release { .. }),
@@ -778,23 +823,13 @@ impl OriginSession {
                 Ok(())
             }
             Message::Prefetch { ranges } => {
-                let mut pieces = 0;
-                for (offset, len) in ranges {
-                    let end = offset.saturating_add(u64::from(len)).min(self.size);
-                    if offset < end {
-                        pieces += 1;
-                        self.push_jobs.push_back(PushJob {
-                            id,
-                            pos: offset,
-                            end,
-                        });
-                    }
-                }
-                if pieces == 0 {
-                    self.send(id, Class::Background, Message::PrefetchDone);
-                } else {
-                    *self.prefetches.entry(id).or_default() += pieces;
-                }
+                self.prefetch(id, ranges, false);
+                Ok(())
+            }
+            Message::Plan { budget } => {
+                let tag = self.tag();
+                self.plans.insert(tag, id);
+                self.ops.push_back(OriginOp::Plan { tag, budget });
                 Ok(())
             }
             Message::WriteBatch {
@@ -811,6 +846,12 @@ impl OriginSession {
                 self.sign_query(id, offset, len, block);
                 Ok(())
             }
+            Message::Profile { data } => {
+                let tag = self.tag();
+                self.profiles.insert(tag, id);
+                self.ops.push_back(OriginOp::StoreProfile { tag, data });
+                Ok(())
+            }
             Message::Detach => {
                 self.detach_pending = Some((id, None));
                 self.pump_detach();
@@ -825,6 +866,33 @@ impl OriginSession {
                 "{:?} from an edge",
                 other.kind()
             ))),
+        }
+    }
+
+    /// Queues the pushes of prefetch `id` (of a plan: `planned`), behind
+    /// those queued before.
+    fn prefetch(&mut self, id: u64, ranges: Vec<(u64, u32)>, planned: bool) {
+        let mut pieces = 0;
+        for (offset, len) in ranges {
+            let end = offset.saturating_add(u64::from(len)).min(self.size);
+            if offset < end {
+                pieces += 1;
+                let queue = if planned {
+                    &mut self.plan_jobs
+                } else {
+                    &mut self.push_jobs
+                };
+                queue.push_back(PushJob {
+                    id,
+                    pos: offset,
+                    end,
+                });
+            }
+        }
+        if pieces == 0 {
+            self.send(id, Class::Background, Message::PrefetchDone);
+        } else {
+            *self.prefetches.entry(id).or_default() += pieces;
         }
     }
 
@@ -921,17 +989,25 @@ impl OriginSession {
             return;
         }
         let piece = u64::from(self.cfg.push_piece.max(4096));
-        while let Some(job) = self.push_jobs.front_mut() {
+        loop {
+            let queue = if !self.push_jobs.is_empty() {
+                &mut self.push_jobs
+            } else if !self.plan_jobs.is_empty() {
+                &mut self.plan_jobs
+            } else {
+                return;
+            };
             let backlog = self.transport.queued(Class::Background) as u64 + self.push_in_flight;
             if backlog >= self.cfg.push_backlog {
                 return;
             }
+            let job = queue.front_mut().expect("not empty");
             let n = (job.end - job.pos).min(piece);
             let (id, offset) = (job.id, job.pos);
             job.pos += n;
             let finished = job.pos >= job.end;
             if finished {
-                self.push_jobs.pop_front();
+                queue.pop_front();
             }
             let tag = self.tag();
             self.push_in_flight += n;

@@ -108,6 +108,9 @@ struct World {
     refuse_release: Option<Refusal>,
     /// Detaches the origin was asked for (plain `Detach`).
     detaches: u32,
+    /// Profiles the origin was given, and the plan it answers `Plan` with.
+    profiles: Vec<Bytes>,
+    plan: Vec<(u64, u32)>,
 }
 
 impl World {
@@ -155,6 +158,8 @@ impl World {
             releases: Vec::new(),
             refuse_release: None,
             detaches: 0,
+            profiles: Vec::new(),
+            plan: Vec::new(),
         }
     }
 
@@ -321,6 +326,14 @@ impl World {
                 resume: self.partial.take(),
                 local_writes: false,
             })),
+            OriginOp::StoreProfile { tag, data } => {
+                self.profiles.push(data);
+                o.profile_done(tag, Ok(()));
+            }
+            OriginOp::Plan { tag, budget } => {
+                assert!(budget > 0, "a plan with no budget");
+                o.plan_done(tag, Ok(self.plan.clone()));
+            }
             OriginOp::Read {
                 tag, offset, len, ..
             } => {
@@ -671,6 +684,54 @@ fn prefetches_push_and_complete_and_reads_push_their_group() {
         })
         .sum();
     assert_eq!(group, (1 << 20) - 4096);
+}
+
+#[test]
+fn a_profile_is_stored_and_a_plan_streams_behind_demand_reads() {
+    let mut w = World::new(MBIT100, Duration::from_millis(25), 1 << 20);
+    w.plan = vec![(1 << 20, 1 << 20), (5 << 20, 512 << 10), (0, 64 << 10)];
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    let stored = w
+        .edge
+        .store_profile(Bytes::from_static(b"a profile"), w.now);
+    let plan = w.edge.plan(1 << 20);
+    // A demand read issued just after the plan still comes back in about
+    // one round trip, not behind 1.5 MiB of pushes (120 ms at 100 Mbit/s).
+    let start = w.now;
+    let read = w.edge.read(7 << 20, 4096, false, w.now);
+    w.run(Duration::from_secs(1), |w| w.read_done(read).is_some());
+    let read_took = w.now - start;
+    assert!(read_took < Duration::from_millis(80), "{read_took:?}");
+    w.run(Duration::from_secs(5), |w| {
+        w.has_event(|e| matches!(e, EdgeEvent::PrefetchDone { id, .. } if *id == plan))
+    });
+    assert!(w.has_event(
+        |e| matches!(e, EdgeEvent::ProfileStored { id, result: Ok(()) } if *id == stored)
+    ));
+    assert_eq!(w.profiles, [Bytes::from_static(b"a profile")]);
+    let mut pushed: Vec<(u64, usize)> = w
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            EdgeEvent::Push {
+                id, offset, data, ..
+            } if *id == plan => Some((*offset, data.len())),
+            _ => None,
+        })
+        .collect();
+    pushed.sort_unstable();
+    // Every planned range, whole, once (in frames the scheduler cut).
+    let mut ranges: Vec<(u64, usize)> = Vec::new();
+    for (offset, len) in pushed {
+        match ranges.last_mut() {
+            Some(last) if last.0 + last.1 as u64 == offset => last.1 += len,
+            _ => ranges.push((offset, len)),
+        }
+    }
+    assert_eq!(
+        ranges,
+        [(0, 64 << 10), (1 << 20, 1 << 20), (5 << 20, 512 << 10)]
+    );
 }
 
 #[test]

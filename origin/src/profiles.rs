@@ -1,0 +1,231 @@
+//! Boot profiles kept with a volume, and the push plan made from them.
+//!
+//! An edge records which chunks the volume's boot read, in order, and
+//! hands the profile over (`Message::Profile`); it is kept in
+//! `volumes/NAME/profiles/NNNNNNNN` (the newest [`KEEP`]). At its next
+//! start an edge asks for the plan (`Message::Plan`): the profiles merged
+//! by the `prefetch` crate's consensus, as ranges the session pushes in
+//! order behind demand reads and group pushes. A clone with no profiles
+//! of its own boots like its parent: the parent's profiles count too.
+
+use std::path::{Path, PathBuf};
+
+use link::proto::ErrorCode;
+use link::session::Refusal;
+use prefetch::{consensus, Plan, PlanConfig, Profile};
+
+use crate::{read_file, refusal, replace_file, Origin, Storage, Volume};
+
+/// Profiles kept per volume: enough for a consensus to outvote one odd
+/// boot, few enough that an image changed by updates is soon followed.
+pub const KEEP: usize = 4;
+/// Bytes one plan pushes, at most, whatever the edge asks.
+const MAX_PLAN_BYTES: u64 = 1 << 30;
+
+fn dir_of(volume_dir: &Path) -> PathBuf {
+    volume_dir.join("profiles")
+}
+
+/// The numbers of the profiles in `dir`, oldest first (anything else in
+/// it is not ours and left alone).
+fn numbers(storage: &dyn Storage, dir: &Path) -> Vec<u64> {
+    let mut n: Vec<u64> = storage
+        .list(dir)
+        .unwrap_or_default()
+        .iter()
+        .filter(|name| name.len() == 8)
+        .filter_map(|name| name.parse().ok())
+        .collect();
+    n.sort_unstable();
+    n
+}
+
+fn load(storage: &dyn Storage, volume: &str, dir: &Path) -> Vec<Profile> {
+    let mut out = Vec::new();
+    for n in numbers(storage, dir) {
+        let path = dir.join(format!("{n:08}"));
+        match read_file(storage, &path) {
+            Ok(Some(bytes)) => match Profile::decode(&bytes) {
+                Ok(p) => out.push(p),
+                Err(e) => {
+                    tracing::warn!(volume, path = %path.display(), error = %e, "a stored boot profile is unreadable; it is left out of the plan");
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(volume, path = %path.display(), error = %e, "reading a stored boot profile failed");
+            }
+        }
+    }
+    out
+}
+
+impl Origin {
+    /// Keeps a profile an edge recorded for `v` (checked: it must decode
+    /// and match the volume's size and the chunk size edges cache in),
+    /// dropping the oldest beyond [`KEEP`].
+    pub async fn store_profile(&self, v: &Volume, data: bytes::Bytes) -> Result<(), Refusal> {
+        let profile = Profile::decode(&data).map_err(|e| {
+            refusal(
+                ErrorCode::Protocol,
+                format!("the boot profile is not usable: {e}"),
+            )
+        })?;
+        let chunk = self.config.session.chunk_size;
+        if profile.chunk_size != chunk || profile.volume_size != v.size() {
+            return Err(refusal(
+                ErrorCode::Protocol,
+                format!(
+                    "the boot profile was recorded for {} bytes in chunks of {}, the volume has \
+                     {} in chunks of {chunk}",
+                    profile.volume_size,
+                    profile.chunk_size,
+                    v.size()
+                ),
+            ));
+        }
+        let dir = dir_of(v.state_dir());
+        let storage = self.storage.clone();
+        let taken = numbers(self.storage.as_ref(), &dir);
+        let next = taken.last().map_or(1, |n| n + 1);
+        let path = dir.join(format!("{next:08}"));
+        let stale: Vec<PathBuf> = taken
+            .iter()
+            .take((taken.len() + 1).saturating_sub(KEEP))
+            .map(|n| dir.join(format!("{n:08}")))
+            .collect();
+        let written = self
+            .config
+            .file_io
+            .run(move || -> std::io::Result<()> {
+                storage.create_dir_all(&dir)?;
+                replace_file(storage.as_ref(), &path, &data)?;
+                for p in stale {
+                    storage.remove(&p)?;
+                }
+                storage.sync_dir(&dir)
+            })
+            .await;
+        written.map_err(|e| {
+            tracing::error!(volume = %v.name(), error = %e, "storing a boot profile failed");
+            refusal(
+                ErrorCode::Io,
+                format!("storing the boot profile failed: {e}"),
+            )
+        })?;
+        tracing::info!(volume = %v.name(), profile = next, chunks = profile.touches.len(), "boot profile stored");
+        Ok(())
+    }
+
+    /// The push plan for `v`, at most `budget` bytes: its profiles (and,
+    /// for a clone without any, its parent's) merged.
+    pub async fn plan(&self, v: &Volume, budget: u64) -> Result<Vec<(u64, u32)>, Refusal> {
+        let storage = self.storage.clone();
+        let (name, dir) = (v.name().to_owned(), dir_of(v.state_dir()));
+        let parent = v.clone_of().map(|c| c.parent.clone()).and_then(|p| {
+            let dir = dir_of(&v.state_dir().parent()?.join(&p));
+            Some((p, dir))
+        });
+        let profiles = self
+            .config
+            .file_io
+            .run(move || {
+                let own = load(storage.as_ref(), &name, &dir);
+                match parent {
+                    Some((p, dir)) if own.is_empty() => load(storage.as_ref(), &p, &dir),
+                    _ => own,
+                }
+            })
+            .await;
+        let chunk = self.config.session.chunk_size;
+        let merged = consensus(chunk, v.size(), &profiles);
+        if merged.ignored > 0 {
+            tracing::warn!(volume = %v.name(), ignored = merged.ignored, "boot profiles recorded for another volume size are left out");
+        }
+        let cfg = PlanConfig {
+            budget: budget.min(MAX_PLAN_BYTES),
+            max_range: self.config.session.push_piece.max(chunk),
+        };
+        let plan = Plan::new(chunk, v.size(), &merged.chunks, cfg);
+        tracing::info!(volume = %v.name(), profiles = merged.used, chunks = merged.chunks.len(), bytes = plan.bytes, "prefetch plan");
+        Ok(plan.ranges)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blockcore::storage::mem::MemStorage;
+    use blockcore::storage::Storage;
+    use prefetch::Touch;
+
+    use super::*;
+
+    fn profile(size: u64, chunks: &[u64]) -> bytes::Bytes {
+        let p = Profile {
+            chunk_size: 64 << 10,
+            volume_size: size,
+            touches: chunks
+                .iter()
+                .enumerate()
+                .map(|(i, &chunk)| Touch {
+                    chunk,
+                    at_ms: u32::try_from(i).unwrap() * 10,
+                    count: 1,
+                })
+                .collect(),
+        };
+        p.encode().into()
+    }
+
+    #[tokio::test]
+    async fn profiles_are_checked_kept_four_deep_and_planned_in_boot_order() {
+        let storage = MemStorage::default();
+        let origin = crate::tests::open(&storage, &["a"]).await;
+        let v = origin.volume("a").unwrap();
+        assert_eq!(origin.plan(&v, 1 << 30).await.unwrap(), []);
+
+        for bad in [
+            bytes::Bytes::from_static(b"not a profile at all, really"),
+            profile(v.size() * 2, &[1]),
+        ] {
+            let r = origin.store_profile(&v, bad).await.unwrap_err();
+            assert_eq!(r.code, ErrorCode::Protocol, "{}", r.message);
+        }
+        // Five boots: the first (chunk 9 first) is dropped, the other four
+        // agree that 3 comes before 2; chunk 7 is one boot's accident.
+        origin
+            .store_profile(&v, profile(v.size(), &[9, 3]))
+            .await
+            .unwrap();
+        for extra in [7, 0, 0, 0] {
+            let mut chunks = vec![3, 2];
+            if extra != 0 {
+                chunks.push(extra);
+            }
+            origin
+                .store_profile(&v, profile(v.size(), &chunks))
+                .await
+                .unwrap();
+        }
+        let dir = Path::new("/state/volumes/a/profiles");
+        let kept = numbers(&storage, dir);
+        assert_eq!(kept, [2, 3, 4, 5]);
+        let chunk = 64 << 10;
+        assert_eq!(
+            origin.plan(&v, 1 << 30).await.unwrap(),
+            [(3 * chunk, 64 << 10), (2 * chunk, 64 << 10)]
+        );
+        // The budget cuts the tail.
+        assert_eq!(
+            origin.plan(&v, 100_000).await.unwrap(),
+            [(3 * chunk, 64 << 10)]
+        );
+        // A damaged file is left out, with a warning, not an error.
+        storage
+            .create(&dir.join("00000006"))
+            .unwrap()
+            .write_all_at(b"garbage", 0)
+            .unwrap();
+        assert_eq!(origin.plan(&v, 1 << 30).await.unwrap().len(), 2);
+    }
+}
