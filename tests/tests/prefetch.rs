@@ -162,6 +162,7 @@ fn a_recorded_boot_is_pushed_to_the_next_edge_before_it_asks() {
         planned >= READS * u64::from(READ_LEN),
         "the plan pushed {planned} bytes"
     );
+
     // The second boot's own profile joins the first: two kept.
     assert!(wait_until(Duration::from_secs(30), || {
         std::fs::read_dir(&profiles).unwrap().count() == 2

@@ -279,6 +279,10 @@ pub struct OriginSession {
     /// A plan's pushes: issued only while `push_jobs` is empty, so the
     /// groups of what the guest reads now go first.
     plan_jobs: VecDeque<PushJob>,
+    /// The plan's ranges, start -> end: a demand read inside one pushes
+    /// no group (the plan predicted the read; the rest of its group is
+    /// what it predicted not to be read).
+    planned: BTreeMap<u64, u64>,
     /// Prefetch id -> its jobs not fully issued plus its pieces being
     /// read; at 0 its `PrefetchDone` goes out.
     prefetches: BTreeMap<u64, u64>,
@@ -329,6 +333,7 @@ impl OriginSession {
             plans: BTreeMap::new(),
             push_jobs: VecDeque::new(),
             plan_jobs: VecDeque::new(),
+            planned: BTreeMap::new(),
             prefetches: BTreeMap::new(),
             push_in_flight: 0,
             pushed: BoundedSet::new(1024),
@@ -632,7 +637,15 @@ impl OriginSession {
             return;
         };
         match result {
-            Ok(ranges) => self.prefetch(id, ranges, true),
+            Ok(ranges) => {
+                for &(offset, len) in &ranges {
+                    let end = offset.saturating_add(u64::from(len)).min(self.size);
+                    if offset < end {
+                        self.planned.insert(offset, end);
+                    }
+                }
+                self.prefetch(id, ranges, true);
+            }
             Err(r) => self.reply(id, refusal_message(r)),
         }
         self.pump_pushes();
@@ -913,7 +926,12 @@ impl OriginSession {
         }
         self.stats.reads += 1;
         let group = u64::from(self.cfg.group_size);
-        let push = (group > u64::from(len))
+        let planned = self
+            .planned
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, &end)| offset < end);
+        let push = (group > u64::from(len) && !planned)
             .then(|| offset / group)
             .filter(|g| self.pushed.insert(*g))
             .map(|g| (g * group, ((g + 1) * group).min(self.size)));

@@ -732,6 +732,27 @@ fn a_profile_is_stored_and_a_plan_streams_behind_demand_reads() {
         ranges,
         [(0, 64 << 10), (1 << 20, 1 << 20), (5 << 20, 512 << 10)]
     );
+    // The read outside the plan pushed its group; one inside the plan
+    // pushes none (the plan already said what of that group is read).
+    let group_bytes = |w: &World, from: u64, to: u64| -> usize {
+        w.events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                EdgeEvent::Push {
+                    id: 0,
+                    offset,
+                    data,
+                    ..
+                } if (from..to).contains(offset) => Some(data.len()),
+                _ => None,
+            })
+            .sum()
+    };
+    let inside = w.edge.read(5 << 20, 4096, false, w.now);
+    w.run(Duration::from_secs(2), |_| false);
+    assert!(w.read_done(inside).is_some());
+    assert_eq!(group_bytes(&w, 7 << 20, 8 << 20), (1 << 20) - 4096);
+    assert_eq!(group_bytes(&w, 5 << 20, 6 << 20), 0);
 }
 
 #[test]
