@@ -1146,12 +1146,7 @@ impl Origin {
             .await
             .map_err(|e| block_refusal(&e))?;
         let answer = match signer {
-            Some(s) if push => {
-                if let Some(sigs) = s.sign(offset, &data).await {
-                    s.remember_pushed(&sigs);
-                }
-                ReadAnswer::Data { as_of, data }
-            }
+            Some(s) if push => s.push_answer(offset, as_of, data, want_signatures).await,
             Some(s) => s.answer(offset, as_of, data, want_signatures).await,
             None => ReadAnswer::Data { as_of, data },
         };
@@ -1348,6 +1343,34 @@ impl Signer {
         for s in sigs {
             known.insert_pushed(*s, now);
         }
+    }
+
+    /// The answer to a push read: the data (remembered as pushed), or,
+    /// with `skip_known`, signatures when this edge was sent every chunk
+    /// of it before (it need not cross again).
+    async fn push_answer(
+        &self,
+        offset: u64,
+        as_of: u64,
+        data: Bytes,
+        skip_known: bool,
+    ) -> ReadAnswer {
+        let Some(sigs) = self.sign(offset, &data).await else {
+            return ReadAnswer::Data { as_of, data };
+        };
+        let all_known = skip_known && {
+            let now = Instant::now();
+            let mut known = lock(&self.known);
+            sigs.iter().all(|s| known.contains(s, now))
+        };
+        if all_known {
+            return ReadAnswer::Signatures {
+                chunk_size: self.origin.config.session.chunk_size,
+                sigs,
+            };
+        }
+        self.remember_pushed(&sigs);
+        ReadAnswer::Data { as_of, data }
     }
 
     /// The answer to a read: signatures when the edge accepts them and was

@@ -3,7 +3,9 @@
 //! scattered over the disk, as a boot loader and init make), hands the
 //! profile to the origin, and the next edge, with an empty cache, gets
 //! the reads pushed in that order before it asks: its demand reads drop
-//! by at least 90%, and every byte it reads is still the origin's.
+//! by at least 90%, and every byte it reads is still the origin's. That
+//! edge restarted with its cache warm is pushed the plan's chunks no
+//! second time.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -168,4 +170,24 @@ fn a_recorded_boot_is_pushed_to_the_next_edge_before_it_asks() {
         std::fs::read_dir(&profiles).unwrap().count() == 2
     }));
     e2.stop_ok();
+
+    // That edge again, its cache warm: the origin sent it every planned
+    // chunk before, so the plan sends (almost) nothing again, and the
+    // boot reads its cache.
+    let e3 = edge(dir.path(), &wan.addr(), "cache-2");
+    assert!(
+        wait_until(Duration::from_secs(30), || volume(&e3)["prefetch"]["plan"]
+            == "done"),
+        "{}",
+        volume(&e3)["prefetch"]
+    );
+    boot(&e3, &image);
+    let (demand_3, pushed_3) = link_bytes(&e3);
+    eprintln!("a warm restart: demand bytes {demand_3}, pushed {pushed_3}");
+    assert!(
+        pushed_3 * 10 <= planned,
+        "a warm restart was pushed {pushed_3} bytes of a {planned}-byte plan again"
+    );
+    assert!(demand_3 * 10 <= demand_1, "{demand_3}");
+    e3.stop_ok();
 }

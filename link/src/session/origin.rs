@@ -105,7 +105,8 @@ pub enum OriginOp {
         resume_seq: u64,
     },
     /// Read the volume: [`OriginSession::read_done`]. `push`: the data
-    /// goes out as a push (signatures are not an answer then).
+    /// goes out as a push; with `want_signatures` too (a plan's piece),
+    /// signatures mean the edge holds every chunk and nothing is sent.
     Read {
         tag: u64,
         offset: u64,
@@ -526,7 +527,8 @@ impl OriginSession {
             }
             ReadCtx::Push { job, offset, len } => {
                 self.push_in_flight -= len;
-                // A failed push read is dropped: pushes are optional.
+                // A failed push read is dropped: pushes are optional; so
+                // is one answered by signatures (the edge holds it all).
                 if let Ok(ReadAnswer::Data { as_of, data }) = result {
                     self.stats.bytes_pushed += data.len() as u64;
                     self.send(
@@ -1008,10 +1010,10 @@ impl OriginSession {
         }
         let piece = u64::from(self.cfg.push_piece.max(4096));
         loop {
-            let queue = if !self.push_jobs.is_empty() {
-                &mut self.push_jobs
+            let (queue, planned) = if !self.push_jobs.is_empty() {
+                (&mut self.push_jobs, false)
             } else if !self.plan_jobs.is_empty() {
-                &mut self.plan_jobs
+                (&mut self.plan_jobs, true)
             } else {
                 return;
             };
@@ -1045,11 +1047,13 @@ impl OriginSession {
                 // ...and the job stops counting once its last piece is out.
                 self.prefetch_unit_done(id);
             }
+            // A plan's piece the edge was sent before (a warm restart)
+            // may be answered by signatures: the piece is then not sent.
             self.ops.push_back(OriginOp::Read {
                 tag,
                 offset,
                 len: u32::try_from(n).unwrap_or(u32::MAX),
-                want_signatures: false,
+                want_signatures: planned,
                 push: true,
             });
         }
