@@ -71,10 +71,16 @@ pub struct PrefetchStatus {
     pub profile: String,
     /// Chunks the profile holds (so far, while recording).
     pub profile_chunks: u64,
-    /// `off`, `streaming`, `done` or `failed: why`.
+    /// `off`, `streaming`, `done`, `done, little used` (under a tenth of
+    /// what it pushed was read in the boot window: its profiles may be
+    /// another image's) or `failed: why`.
     pub plan: String,
     /// Bytes the plan (and other prefetches) pushed.
     pub pushed_bytes: u64,
+    /// Of the pushed chunks the cache took: bytes the guest read since,
+    /// and bytes not read (yet).
+    pub used_bytes: u64,
+    pub unread_bytes: u64,
 }
 
 /// What `ferry edge status` shows.
@@ -179,6 +185,11 @@ struct Shared {
     prefetch: std::sync::Mutex<PrefetchStatus>,
     /// Bytes of prefetch pushes (any but group pushes) taken in.
     prefetch_pushed: AtomicU64,
+    /// Chunks prefetch pushes put in the cache that no read has asked for
+    /// since, and the bytes of those read.
+    unread: std::sync::Mutex<std::collections::HashSet<u64>>,
+    prefetch_used: AtomicU64,
+    chunk_size: u64,
 }
 
 /// The edge's block device. See the module docs.
@@ -281,6 +292,9 @@ impl EdgeDevice {
             recording: std::sync::Mutex::new(recorder),
             prefetch: std::sync::Mutex::new(prefetch),
             prefetch_pushed: AtomicU64::new(0),
+            unread: std::sync::Mutex::new(std::collections::HashSet::new()),
+            prefetch_used: AtomicU64::new(0),
+            chunk_size: u64::from(chunk.max(1)),
         });
         let mut tasks = vec![
             tokio::spawn(ship_loop(shared.clone())),
@@ -1205,12 +1219,17 @@ async fn applied_loop(shared: Arc<Shared>) {
 
 async fn push_loop(shared: Arc<Shared>, mut pushes: PushReceiver) {
     while let Some(p) = pushes.recv().await {
+        let (offset, len) = (p.offset, p.data.len() as u64);
+        let kept = shared.volume.offer_push(p.offset, p.as_of, p.data).await;
         if p.id != 0 {
-            shared
-                .prefetch_pushed
-                .fetch_add(p.data.len() as u64, Ordering::Relaxed);
+            shared.prefetch_pushed.fetch_add(len, Ordering::Relaxed);
+            if kept {
+                // The cache keeps whole chunks only.
+                let c = shared.chunk_size;
+                let mut unread = lock(&shared.unread);
+                unread.extend(offset.div_ceil(c)..(offset + len) / c);
+            }
         }
-        shared.volume.offer_push(p.offset, p.as_of, p.data).await;
     }
 }
 
@@ -1220,9 +1239,17 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn note_read(&self, offset: u64, len: usize) {
-        let mut r = lock(&self.recording);
-        if let Some(r) = r.as_mut() {
+        if let Some(r) = lock(&self.recording).as_mut() {
             r.note_read(offset, len as u64, self.started.elapsed());
+        }
+        let mut unread = lock(&self.unread);
+        if !unread.is_empty() && len > 0 {
+            let c = self.chunk_size;
+            for chunk in offset / c..=(offset + len as u64 - 1) / c {
+                if unread.remove(&chunk) {
+                    self.prefetch_used.fetch_add(c, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -1232,6 +1259,8 @@ impl Shared {
             s.profile_chunks = r.len() as u64;
         }
         s.pushed_bytes = self.prefetch_pushed.load(Ordering::Relaxed);
+        s.used_bytes = self.prefetch_used.load(Ordering::Relaxed);
+        s.unread_bytes = lock(&self.unread).len() as u64 * self.chunk_size;
         s
     }
 
@@ -1265,6 +1294,12 @@ async fn profile_loop(shared: Arc<Shared>) {
             Some(_) => {}
         }
     };
+    // A plan the boot hardly read is reported, not silently kept on.
+    let s = shared.prefetch_status();
+    if s.plan == "done" && s.pushed_bytes > 0 && s.used_bytes * 10 < s.pushed_bytes {
+        tracing::warn!(volume = %shared.client.volume(), pushed = s.pushed_bytes, used = s.used_bytes, "the prefetch plan was hardly used in the boot window; were its profiles recorded from another image of this volume?");
+        shared.set_prefetch(|s| "done, little used".clone_into(&mut s.plan));
+    }
     let Some(profile) = recorder.and_then(Recorder::finish) else {
         shared.set_prefetch(|s| "empty".clone_into(&mut s.profile));
         return;

@@ -317,6 +317,8 @@ fn status_lines_linked(v: &VolumeInfo, cache: &CacheInfo) -> String {
         );
         kv("prefetch_plan", p.plan.clone());
         kv("prefetch_pushed_bytes", p.pushed_bytes.to_string());
+        kv("prefetch_used_bytes", p.used_bytes.to_string());
+        kv("prefetch_unread_bytes", p.unread_bytes.to_string());
     }
     if let Some(o) = &v.local_only {
         kv("local_only_bytes", o.local_only_bytes.to_string());

@@ -5,7 +5,7 @@
 //! the reads pushed in that order before it asks: its demand reads drop
 //! by at least 90%, and every byte it reads is still the origin's. That
 //! edge restarted with its cache warm is pushed the plan's chunks no
-//! second time.
+//! second time; a plan the boot does not read is reported.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -164,6 +164,16 @@ fn a_recorded_boot_is_pushed_to_the_next_edge_before_it_asks() {
         planned >= READS * u64::from(READ_LEN),
         "the plan pushed {planned} bytes"
     );
+    // Nearly every chunk it pushed was read by the boot afterwards (one
+    // that arrived after the boot had fetched it is not), and every
+    // pushed byte the cache took is one or the other.
+    let p = volume(&e2)["prefetch"].clone();
+    let (used, unread) = (
+        p["used_bytes"].as_u64().unwrap(),
+        p["unread_bytes"].as_u64().unwrap(),
+    );
+    assert!(used * 10 >= planned * 9, "{p}");
+    assert_eq!(used + unread, planned, "{p}");
 
     // The second boot's own profile joins the first: two kept.
     assert!(wait_until(Duration::from_secs(30), || {
@@ -190,4 +200,23 @@ fn a_recorded_boot_is_pushed_to_the_next_edge_before_it_asks() {
     );
     assert!(demand_3 * 10 <= demand_1, "{demand_3}");
     e3.stop_ok();
+
+    // A new edge whose guest reads something else entirely (as if the
+    // profiles were another image's): the plan is reported as little
+    // used once the boot window closes, not silently kept on.
+    let e4 = edge(dir.path(), &wan.addr(), "cache-4");
+    let booted: Vec<u64> = (0..READS).map(|i| boot_read(i) / MIB).collect();
+    let mut c = ferry_tests::nbd::Client::handshake(e4.connect(), "vol").unwrap();
+    for group in (0..SIZE / MIB).filter(|g| !booted.contains(g)).take(20) {
+        assert_eq!(c.read(group * MIB, READ_LEN).unwrap().error, 0);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || volume(&e4)["prefetch"]["plan"]
+            == "done, little used"),
+        "{}",
+        volume(&e4)["prefetch"]
+    );
+    assert_eq!(volume(&e4)["prefetch"]["used_bytes"].as_u64(), Some(0));
+    drop(c);
+    e4.stop_ok();
 }

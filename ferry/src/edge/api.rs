@@ -295,10 +295,14 @@ pub struct PrefetchInfo {
     pub profile: String,
     /// Chunks the profile holds (so far, while recording).
     pub profile_chunks: u64,
-    /// `off`, `streaming`, `done` or `failed: why`.
+    /// `off`, `streaming`, `done`, `done, little used` (under a tenth of
+    /// what it pushed was read in the boot window) or `failed: why`.
     pub plan: String,
     /// Bytes the plan (and other prefetches) pushed.
     pub pushed_bytes: u64,
+    /// Of those the cache took: bytes read since, and bytes not read.
+    pub used_bytes: u64,
+    pub unread_bytes: u64,
 }
 
 /// A volume's write journal.
@@ -867,6 +871,8 @@ impl EdgeApi {
             profile_chunks: p.profile_chunks,
             plan: p.plan.clone(),
             pushed_bytes: p.pushed_bytes,
+            used_bytes: p.used_bytes,
+            unread_bytes: p.unread_bytes,
         });
         let j = &s.journal;
         info.journal = Some(JournalInfo {

@@ -1301,7 +1301,9 @@ pub fn format_status(s: &EdgeStatus) -> String {
          pushes_dropped: {}\n\
          prefetch_profile: {} ({} chunks)\n\
          prefetch_plan: {}\n\
-         prefetch_pushed_bytes: {}\n",
+         prefetch_pushed_bytes: {}\n\
+         prefetch_used_bytes: {}\n\
+         prefetch_unread_bytes: {}\n",
         if l.connected { "up" } else { "down" },
         l.connects,
         l.deaths,
@@ -1333,6 +1335,8 @@ pub fn format_status(s: &EdgeStatus) -> String {
         s.prefetch.profile_chunks,
         s.prefetch.plan,
         s.prefetch.pushed_bytes,
+        s.prefetch.used_bytes,
+        s.prefetch.unread_bytes,
     )
 }
 
