@@ -704,6 +704,66 @@ pub async fn origin_unfence(
     Ok(())
 }
 
+/// `ferry origin profiles VOLUME`.
+pub async fn origin_profiles(
+    api: &ApiClient,
+    name: &str,
+    ranges: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let l: crate::origin::api::ProfileListing = api
+        .call("GET", &format!("/v1/volumes/{name}/profiles"), None)
+        .await?
+        .json()?;
+    if json {
+        return print_json(&l);
+    }
+    let from = l
+        .from_parent
+        .as_deref()
+        .map_or(String::new(), |p| format!(" (its parent {p}'s)"));
+    println!(
+        "{}: {} boot profiles{from}, {} damaged; chunks of {}",
+        l.volume,
+        l.profiles.len(),
+        l.damaged,
+        human(u64::from(l.chunk_size))
+    );
+    let mut rows = vec![[
+        "PROFILE".to_owned(),
+        "CHUNKS".into(),
+        "BYTES".into(),
+        "WINDOW".into(),
+        "READS".into(),
+    ]];
+    for p in &l.profiles {
+        rows.push([
+            p.number.to_string(),
+            p.chunks.to_string(),
+            human(p.chunks * u64::from(l.chunk_size)),
+            format!("{:.1} s", f64::from(p.window_ms) / 1000.0),
+            p.reads.to_string(),
+        ]);
+    }
+    print!("{}", render_table(&rows));
+    println!(
+        "plan: {} in {} ranges, first needed first{}",
+        human(l.plan_bytes),
+        l.plan.len(),
+        if l.plan.len() > ranges {
+            format!(" (the first {ranges}; --ranges N for more)")
+        } else {
+            String::new()
+        }
+    );
+    let mut rows = vec![["OFFSET".to_owned(), "LENGTH".into()]];
+    for r in l.plan.iter().take(ranges) {
+        rows.push([r.offset.to_string(), human(u64::from(r.len))]);
+    }
+    print!("{}", render_table(&rows));
+    Ok(())
+}
+
 /// `ferry origin status` and `ferry origin volume list`.
 pub async fn origin_status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
     let s: OriginSummary = api.call("GET", "/v1/status", None).await?.json()?;

@@ -120,6 +120,19 @@ enum OriginAction {
     Unfence(OriginUnfenceArgs),
     /// The origin's volumes: size, holder, fenced edges, traffic.
     Status(OriginCtlArgs),
+    /// A volume's boot profiles (recorded by edges) and the prefetch plan
+    /// they make, in push order.
+    Profiles(OriginProfilesArgs),
+}
+
+#[derive(Args, Debug)]
+struct OriginProfilesArgs {
+    volume: String,
+    /// Ranges of the plan to print (all with --json).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    ranges: usize,
+    #[command(flatten)]
+    ctl: OriginCtlArgs,
 }
 
 #[derive(Args, Debug)]
@@ -953,6 +966,10 @@ async fn origin(cmd: OriginCmd) -> anyhow::Result<()> {
         Some(OriginAction::Unfence(a)) => {
             let json = a.ctl.json;
             ctl::origin_unfence(&client(a.ctl)?, &a.volume, &a.edge, json).await
+        }
+        Some(OriginAction::Profiles(a)) => {
+            let json = a.ctl.json;
+            ctl::origin_profiles(&client(a.ctl)?, &a.volume, a.ranges, json).await
         }
         None => {
             let a = cmd.run;

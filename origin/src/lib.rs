@@ -71,6 +71,7 @@ use zeroize::Zeroizing;
 pub use clone::{CloneError, CloneInfo, Persistence};
 use keys::{edge_cache_key, SignatureKey};
 use link::BoundedSet;
+pub use profiles::{ProfileReport, StoredProfile};
 pub use serve::{serve, serve_connection, TlsAcceptor};
 pub use snapshot::{
     auto_snapshot_name, check_snapshot_name, SnapshotError, SnapshotInfo, SnapshotList,

@@ -14,7 +14,7 @@ use link::proto::ErrorCode;
 use link::session::Refusal;
 use prefetch::{consensus, Plan, PlanConfig, Profile};
 
-use crate::{read_file, refusal, replace_file, Origin, Storage, Volume};
+use crate::{read_file, refusal, replace_file, Origin, OriginError, Storage, Volume};
 
 /// Profiles kept per volume: enough for a consensus to outvote one odd
 /// boot, few enough that an image changed by updates is soon followed.
@@ -58,6 +58,32 @@ fn load(storage: &dyn Storage, volume: &str, dir: &Path) -> Vec<Profile> {
         }
     }
     out
+}
+
+/// One stored profile, as `ferry origin profiles` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredProfile {
+    /// Its number (the file `profiles/NNNNNNNN`), newest highest.
+    pub number: u64,
+    pub chunks: u64,
+    /// Milliseconds from the attach to the last new chunk.
+    pub window_ms: u32,
+    /// Guest reads of its chunks within the window.
+    pub reads: u64,
+}
+
+/// A volume's profiles and the plan an attach would get from them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProfileReport {
+    pub chunk_size: u32,
+    pub profiles: Vec<StoredProfile>,
+    /// Files in the directory that do not decode (left out of the plan).
+    pub damaged: u64,
+    /// The profiles are the parent's (a clone without its own).
+    pub from_parent: Option<String>,
+    /// The plan at the largest budget: ranges in push order.
+    pub plan: Vec<(u64, u32)>,
+    pub plan_bytes: u64,
 }
 
 impl Origin {
@@ -115,6 +141,72 @@ impl Origin {
         })?;
         tracing::info!(volume = %v.name(), profile = next, chunks = profile.touches.len(), "boot profile stored");
         Ok(())
+    }
+
+    /// `name`'s stored profiles and the plan they make (for the CLI).
+    pub async fn profiles(&self, name: &str) -> Result<ProfileReport, OriginError> {
+        let v = self
+            .volume(name)
+            .ok_or_else(|| OriginError::NoSuchVolume(name.to_owned()))?;
+        let storage = self.storage.clone();
+        let own = dir_of(v.state_dir());
+        let parent = v.clone_of().map(|c| c.parent.clone()).and_then(|p| {
+            let dir = dir_of(&v.state_dir().parent()?.join(&p));
+            Some((p, dir))
+        });
+        let (profiles, damaged, from_parent) = self
+            .config
+            .file_io
+            .run(move || {
+                let list = |dir: &Path| {
+                    let mut found = Vec::new();
+                    let mut damaged = 0;
+                    for n in numbers(storage.as_ref(), dir) {
+                        let bytes = read_file(storage.as_ref(), &dir.join(format!("{n:08}")));
+                        match bytes.ok().flatten().map(|b| Profile::decode(&b)) {
+                            Some(Ok(p)) => found.push((n, p)),
+                            _ => damaged += 1,
+                        }
+                    }
+                    (found, damaged)
+                };
+                let (found, damaged) = list(&own);
+                match parent {
+                    Some((p, dir)) if found.is_empty() => {
+                        let (found, damaged) = list(&dir);
+                        (found, damaged, Some(p))
+                    }
+                    _ => (found, damaged, None),
+                }
+            })
+            .await;
+        let chunk = self.config.session.chunk_size;
+        let merged = consensus(
+            chunk,
+            v.size(),
+            &profiles.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+        );
+        let cfg = PlanConfig {
+            budget: MAX_PLAN_BYTES,
+            max_range: self.config.session.push_piece.max(chunk),
+        };
+        let plan = Plan::new(chunk, v.size(), &merged.chunks, cfg);
+        Ok(ProfileReport {
+            chunk_size: chunk,
+            profiles: profiles
+                .iter()
+                .map(|(n, p)| StoredProfile {
+                    number: *n,
+                    chunks: p.touches.len() as u64,
+                    window_ms: p.touches.last().map_or(0, |t| t.at_ms),
+                    reads: p.touches.iter().map(|t| u64::from(t.count)).sum(),
+                })
+                .collect(),
+            damaged,
+            from_parent,
+            plan: plan.ranges,
+            plan_bytes: plan.bytes,
+        })
     }
 
     /// The push plan for `v`, at most `budget` bytes: its profiles (and,
@@ -227,5 +319,16 @@ mod tests {
             .write_all_at(b"garbage", 0)
             .unwrap();
         assert_eq!(origin.plan(&v, 1 << 30).await.unwrap().len(), 2);
+        let r = origin.profiles("a").await.unwrap();
+        let listed: Vec<(u64, u64)> = r.profiles.iter().map(|p| (p.number, p.chunks)).collect();
+        assert_eq!(listed, [(2, 3), (3, 2), (4, 2), (5, 2)]);
+        assert_eq!(
+            (r.damaged, r.plan_bytes, r.from_parent),
+            (1, 2 * chunk, None)
+        );
+        assert!(matches!(
+            origin.profiles("nope").await,
+            Err(OriginError::NoSuchVolume(_))
+        ));
     }
 }

@@ -10,8 +10,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::process::Command;
+
 use ferry_tests::{
-    api, pattern_bytes, read_at, sparse_image, tempdir, wait_until, write_at, Ferry, Wan, MIB,
+    api, ferry_bin, json, pattern_bytes, read_at, run, sparse_image, tempdir, wait_until, write_at,
+    Ferry, Wan, MIB,
 };
 use serde_json::Value;
 
@@ -180,6 +183,28 @@ fn a_recorded_boot_is_pushed_to_the_next_edge_before_it_asks() {
         std::fs::read_dir(&profiles).unwrap().count() == 2
     }));
     e2.stop_ok();
+
+    // The origin lists them, and the plan they make: every boot chunk.
+    let origin_api = o.announced("api").to_owned();
+    let listing = json(&run(Command::new(ferry_bin()).args([
+        "origin",
+        "profiles",
+        "vol",
+        "--json",
+        "--api",
+        &origin_api,
+    ])));
+    let chunks: Vec<u64> = listing["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["chunks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(chunks, [READS, READS], "{listing}");
+    assert_eq!(listing["plan_bytes"].as_u64(), Some(READS * 64 * 1024));
+    let text =
+        run(Command::new(ferry_bin()).args(["origin", "profiles", "vol", "--api", &origin_api]));
+    assert!(text.contains("2 boot profiles"), "{text}");
 
     // That edge again, its cache warm: the origin sent it every planned
     // chunk before, so the plan sends (almost) nothing again, and the

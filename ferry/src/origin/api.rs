@@ -119,6 +119,41 @@ pub struct Fencing {
     pub fenced: bool,
 }
 
+/// `GET /v1/volumes/{name}/profiles`: the boot profiles edges recorded
+/// for a volume, and the plan an attach gets from them.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ProfileListing {
+    pub volume: String,
+    /// Bytes per chunk, the unit of profiles and plans.
+    pub chunk_size: u32,
+    /// Oldest first (at most four are kept).
+    pub profiles: Vec<ProfileEntry>,
+    /// Stored files that do not decode (left out of the plan).
+    pub damaged: u64,
+    /// The profiles are this parent's (a clone without its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_parent: Option<String>,
+    /// The plan's ranges in push order (first needed first), at the
+    /// largest budget; an edge's budget takes a prefix.
+    pub plan: Vec<PlanRange>,
+    pub plan_bytes: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ProfileEntry {
+    pub number: u64,
+    pub chunks: u64,
+    /// Milliseconds from the attach to the last chunk read first.
+    pub window_ms: u32,
+    pub reads: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct PlanRange {
+    pub offset: u64,
+    pub len: u32,
+}
+
 /// `POST /v1/volumes/{name}/snapshots` (the body may be empty).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -351,6 +386,16 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "GET",
+        path: "/v1/volumes/{name}/profiles",
+        summary: "The boot profiles edges recorded for a volume, and the prefetch plan they make",
+        request: None,
+        reply: (200, Some(schema_of::<ProfileListing>)),
+        errors: &[404],
+        query: &[],
+        example: None,
+    },
+    Route {
+        method: "GET",
         path: "/v1/volumes/{name}/snapshots",
         summary: "A volume's snapshots, oldest first, with the bytes each layer holds",
         request: None,
@@ -453,6 +498,7 @@ pub enum Request {
     Release(String, Release),
     Unfence(String, Unfence),
     ListSnapshots(String),
+    ListProfiles(String),
     CreateSnapshot(String, CreateSnapshot),
     Rollback(String, String),
     DeleteSnapshot(String, String),
@@ -482,6 +528,7 @@ pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
         ("POST", "/v1/volumes/{name}/release") => Request::Release(name(), req.json()?),
         ("POST", "/v1/volumes/{name}/unfence") => Request::Unfence(name(), req.json()?),
         ("GET", "/v1/volumes/{name}/snapshots") => Request::ListSnapshots(name()),
+        ("GET", "/v1/volumes/{name}/profiles") => Request::ListProfiles(name()),
         ("POST", "/v1/volumes/{name}/snapshots") => Request::CreateSnapshot(
             name(),
             if req.body.is_empty() {
@@ -766,6 +813,35 @@ impl OriginApi {
                     snapshots: l.snapshots.into_iter().map(SnapshotEntry::from).collect(),
                     head: l.head,
                     head_bytes: l.head_bytes,
+                })
+            }
+            Request::ListProfiles(name) => {
+                let r = self
+                    .origin
+                    .profiles(&name)
+                    .await
+                    .map_err(|e| origin_error(&e))?;
+                Reply::ok(&ProfileListing {
+                    volume: name,
+                    chunk_size: r.chunk_size,
+                    profiles: r
+                        .profiles
+                        .into_iter()
+                        .map(|p| ProfileEntry {
+                            number: p.number,
+                            chunks: p.chunks,
+                            window_ms: p.window_ms,
+                            reads: p.reads,
+                        })
+                        .collect(),
+                    damaged: r.damaged,
+                    from_parent: r.from_parent,
+                    plan: r
+                        .plan
+                        .into_iter()
+                        .map(|(offset, len)| PlanRange { offset, len })
+                        .collect(),
+                    plan_bytes: r.plan_bytes,
                 })
             }
             Request::CreateSnapshot(name, c) => {
