@@ -1147,8 +1147,7 @@ impl Origin {
             .await
             .map_err(|e| block_refusal(&e))?;
         let answer = match signer {
-            Some(s) if push => s.push_answer(offset, as_of, data, want_signatures).await,
-            Some(s) => s.answer(offset, as_of, data, want_signatures).await,
+            Some(s) => s.answer(offset, as_of, data, want_signatures, push).await,
             None => ReadAnswer::Data { as_of, data },
         };
         let c = &v.stats;
@@ -1346,42 +1345,17 @@ impl Signer {
         }
     }
 
-    /// The answer to a push read: the data (remembered as pushed), or,
-    /// with `skip_known`, signatures when this edge was sent every chunk
-    /// of it before (it need not cross again).
-    async fn push_answer(
-        &self,
-        offset: u64,
-        as_of: u64,
-        data: Bytes,
-        skip_known: bool,
-    ) -> ReadAnswer {
-        let Some(sigs) = self.sign(offset, &data).await else {
-            return ReadAnswer::Data { as_of, data };
-        };
-        let all_known = skip_known && {
-            let now = Instant::now();
-            let mut known = lock(&self.known);
-            sigs.iter().all(|s| known.contains(s, now))
-        };
-        if all_known {
-            return ReadAnswer::Signatures {
-                chunk_size: self.origin.config.session.chunk_size,
-                sigs,
-            };
-        }
-        self.remember_pushed(&sigs);
-        ReadAnswer::Data { as_of, data }
-    }
-
     /// The answer to a read: signatures when the edge accepts them and was
-    /// sent every one of these chunks before, else the data (remembered).
+    /// sent every one of these chunks before, else the data (remembered as
+    /// sent, or as pushed for a `push`: a push answered by signatures is
+    /// not sent at all).
     async fn answer(
         &self,
         offset: u64,
         as_of: u64,
         data: Bytes,
         want_signatures: bool,
+        push: bool,
     ) -> ReadAnswer {
         let Some(sigs) = self.sign(offset, &data).await else {
             return ReadAnswer::Data { as_of, data };
@@ -1401,7 +1375,11 @@ impl Signer {
                 sigs,
             };
         }
-        self.remember(&sigs);
+        if push {
+            self.remember_pushed(&sigs);
+        } else {
+            self.remember(&sigs);
+        }
         ReadAnswer::Data { as_of, data }
     }
 }
