@@ -19,6 +19,35 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
+# The filesystem walkers start from real, tiny filesystems: a fuzzer
+# does not find ext4's or FAT's structure from nothing. Built once per
+# corpus directory (mkfs.ext4 and mkfs.vfat are test dependencies).
+seed_filesystems() {
+    local work
+    work=$(mktemp -d)
+    mkdir -p "$work/root/dir/sub" corpus/layout_ext4 corpus/layout_fat corpus/layout_partitions
+    echo hello >"$work/root/dir/file"
+    head -c 20000 /dev/zero | tr '\0' 'x' >"$work/root/dir/sub/big"
+    ln -s dir/file "$work/root/link"
+    PATH="$PATH:/usr/sbin:/sbin"
+    if [ -z "$(ls -A corpus/layout_ext4)" ]; then
+        mkfs.ext4 -q -F -b 1024 -N 16 -O ^has_journal,^resize_inode -d "$work/root" corpus/layout_ext4/extents 128K
+        mkfs.ext4 -q -F -b 1024 -N 16 -O ^has_journal,^resize_inode,^extent,^64bit -d "$work/root" corpus/layout_ext4/blockmap 128K
+    fi
+    if [ -z "$(ls -A corpus/layout_fat)" ]; then
+        mkfs.vfat -C corpus/layout_fat/fat12 64 >/dev/null
+        MTOOLS_SKIP_CHECK=1 mcopy -s -i corpus/layout_fat/fat12 "$work/root/dir" ::/
+    fi
+    if [ -z "$(ls -A corpus/layout_partitions)" ]; then
+        head -c 262144 /dev/zero >corpus/layout_partitions/mbr
+        printf 'label: dos\nstart=1, size=255, type=83\n' |
+            sfdisk --no-reread --no-tell-kernel -q corpus/layout_partitions/mbr >/dev/null
+        dd if=corpus/layout_ext4/extents of=corpus/layout_partitions/mbr bs=512 seek=1 conv=notrunc status=none
+    fi
+    rm -rf "$work"
+}
+seed_filesystems
+
 for target in $(cargo +nightly fuzz list); do
     echo "=== fuzzing $target for ${seconds}s ===" >&2
     cargo +nightly fuzz run "$target" -- -max_total_time="$seconds"

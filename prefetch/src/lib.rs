@@ -10,6 +10,7 @@
 //! Pure: no I/O, no clocks (callers pass times), no async. Everything here
 //! takes untrusted bytes or sizes without panicking.
 
+pub mod layout;
 mod plan;
 mod profile;
 mod recorder;

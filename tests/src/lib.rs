@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 pub use tempfile::TempDir;
 
+pub mod disk;
+
 /// How long to wait for ferry to print its `listening nbd ...` lines.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long ferry may take to exit after SIGTERM.
