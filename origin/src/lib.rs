@@ -47,6 +47,7 @@
 //! the origin's signature replies name content the edge's cache knows.
 
 mod clone;
+mod files;
 mod migration;
 mod profiles;
 mod serve;
@@ -69,6 +70,7 @@ use link::session::{
 use zeroize::Zeroizing;
 
 pub use clone::{CloneError, CloneInfo, Persistence};
+pub use files::VolumeFiles;
 use keys::{edge_cache_key, SignatureKey};
 use link::BoundedSet;
 pub use profiles::{ProfileReport, StoredProfile};
@@ -308,6 +310,7 @@ pub struct Volume {
     /// What it was cloned from, if it is a clone.
     clone_of: Option<CloneInfo>,
     stats: VolumeStats,
+    files: files::FilesCache,
 }
 
 impl std::fmt::Debug for Volume {
@@ -414,6 +417,7 @@ impl Volume {
             auto_snapshot_for: Mutex::new(None),
             clone_of,
             stats: VolumeStats::default(),
+            files: files::FilesCache::default(),
         })
     }
 

@@ -234,12 +234,19 @@ impl Origin {
         if merged.ignored > 0 {
             tracing::warn!(volume = %v.name(), ignored = merged.ignored, "boot profiles recorded for another volume size are left out");
         }
+        // No boot recorded yet: the files a boot reads, in the order it
+        // reads them (prefetch::layout::boot_order's score).
+        let (order, from) = if merged.used > 0 {
+            (merged.chunks, "profiles")
+        } else {
+            (self.files(v).await.boot.chunks.clone(), "boot files")
+        };
         let cfg = PlanConfig {
             budget: budget.min(MAX_PLAN_BYTES),
             max_range: self.config.session.push_piece.max(chunk),
         };
-        let plan = Plan::new(chunk, v.size(), &merged.chunks, cfg);
-        tracing::info!(volume = %v.name(), profiles = merged.used, chunks = merged.chunks.len(), bytes = plan.bytes, "prefetch plan");
+        let plan = Plan::new(chunk, v.size(), &order, cfg);
+        tracing::info!(volume = %v.name(), from, profiles = merged.used, chunks = order.len(), bytes = plan.bytes, "prefetch plan");
         Ok(plan.ranges)
     }
 }

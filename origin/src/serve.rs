@@ -79,6 +79,7 @@ enum Done {
     Plan(u64, Result<Vec<(u64, u32)>, Refusal>),
     Sign(u64, Result<Vec<[u8; 32]>, Refusal>),
     Release(Result<(), Refusal>),
+    Files(Arc<prefetch::layout::FileIndex>),
 }
 
 /// Counts a connection as active while it lives.
@@ -128,6 +129,13 @@ where
                 } => match origin.attach(conn, &name, &edge_id) {
                     Ok((v, grant)) => {
                         let signer = origin.signer(&edge_id);
+                        // Mapped beside the attach, not before it: until
+                        // the map is there, reads push fixed groups.
+                        let (o, vol, done) = (origin.clone(), v.clone(), done_tx.clone());
+                        tokio::spawn(async move {
+                            let files = o.files(&vol).await;
+                            let _ = done.send(Done::Files(files.index.clone()));
+                        });
                         volume = Some((v, signer, edge_id));
                         session.attach_done(Ok(grant));
                     }
@@ -266,6 +274,7 @@ where
                 Done::Sign(tag, r) => session.sign_done(tag, r),
                 Done::Profile(tag, r) => session.profile_done(tag, r),
                 Done::Plan(tag, r) => session.plan_done(tag, r),
+                Done::Files(files) => session.set_files(files),
                 Done::Release(r) => {
                     if r.is_ok() {
                         // Released at the origin: nothing to let go of

@@ -245,3 +245,121 @@ fn a_recorded_boot_is_pushed_to_the_next_edge_before_it_asks() {
     drop(c);
     e4.stop_ok();
 }
+
+/// A volume's first boot ever, no profile: the origin plans it from the
+/// files the boot loader's configuration names (kernel, initramfs, init
+/// and what it loads), so the boot's reads find them pushed; and a read
+/// inside a file no plan named pushes the rest of that file, not a fixed
+/// 1 MiB group.
+#[test]
+fn a_first_boot_is_planned_from_the_volumes_files_and_a_file_read_pushes_the_file() {
+    use prefetch::layout::{scan, Limits};
+    let dir = tempdir();
+    let disk = ferry_tests::disk::build_disk(dir.path());
+    let image = dir.path().join("disk.img");
+    std::fs::write(&image, &disk.bytes).unwrap();
+    let layout = scan(&disk.bytes, Limits::default());
+    let extents = |fs: usize, path: &str| {
+        let f = layout.resolve(fs, path).unwrap();
+        (f.extents.clone(), f.size)
+    };
+    let served = origin(dir.path(), &image);
+    let wan = Wan::start(served.announced("origin"));
+    let e = edge(dir.path(), &wan.addr(), "cache");
+    assert!(
+        wait_until(Duration::from_secs(30), || volume(&e)["prefetch"]["plan"]
+            == "done"),
+        "{}",
+        volume(&e)["prefetch"]
+    );
+    let planned = volume(&e)["prefetch"]["pushed_bytes"].as_u64().unwrap();
+    // The boot: each boot file read whole, in the boot loader's 32 KiB
+    // pieces, checked against the file.
+    let mut client = ferry_tests::nbd::Client::handshake(e.connect(), "vol").unwrap();
+    let mut read_file = |fs: usize, path: &str, limit: u64| -> u64 {
+        let (ext, size) = extents(fs, path);
+        let mut got = Vec::new();
+        for (start, len) in ext {
+            for off in (start..start + len).step_by(READ_LEN as usize) {
+                let n = u32::try_from((start + len - off).min(u64::from(READ_LEN))).unwrap();
+                let r = client.read(off, n).unwrap();
+                assert_eq!(r.error, 0, "{path} at {off}");
+                got.extend_from_slice(&r.data);
+                if got.len() as u64 >= limit {
+                    break;
+                }
+            }
+        }
+        got.truncate(usize::try_from(size.min(limit)).unwrap());
+        if limit >= size {
+            assert!(
+                got == disk.files[path],
+                "{path} read through the edge differs"
+            );
+        }
+        size.min(limit)
+    };
+    let boot_files = [
+        (0, "/syslinux.cfg"),
+        (0, "/vmlinuz"),
+        (0, "/initrd.img"),
+        (1, "/usr/sbin/myinit"),
+        (1, "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+        (1, "/etc/fstab"),
+    ];
+    let (before, _) = link_bytes(&e);
+    let boot_bytes: u64 = boot_files
+        .iter()
+        .map(|&(fs, p)| read_file(fs, p, u64::MAX))
+        .sum();
+    let (after_boot, _) = link_bytes(&e);
+    eprintln!(
+        "first boot from files: plan pushed {planned} bytes; the boot read {boot_bytes}, \
+         of which {} on demand",
+        after_boot - before
+    );
+    assert!(
+        planned >= boot_bytes,
+        "the plan pushed {planned} bytes for {boot_bytes} of boot files"
+    );
+    assert!(
+        (after_boot - before) * 10 <= boot_bytes,
+        "boot files read on demand: {} of {boot_bytes}",
+        after_boot - before
+    );
+    // Not a boot file: the first read fetches on demand and pushes the
+    // rest of the file (3 MiB, not a 1 MiB group); reading it whole then
+    // costs (almost) no demand bytes.
+    let (_, pushed_before) = link_bytes(&e);
+    let first = read_file(1, "/usr/bin/big", u64::from(READ_LEN));
+    assert_eq!(first, u64::from(READ_LEN));
+    // Until the push is over: most of the file arrived, and nothing more
+    // for half a second (pieces may arrive out of order).
+    let mut last = 0;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = link_bytes(&e).1;
+            let settled = now == last && now >= pushed_before + (3 << 20) - (256 << 10);
+            last = now;
+            settled
+        }),
+        "the rest of the file was not pushed: {:?}",
+        link_bytes(&e)
+    );
+    let (demand_before, _) = link_bytes(&e);
+    let whole = read_file(1, "/usr/bin/big", u64::MAX);
+    let (demand_after, _) = link_bytes(&e);
+    eprintln!(
+        "a 3 MiB file after its first read: {} bytes on demand",
+        demand_after - demand_before
+    );
+    assert_eq!(whole, 3 << 20);
+    assert!(
+        demand_after - demand_before <= 64 << 10,
+        "{}",
+        demand_after - demand_before
+    );
+    drop(client);
+    e.stop_ok();
+}

@@ -33,10 +33,12 @@
 //! neither fills memory nor reads far ahead of the link.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockcore::Extent;
 use bytes::Bytes;
+use prefetch::layout::FileIndex;
 
 use super::transport::{Transport, TransportStats};
 use crate::bounded::BoundedSet;
@@ -47,6 +49,9 @@ use crate::proto::{
     Message, Role, SchedulerConfig, WriteEntry, DEFAULT_WINDOW, MAX_DATA_LEN, MAX_EXTENTS,
     PROTOCOL_VERSION,
 };
+
+/// Marks a file's key in the pushed groups (group indexes stay far below).
+const FILE_GROUP: u64 = 1 << 63;
 
 /// Settings of the origin's sessions.
 #[derive(Clone, Debug)]
@@ -64,8 +69,12 @@ pub struct OriginSessionConfig {
     pub window: u64,
     pub cc: CcConfig,
     /// After a demand read, the rest of its aligned group of this many
-    /// bytes is pushed unasked (0: never).
+    /// bytes is pushed unasked (0: never), unless the read is inside a
+    /// file the origin knows (see [`OriginSession::set_files`]).
     pub group_size: u32,
+    /// After a demand read inside a known file, the rest of that file is
+    /// pushed, at most this many bytes (0: file-aware groups off).
+    pub file_group_max: u64,
     /// The chunk size edges cache in; reported at attach.
     pub chunk_size: u32,
     /// Push data read ahead of the link, at most.
@@ -87,6 +96,7 @@ impl Default for OriginSessionConfig {
             window: 4 * DEFAULT_WINDOW,
             cc: CcConfig::default(),
             group_size: 1 << 20,
+            file_group_max: 8 << 20,
             chunk_size: 64 << 10,
             push_backlog: 4 << 20,
             push_piece: 1 << 20,
@@ -209,6 +219,8 @@ pub struct OriginSessionStats {
     pub sign_queries: u64,
     pub bytes_read: u64,
     pub bytes_pushed: u64,
+    /// Demand reads that pushed the rest of their file.
+    pub file_groups: u64,
     pub batches_applied: u64,
     pub transport: TransportStats,
 }
@@ -227,12 +239,13 @@ enum Stage {
 
 #[derive(Debug)]
 enum ReadCtx {
-    /// A read the edge waits for; `group`: the range to push after it.
+    /// A read the edge waits for; `group`: the ranges (start, end) to
+    /// push after it.
     Demand {
         id: u64,
         offset: u64,
         len: u64,
-        group: Option<(u64, u64)>,
+        group: Vec<(u64, u64)>,
     },
     /// A piece of a push (`job`: the prefetch's id, 0 for group pushes).
     Push { job: u64, offset: u64, len: u64 },
@@ -289,8 +302,11 @@ pub struct OriginSession {
     prefetches: BTreeMap<u64, u64>,
     push_in_flight: u64,
     /// Groups pushed on this connection, so sequential reads through one
-    /// group push it once.
+    /// group push it once: fixed groups by index, files as
+    /// `FILE_GROUP | file`.
     pushed: BoundedSet<u64>,
+    /// The volume's files, once the origin mapped them.
+    files: Option<Arc<FileIndex>>,
     assembly: Option<Assembly>,
     ready: VecDeque<(u64, u64, Vec<WriteEntry>)>,
     applying: Option<(u64, u64)>,
@@ -338,6 +354,7 @@ impl OriginSession {
             prefetches: BTreeMap::new(),
             push_in_flight: 0,
             pushed: BoundedSet::new(1024),
+            files: None,
             assembly: None,
             ready: VecDeque::new(),
             applying: None,
@@ -507,21 +524,13 @@ impl OriginSession {
                     Err(r) => refusal_message(r),
                 };
                 self.reply(id, msg);
-                if let (true, Some((start, end))) = (ok, group) {
+                for (start, end) in group.into_iter().filter(|_| ok) {
+                    // The read itself is not pushed again.
                     let req_end = offset + len;
-                    if start < offset {
-                        self.push_jobs.push_back(PushJob {
-                            id: 0,
-                            pos: start,
-                            end: offset,
-                        });
-                    }
-                    if req_end < end {
-                        self.push_jobs.push_back(PushJob {
-                            id: 0,
-                            pos: req_end,
-                            end,
-                        });
+                    for (pos, end) in [(start, end.min(offset)), (start.max(req_end), end)] {
+                        if pos < end {
+                            self.push_jobs.push_back(PushJob { id: 0, pos, end });
+                        }
                     }
                 }
             }
@@ -927,16 +936,7 @@ impl OriginSession {
             return;
         }
         self.stats.reads += 1;
-        let group = u64::from(self.cfg.group_size);
-        let planned = self
-            .planned
-            .range(..=offset)
-            .next_back()
-            .is_some_and(|(_, &end)| offset < end);
-        let push = (group > u64::from(len) && !planned)
-            .then(|| offset / group)
-            .filter(|g| self.pushed.insert(*g))
-            .map(|g| (g * group, ((g + 1) * group).min(self.size)));
+        let push = self.group_after(offset, len);
         let tag = self.tag();
         self.reads.insert(
             tag,
@@ -954,6 +954,48 @@ impl OriginSession {
             want_signatures,
             push: false,
         });
+    }
+
+    /// What to push after a demand read: nothing inside a planned range
+    /// (the plan predicted the read and what follows it); inside a known
+    /// file, the rest of the file (once per connection); elsewhere, the
+    /// rest of the read's fixed group (once per connection).
+    fn group_after(&mut self, offset: u64, len: u32) -> Vec<(u64, u64)> {
+        let planned = self
+            .planned
+            .range(..=offset)
+            .next_back()
+            .is_some_and(|(_, &end)| offset < end);
+        if planned {
+            return Vec::new();
+        }
+        let file_max = self.cfg.file_group_max;
+        if let Some(files) = self.files.as_ref().filter(|_| file_max > 0) {
+            if let Some((file, ranges)) = files.group(offset, file_max) {
+                if !self.pushed.insert(FILE_GROUP | u64::from(file)) {
+                    return Vec::new();
+                }
+                self.stats.file_groups += 1;
+                return ranges
+                    .into_iter()
+                    .map(|(s, l)| (s.min(self.size), (s + l).min(self.size)))
+                    .collect();
+            }
+        }
+        let group = u64::from(self.cfg.group_size);
+        (group > u64::from(len))
+            .then(|| offset / group)
+            .filter(|g| self.pushed.insert(*g))
+            .map(|g| (g * group, ((g + 1) * group).min(self.size)))
+            .into_iter()
+            .collect()
+    }
+
+    /// The volume's files (the origin maps them after the attach): from
+    /// now on a demand read inside a file pushes the rest of that file
+    /// instead of its fixed group.
+    pub fn set_files(&mut self, files: Arc<FileIndex>) {
+        self.files = Some(files);
     }
 
     fn extent_query(&mut self, id: u64, offset: u64, len: u64) {

@@ -756,6 +756,78 @@ fn a_profile_is_stored_and_a_plan_streams_behind_demand_reads() {
 }
 
 #[test]
+fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_once() {
+    use prefetch::layout::{File, FileIndex, FileKind, VolumeLayout};
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    // A 1.5 MiB file in two extents, the second before the first.
+    let layout = VolumeLayout {
+        files: vec![File {
+            fs: 0,
+            path: "/boot/vmlinuz".into(),
+            kind: FileKind::Regular,
+            size: 3 << 19,
+            extents: vec![(4 << 20, 1 << 20), (1 << 20, 512 << 10)],
+            meta: None,
+            target: None,
+        }],
+        ..VolumeLayout::default()
+    };
+    let index = std::sync::Arc::new(FileIndex::new(&layout, 64 << 10));
+    w.origin.as_mut().expect("attached").set_files(index);
+    let pushes = |w: &World| -> Vec<(u64, usize)> {
+        let mut p: Vec<(u64, usize)> = w
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                EdgeEvent::Push {
+                    id: 0,
+                    offset,
+                    data,
+                    ..
+                } => Some((*offset, data.len())),
+                _ => None,
+            })
+            .collect();
+        p.sort_unstable();
+        p
+    };
+    let r = w.edge.read(4 << 20, 32 << 10, false, w.now);
+    w.run(Duration::from_secs(2), |_| false);
+    assert!(matches!(w.read_done(r), Some(Ok(_))));
+    let mut bytes: Vec<(u64, u64)> = Vec::new();
+    for (offset, len) in pushes(&w) {
+        match bytes.last_mut() {
+            Some(l) if l.0 + l.1 == offset => l.1 += len as u64,
+            _ => bytes.push((offset, len as u64)),
+        }
+    }
+    // The rest of the file, not the rest of the 1 MiB group.
+    assert_eq!(
+        bytes,
+        [
+            (1 << 20, 512 << 10),
+            ((4 << 20) + (32 << 10), (1 << 20) - (32 << 10))
+        ]
+    );
+    let before = pushes(&w).len();
+    let r = w.edge.read((4 << 20) + (512 << 10), 4096, false, w.now);
+    w.run(Duration::from_secs(1), |_| false);
+    assert!(w.read_done(r).is_some());
+    assert_eq!(pushes(&w).len(), before, "the file was pushed once");
+    // Outside every file: the fixed group, as before.
+    let r = w.edge.read(6 << 20, 4096, false, w.now);
+    w.run(Duration::from_secs(1), |_| false);
+    assert!(w.read_done(r).is_some());
+    let group: usize = pushes(&w)
+        .iter()
+        .filter(|p| p.0 >= 6 << 20)
+        .map(|p| p.1)
+        .sum();
+    assert_eq!(group, (1 << 20) - 4096);
+}
+
+#[test]
 fn a_changed_volume_stops_the_session() {
     let mut w = World::new(MBIT100, Duration::from_millis(1), 1 << 20);
     w.run(Duration::from_secs(2), |w| w.edge.is_up());
