@@ -315,6 +315,32 @@ impl<D: BlockDevice + 'static> CachedDevice<D> {
         Ok((out.len() == len).then(|| out.freeze()))
     }
 
+    /// The runs of the range's chunks the cache does not hold, as byte
+    /// ranges (offset, length) clipped to the volume: what a prefetch has
+    /// to fetch.
+    pub async fn missing(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        check_range(&self.info(), Op::Prefetch, offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let chunks = self.chunks(offset, len);
+        let first = *chunks.start();
+        let size = self.volume.size;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (i, hit) in self.lookup(chunks).await.iter().enumerate() {
+            if hit.is_some() {
+                continue;
+            }
+            let start = (first + i as u64) * self.chunk_size;
+            let len = self.chunk_size.min(size - start);
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == start => last.1 += len,
+                _ => out.push((start, len)),
+            }
+        }
+        Ok(out)
+    }
+
     fn chunks(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
         offset / self.chunk_size..=(offset + len - 1) / self.chunk_size
     }

@@ -64,6 +64,15 @@ impl EdgeLinkConfig {
     }
 }
 
+/// `len` bytes at `offset` as the pieces of at most `MAX_DATA_LEN` one
+/// link message carries.
+pub fn pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    (offset..offset + len).step_by(MAX_DATA_LEN).map(move |s| {
+        let n = (offset + len - s).min(MAX_DATA_LEN as u64);
+        (s, u32::try_from(n).expect("at most MAX_DATA_LEN"))
+    })
+}
+
 /// Data the origin sent without being asked for it (group push, prefetch).
 #[derive(Debug)]
 pub struct Push {
@@ -462,13 +471,7 @@ impl LinkClient {
     /// copies (a migration) that must not slow the guest down. The pieces
     /// may come in any order; each carries its `as_of`.
     pub async fn fetch_background(&self, offset: u64, len: u64) -> Result<Vec<Push>, LinkError> {
-        let ranges = (offset..offset + len)
-            .step_by(link::proto::MAX_DATA_LEN)
-            .map(|s| {
-                let n = (offset + len - s).min(link::proto::MAX_DATA_LEN as u64);
-                (s, u32::try_from(n).expect("at most MAX_DATA_LEN"))
-            })
-            .collect();
+        let ranges = pieces(offset, len).collect();
         let (reply, rx) = oneshot::channel();
         self.cmd
             .send(Cmd::Fetch { ranges, reply })
@@ -1161,15 +1164,7 @@ impl BlockDevice for RemoteDevice {
 
     async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {
         check_range(&self.info(), Op::Prefetch, offset, len)?;
-        let ranges = (offset..offset + len)
-            .step_by(MAX_DATA_LEN)
-            .map(|s| {
-                (
-                    s,
-                    u32::try_from((offset + len - s).min(MAX_DATA_LEN as u64)).expect("fits"),
-                )
-            })
-            .collect();
+        let ranges = pieces(offset, len).collect();
         self.client
             .prefetch(ranges)
             .await

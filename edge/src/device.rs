@@ -29,7 +29,7 @@ use prefetch::{RecordWindow, Recorder};
 use tokio::sync::Notify;
 
 use crate::client::{
-    link_block_error, LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore,
+    link_block_error, pieces, LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore,
 };
 use crate::migrate::{Command, LocalCopy, LocalError, LocalStatus, Refusal, Stage, MIRROR_CHUNK};
 use crate::volume::{
@@ -138,6 +138,10 @@ impl<D: BlockDevice + 'static> ReadThrough for CachedDevice<D> {
 
     async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {
         BlockDevice::prefetch(self, offset, len).await
+    }
+
+    async fn missing(&self, offset: u64, len: u64) -> blockcore::Result<Vec<(u64, u64)>> {
+        CachedDevice::missing(self, offset, len).await
     }
 
     async fn invalidate(&self, offset: u64, len: u64) -> blockcore::Result<()> {
@@ -1369,7 +1373,26 @@ impl BlockDevice for EdgeDevice {
             .await
     }
 
+    /// NBD `CACHE`, SCSI PRE-FETCH: what the cache lacks is asked of the
+    /// origin as a link `Prefetch`, answered by background pushes the
+    /// cache takes in (`push_loop`), so it never queues ahead of demand
+    /// reads the way reading the range through would. Returns once the
+    /// origin sent it all.
     async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {
-        self.shared.volume.prefetch(offset, len).await
+        let Some(missing) = self.shared.volume.missing(offset, len).await? else {
+            return self.shared.volume.prefetch(offset, len).await;
+        };
+        let ranges: Vec<(u64, u32)> = missing
+            .into_iter()
+            .flat_map(|(start, len)| pieces(start, len))
+            .collect();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.shared
+            .client
+            .prefetch(ranges)
+            .await
+            .map_err(|e| link_block_error(blockcore::Op::Prefetch, offset, e))
     }
 }

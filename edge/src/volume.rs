@@ -66,6 +66,11 @@ pub trait ReadThrough: Send + Sync + 'static {
     async fn read_cached(&self, _offset: u64, _len: usize) -> blockcore::Result<Option<Bytes>> {
         Ok(None)
     }
+    /// The byte ranges of the range the layer does not hold (all of it,
+    /// for a layer that cannot tell).
+    async fn missing(&self, offset: u64, len: u64) -> blockcore::Result<Vec<(u64, u64)>> {
+        Ok(vec![(offset, len)])
+    }
 }
 
 /// Where a migration's copy gets what neither the journal nor the cache
@@ -655,6 +660,21 @@ impl<R: ReadThrough> EdgeVolume<R> {
     pub async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {
         self.check(Op::Prefetch, offset, len)?;
         self.cache.prefetch(offset, len).await
+    }
+
+    /// What of the range a prefetch would have to fetch from the origin;
+    /// `None` once a migration's local copy serves part of the volume
+    /// (the copy, not the cache, says what is here: [`Self::prefetch`]).
+    pub async fn missing(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> blockcore::Result<Option<Vec<(u64, u64)>>> {
+        self.check(Op::Prefetch, offset, len)?;
+        if self.local.get().is_some() {
+            return Ok(None);
+        }
+        self.cache.missing(offset, len).await.map(Some)
     }
 
     /// The batches a previous run cut and the origin has not acknowledged,

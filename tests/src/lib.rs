@@ -652,9 +652,9 @@ pub mod nbd {
     use nbd_server::proto::Errno;
 
     pub use nbd_server::proto::consts::{
-        CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
-        INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO, REQUEST_MAGIC,
-        SIMPLE_REPLY_MAGIC,
+        CMD_CACHE, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES,
+        IHAVEOPT, INFO_EXPORT, NBDMAGIC, OPTION_REPLY_MAGIC, OPT_GO, REP_ACK, REP_INFO,
+        REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
     };
     use nbd_server::proto::consts::{FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES};
 
@@ -833,6 +833,14 @@ pub mod nbd {
         pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<Reply> {
             let len = u32::try_from(data.len()).unwrap();
             let cookie = self.send(0, CMD_WRITE, offset, len, data)?;
+            let r = self.reply(0)?;
+            assert_eq!(r.cookie, cookie, "reply cookie mismatch");
+            Ok(r)
+        }
+
+        /// CACHE (prefetch the range) and return the reply.
+        pub fn cache(&mut self, offset: u64, len: u32) -> io::Result<Reply> {
+            let cookie = self.send(0, CMD_CACHE, offset, len, &[])?;
             let r = self.reply(0)?;
             assert_eq!(r.cookie, cookie, "reply cookie mismatch");
             Ok(r)

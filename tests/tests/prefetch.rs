@@ -363,3 +363,60 @@ fn a_first_boot_is_planned_from_the_volumes_files_and_a_file_read_pushes_the_fil
     drop(client);
     e.stop_ok();
 }
+
+/// NBD `CACHE` on an edge asks the origin for what the cache lacks as
+/// background pushes (a link `Prefetch`), not as demand reads: afterwards
+/// reading the range costs no demand byte, and a second `CACHE` of it
+/// moves nothing.
+#[test]
+fn nbd_cache_reaches_the_origin_as_pushes() {
+    let dir = tempdir();
+    let image = sparse_image(dir.path(), "disk.img", SIZE);
+    write_at(&image, 8 * MIB, &pattern_bytes(4 << 20, 7));
+    let served = origin(dir.path(), &image);
+    let wan = Wan::start(served.announced("origin"));
+    let e = edge(dir.path(), &wan.addr(), "cache");
+    let mut client = ferry_tests::nbd::Client::handshake(e.connect(), "vol").unwrap();
+    // One chunk read first: it and the rest of its 1 MiB group (pushed
+    // after it) are cached, and not asked for again.
+    assert_eq!(client.read(8 * MIB, 4096).unwrap().error, 0);
+    let mut last = u64::MAX;
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = link_bytes(&e).1;
+        std::mem::replace(&mut last, now) == now
+    }));
+    let (demand_0, pushed_0) = link_bytes(&e);
+    assert_eq!(client.cache(8 * MIB, 4 << 20).unwrap().error, 0);
+    let (demand_1, pushed_1) = link_bytes(&e);
+    eprintln!(
+        "CACHE of 4 MiB: {} bytes pushed, {} on demand",
+        pushed_1 - pushed_0,
+        demand_1 - demand_0
+    );
+    assert_eq!(demand_1, demand_0, "CACHE read through on demand");
+    assert_eq!(pushed_1 - pushed_0, 3 << 20, "the three groups not cached");
+    // The pushes reach the cache a moment after the origin sent its last.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let r = client.read(8 * MIB + (4 << 20) - 4096, 4096).unwrap();
+        r.error == 0 && link_bytes(&e).0 == demand_0
+    }));
+    for off in (8 * MIB..12 * MIB).step_by(READ_LEN as usize) {
+        let r = client.read(off, READ_LEN).unwrap();
+        assert!(
+            r.data == read_at(&image, off, READ_LEN as usize),
+            "at {off}"
+        );
+    }
+    assert_eq!(link_bytes(&e).0, demand_0, "the range was in the cache");
+    assert_eq!(client.cache(8 * MIB, 4 << 20).unwrap().error, 0);
+    assert_eq!(
+        link_bytes(&e).1,
+        pushed_1,
+        "a cached range is not pushed again"
+    );
+    // Out of range: an error, not a hang.
+    assert_ne!(client.cache(SIZE - 4096, 8192).unwrap().error, 0);
+    drop(client);
+    e.stop_ok();
+}
