@@ -1243,6 +1243,11 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn note_read(&self, offset: u64, len: usize) {
+        // A read outside the volume is refused by the volume, not noted.
+        let size = self.volume.size();
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return;
+        }
         if let Some(r) = lock(&self.recording).as_mut() {
             r.note_read(offset, len as u64, self.started.elapsed());
         }
