@@ -747,7 +747,8 @@ pub async fn origin_profiles(
     }
     print!("{}", render_table(&rows));
     println!(
-        "plan: {} in {} ranges, first needed first{}",
+        "plan from {}: {} in {} ranges, first needed first{}",
+        l.plan_from,
         human(l.plan_bytes),
         l.plan.len(),
         if l.plan.len() > ranges {
@@ -761,6 +762,23 @@ pub async fn origin_profiles(
         rows.push([r.offset.to_string(), human(u64::from(r.len))]);
     }
     print!("{}", render_table(&rows));
+    println!(
+        "files in boot order: {}{}",
+        l.files.len(),
+        if l.files.len() > ranges {
+            format!(" (the first {ranges})")
+        } else {
+            String::new()
+        }
+    );
+    let mut rows = vec![["FILE".to_owned(), "SIZE".into(), "PLANNED".into()]];
+    for f in l.files.iter().take(ranges) {
+        rows.push([f.path.clone(), human(f.size), human(f.planned_bytes)]);
+    }
+    print!("{}", render_table(&rows));
+    for w in &l.file_warnings {
+        println!("warning: {w}");
+    }
     Ok(())
 }
 

@@ -73,7 +73,7 @@ pub use clone::{CloneError, CloneInfo, Persistence};
 pub use files::VolumeFiles;
 use keys::{edge_cache_key, SignatureKey};
 use link::BoundedSet;
-pub use profiles::{ProfileReport, StoredProfile};
+pub use profiles::{PlanSource, ProfileReport, StoredProfile};
 pub use serve::{serve, serve_connection, TlsAcceptor};
 pub use snapshot::{
     auto_snapshot_name, check_snapshot_name, SnapshotError, SnapshotInfo, SnapshotList,

@@ -84,6 +84,35 @@ pub struct ProfileReport {
     /// The plan at the largest budget: ranges in push order.
     pub plan: Vec<(u64, u32)>,
     pub plan_bytes: u64,
+    /// What the plan was made from.
+    pub plan_from: PlanSource,
+    /// The files the plan pushes, in the order it reaches them first:
+    /// (path, size, bytes of it planned).
+    pub files: Vec<(String, u64, u64)>,
+    /// What of the volume could not be mapped to files.
+    pub file_warnings: Vec<String>,
+}
+
+/// Where a volume's plan comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlanSource {
+    /// Its boot profiles (or its parent's).
+    Profiles,
+    /// No profile yet: the files a boot reads (`prefetch::layout`).
+    BootFiles,
+    /// Neither: no profile and no filesystem found.
+    #[default]
+    Nothing,
+}
+
+impl PlanSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanSource::Profiles => "profiles",
+            PlanSource::BootFiles => "boot files",
+            PlanSource::Nothing => "nothing",
+        }
+    }
 }
 
 impl Origin {
@@ -181,16 +210,21 @@ impl Origin {
             })
             .await;
         let chunk = self.config.session.chunk_size;
-        let merged = consensus(
-            chunk,
-            v.size(),
-            &profiles.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
-        );
-        let cfg = PlanConfig {
-            budget: MAX_PLAN_BYTES,
-            max_range: self.config.session.push_piece.max(chunk),
-        };
-        let plan = Plan::new(chunk, v.size(), &merged.chunks, cfg);
+        let decoded: Vec<Profile> = profiles.iter().map(|(_, p)| p.clone()).collect();
+        let (plan, plan_from) = self.make_plan(&v, &decoded, MAX_PLAN_BYTES).await;
+        let volume_files = self.files(&v).await;
+        let mut files: Vec<(String, u64, u64)> = Vec::new();
+        let mut at: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+        for &(offset, len) in &plan.ranges {
+            for (f, bytes) in volume_files.index.files_in(offset, offset + u64::from(len)) {
+                let i = *at.entry(f).or_insert_with(|| {
+                    let path = volume_files.index.path(f).unwrap_or_default().to_owned();
+                    files.push((path, volume_files.index.size(f).unwrap_or(0), 0));
+                    files.len() - 1
+                });
+                files[i].2 += bytes;
+            }
+        }
         Ok(ProfileReport {
             chunk_size: chunk,
             profiles: profiles
@@ -206,7 +240,38 @@ impl Origin {
             from_parent,
             plan: plan.ranges,
             plan_bytes: plan.bytes,
+            plan_from,
+            files,
+            file_warnings: volume_files.layout.warnings.clone(),
         })
+    }
+
+    /// The plan from `profiles` if any fits the volume, else from the
+    /// files a boot reads (see [`PlanSource`]).
+    async fn make_plan(&self, v: &Volume, profiles: &[Profile], budget: u64) -> (Plan, PlanSource) {
+        let chunk = self.config.session.chunk_size;
+        let merged = consensus(chunk, v.size(), profiles);
+        if merged.ignored > 0 {
+            tracing::warn!(volume = %v.name(), ignored = merged.ignored, "boot profiles recorded for another volume size are left out");
+        }
+        // No boot recorded yet: the files a boot reads, in the order it
+        // reads them (prefetch::layout::boot_order's score).
+        let (order, from) = if merged.used > 0 {
+            (merged.chunks, PlanSource::Profiles)
+        } else {
+            let boot = self.files(v).await.boot.chunks.clone();
+            let from = if boot.is_empty() {
+                PlanSource::Nothing
+            } else {
+                PlanSource::BootFiles
+            };
+            (boot, from)
+        };
+        let cfg = PlanConfig {
+            budget: budget.min(MAX_PLAN_BYTES),
+            max_range: self.config.session.push_piece.max(chunk),
+        };
+        (Plan::new(chunk, v.size(), &order, cfg), from)
     }
 
     /// The push plan for `v`, at most `budget` bytes: its profiles (and,
@@ -229,24 +294,8 @@ impl Origin {
                 }
             })
             .await;
-        let chunk = self.config.session.chunk_size;
-        let merged = consensus(chunk, v.size(), &profiles);
-        if merged.ignored > 0 {
-            tracing::warn!(volume = %v.name(), ignored = merged.ignored, "boot profiles recorded for another volume size are left out");
-        }
-        // No boot recorded yet: the files a boot reads, in the order it
-        // reads them (prefetch::layout::boot_order's score).
-        let (order, from) = if merged.used > 0 {
-            (merged.chunks, "profiles")
-        } else {
-            (self.files(v).await.boot.chunks.clone(), "boot files")
-        };
-        let cfg = PlanConfig {
-            budget: budget.min(MAX_PLAN_BYTES),
-            max_range: self.config.session.push_piece.max(chunk),
-        };
-        let plan = Plan::new(chunk, v.size(), &order, cfg);
-        tracing::info!(volume = %v.name(), from, profiles = merged.used, chunks = order.len(), bytes = plan.bytes, "prefetch plan");
+        let (plan, from) = self.make_plan(v, &profiles, budget).await;
+        tracing::info!(volume = %v.name(), from = from.as_str(), ranges = plan.ranges.len(), bytes = plan.bytes, "prefetch plan");
         Ok(plan.ranges)
     }
 }

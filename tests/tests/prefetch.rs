@@ -327,6 +327,40 @@ fn a_first_boot_is_planned_from_the_volumes_files_and_a_file_read_pushes_the_fil
         "boot files read on demand: {} of {boot_bytes}",
         after_boot - before
     );
+    // The origin shows the plan as files in boot order.
+    let origin_api = served.announced("api").to_owned();
+    let listing = json(&run(Command::new(ferry_bin()).args([
+        "origin",
+        "profiles",
+        "vol",
+        "--json",
+        "--api",
+        &origin_api,
+    ])));
+    assert_eq!(listing["plan_from"], "boot files", "{listing}");
+    let files: Vec<&str> = listing["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    let at = |p: &str| {
+        files
+            .iter()
+            .position(|f| *f == p)
+            .unwrap_or_else(|| panic!("{p} not in {files:?}"))
+    };
+    assert!(at("/syslinux.cfg") < at("/vmlinuz") && at("/vmlinuz") < at("/initrd.img"));
+    assert!(at("/initrd.img") < at("/usr/sbin/myinit"));
+    let vmlinuz = &listing["files"][at("/vmlinuz")];
+    assert_eq!(vmlinuz["size"].as_u64(), Some(1 << 20));
+    assert_eq!(vmlinuz["planned_bytes"].as_u64(), Some(1 << 20));
+    let text =
+        run(Command::new(ferry_bin()).args(["origin", "profiles", "vol", "--api", &origin_api]));
+    assert!(
+        text.contains("plan from boot files") && text.contains("/initrd.img"),
+        "{text}"
+    );
     // Not a boot file: the first read fetches on demand and pushes the
     // rest of the file (3 MiB, not a 1 MiB group); reading it whole then
     // costs (almost) no demand bytes.

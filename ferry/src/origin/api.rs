@@ -137,6 +137,24 @@ pub struct ProfileListing {
     /// largest budget; an edge's budget takes a prefix.
     pub plan: Vec<PlanRange>,
     pub plan_bytes: u64,
+    /// What the plan was made from: `profiles`, `boot files` (no profile
+    /// yet: the files a boot reads, found in the volume's filesystems),
+    /// or `nothing`.
+    pub plan_from: String,
+    /// The files the plan pushes, in the order it reaches them first.
+    pub files: Vec<PlanFile>,
+    /// Partitions or filesystems the origin could not map to files (no
+    /// file-aware pushes there), and why.
+    pub file_warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct PlanFile {
+    /// From its filesystem's root.
+    pub path: String,
+    pub size: u64,
+    /// Bytes of it in the plan.
+    pub planned_bytes: u64,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
@@ -842,6 +860,17 @@ impl OriginApi {
                         .map(|(offset, len)| PlanRange { offset, len })
                         .collect(),
                     plan_bytes: r.plan_bytes,
+                    plan_from: r.plan_from.as_str().to_owned(),
+                    files: r
+                        .files
+                        .into_iter()
+                        .map(|(path, size, planned_bytes)| PlanFile {
+                            path,
+                            size,
+                            planned_bytes,
+                        })
+                        .collect(),
+                    file_warnings: r.file_warnings,
                 })
             }
             Request::CreateSnapshot(name, c) => {

@@ -11,6 +11,7 @@ pub struct FileIndex {
     /// Each file's extents, chunk-aligned and joined, in file order.
     files: Vec<Vec<(u64, u64)>>,
     paths: Vec<String>,
+    sizes: Vec<u64>,
     chunk: u64,
 }
 
@@ -36,6 +37,7 @@ impl FileIndex {
             }
             index.files.push(aligned);
             index.paths.push(f.path.clone());
+            index.sizes.push(f.size);
         }
         index.spans.sort_unstable();
         index
@@ -58,6 +60,25 @@ impl FileIndex {
 
     pub fn path(&self, file: u32) -> Option<&str> {
         self.paths.get(file as usize).map(String::as_str)
+    }
+
+    pub fn size(&self, file: u32) -> Option<u64> {
+        self.sizes.get(file as usize).copied()
+    }
+
+    /// The files with data in `[start, end)`, each with the bytes of it
+    /// there, by position.
+    pub fn files_in(&self, start: u64, end: u64) -> Vec<(u32, u64)> {
+        let from = self
+            .spans
+            .partition_point(|s| s.0 < start)
+            .saturating_sub(1);
+        self.spans[from..]
+            .iter()
+            .take_while(|s| s.0 < end)
+            .filter(|s| s.1 > start)
+            .map(|s| (s.2, s.1.min(end) - s.0.max(start)))
+            .collect()
     }
 
     /// After a demand read at `offset` inside a file: the file and the
@@ -155,6 +176,12 @@ mod tests {
         );
         let (_, bounded) = idx.group(10 << 20, 1 << 20).unwrap();
         assert_eq!(bounded, [(10 << 20, 1 << 20)]);
+        assert_eq!(idx.files_in(0, 12 << 20), [(0, 1 << 20), (0, 2 << 20)]);
+        assert_eq!(
+            idx.files_in((12 << 20) + 1, 32 << 20),
+            [(0, (1 << 20) - 1), (1, 100)]
+        );
+        assert_eq!(idx.size(1), Some(100));
         let (_, small) = idx.group(20 << 20, 1 << 20).unwrap();
         assert_eq!(small, [(20 << 20, 65536)], "widened to the chunk");
     }
