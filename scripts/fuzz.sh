@@ -44,6 +44,13 @@ seed_filesystems() {
             sfdisk --no-reread --no-tell-kernel -q corpus/layout_partitions/mbr >/dev/null
         dd if=corpus/layout_ext4/extents of=corpus/layout_partitions/mbr bs=512 seek=1 conv=notrunc status=none
     fi
+    if [ -z "$(ls -A corpus/layout_elf 2>/dev/null)" ]; then
+        mkdir -p corpus/layout_elf
+        # A real dynamic executable and a library (the first 64 KiB:
+        # headers, dynamic section and string table are at the front).
+        head -c 65536 "$(command -v ls)" >corpus/layout_elf/ls
+        head -c 65536 "$(readlink -f /lib/x86_64-linux-gnu/libz.so.1 2>/dev/null || command -v ls)" >corpus/layout_elf/lib
+    fi
     rm -rf "$work"
 }
 seed_filesystems

@@ -38,6 +38,21 @@ fn main() {
         println!("warning: {w}");
     }
     println!("{} files in {scanned:?}", layout.files.len());
+    println!("{} programs with an application group", layout.needs.len());
+    for path in ["/usr/lib/systemd/systemd", "/usr/bin/apt", "/usr/bin/bash"] {
+        let Some(i) = (0..layout.filesystems.len())
+            .find_map(|fs| layout.resolve(fs, path))
+            .and_then(|f| layout.index_of(f))
+        else {
+            continue;
+        };
+        let group: Vec<&str> = layout
+            .group_of(i, 64)
+            .into_iter()
+            .map(|d| layout.files[d].path.as_str())
+            .collect();
+        println!("  {path}: {group:?}");
+    }
     let order = boot_order(&img, &layout, 64 << 10);
     println!(
         "first boot: {} chunks ({} MiB)",

@@ -19,12 +19,7 @@ fn read_through_extents(disk: &[u8], layout: &VolumeLayout, fs: usize, path: &st
     let f = layout
         .resolve(fs, path)
         .unwrap_or_else(|| panic!("{path} not found on filesystem {fs}"));
-    let mut out = Vec::new();
-    for &(s, l) in &f.extents {
-        out.extend_from_slice(&disk[s as usize..(s + l) as usize]);
-    }
-    out.truncate(f.size as usize);
-    out
+    f.read(&disk, 0, f.size).expect("readable")
 }
 
 /// debugfs's `stat` block list of `path`: data blocks by logical block,
@@ -265,4 +260,82 @@ fn a_damaged_filesystem_is_a_warning_and_the_others_are_still_mapped() {
         let layout = scan(&junk, Limits::default());
         let _ = boot_order(&junk, &layout, 64 << 10);
     }
+}
+
+/// Copies `path` from this machine into `root` at the same place: a
+/// symlink as the same symlink (then what it points to), a file as its
+/// bytes. Directories that are symlinks here (Debian's /lib, /lib64) must
+/// exist in `root` already.
+fn replicate(root: &Path, path: &Path) {
+    let dir = fs::canonicalize(path.parent().unwrap()).unwrap();
+    let at = root
+        .join(dir.strip_prefix("/").unwrap())
+        .join(path.file_name().unwrap());
+    fs::create_dir_all(at.parent().unwrap()).unwrap();
+    if fs::symlink_metadata(path).unwrap().file_type().is_symlink() {
+        let target = fs::read_link(path).unwrap();
+        if fs::symlink_metadata(&at).is_err() {
+            std::os::unix::fs::symlink(&target, &at).unwrap();
+        }
+        let next = if target.is_absolute() {
+            target
+        } else {
+            path.parent().unwrap().join(target)
+        };
+        replicate(root, &next);
+    } else {
+        fs::copy(path, &at).unwrap();
+    }
+}
+
+#[test]
+fn an_executables_application_group_is_what_ldd_loads() {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("usr/lib64")).unwrap();
+    std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+    std::os::unix::fs::symlink("usr/lib64", root.join("lib64")).unwrap();
+    let binary = fs::canonicalize(ferry_tests::tool("curl")).unwrap();
+    replicate(&root, &binary);
+    // ldd: "name => /path (addr)" per library, "/path (addr)" for the loader.
+    let out = run(cmd("ldd").arg(&binary));
+    let mut want: Vec<String> = out
+        .lines()
+        .filter_map(|l| {
+            let path = l.split("=>").last()?.split_whitespace().next()?;
+            path.starts_with('/').then(|| path.to_owned())
+        })
+        .map(|p| {
+            replicate(&root, Path::new(&p));
+            fs::canonicalize(&p).unwrap().display().to_string()
+        })
+        .collect();
+    want.sort();
+    want.dedup();
+    assert!(want.len() >= 5, "ldd found {want:?}");
+    let img = dir.path().join("root.img");
+    run(cmd("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg("96M"));
+    let bytes = fs::read(&img).unwrap();
+    let layout = scan(&bytes, Limits::default());
+    assert!(layout.warnings.is_empty(), "{:?}", layout.warnings);
+    let exe = layout.resolve(0, &binary.display().to_string()).unwrap();
+    // Read back through its extents, holes included (mkfs.ext4 -d keeps
+    // a binary's runs of zero blocks as holes).
+    assert!(exe.read(&bytes, 0, exe.size).unwrap() == fs::read(&binary).unwrap());
+    let i = layout.index_of(exe).unwrap();
+    let mut got: Vec<String> = layout
+        .group_of(i, 256)
+        .into_iter()
+        .map(|d| layout.files[d].path.clone())
+        .collect();
+    got.sort();
+    assert_eq!(got, want, "{} loads what ldd says", binary.display());
+    // And the index the origin's sessions use has the same group.
+    let index = FileIndex::new(&layout, 64 << 10);
+    let file = index.file_at(exe.extents[0].0).unwrap();
+    assert_eq!(index.group_files(file).len(), want.len());
 }

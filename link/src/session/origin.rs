@@ -52,6 +52,9 @@ use crate::proto::{
 
 /// Marks a file's key in the pushed groups (group indexes stay far below).
 const FILE_GROUP: u64 = 1 << 63;
+/// An application group's files are pushed up to this many times
+/// `file_group_max` bytes in all.
+const APP_GROUP_FILES: u64 = 4;
 
 /// Settings of the origin's sessions.
 #[derive(Clone, Debug)]
@@ -73,7 +76,9 @@ pub struct OriginSessionConfig {
     /// file the origin knows (see [`OriginSession::set_files`]).
     pub group_size: u32,
     /// After a demand read inside a known file, the rest of that file is
-    /// pushed, at most this many bytes (0: file-aware groups off).
+    /// pushed, at most this many bytes, and then the files it loads (its
+    /// application group: each at most this, all at most four times
+    /// this); 0: file-aware groups off.
     pub file_group_max: u64,
     /// The chunk size edges cache in; reported at attach.
     pub chunk_size: u32,
@@ -971,11 +976,23 @@ impl OriginSession {
         }
         let file_max = self.cfg.file_group_max;
         if let Some(files) = self.files.as_ref().filter(|_| file_max > 0) {
-            if let Some((file, ranges)) = files.group(offset, file_max) {
+            if let Some((file, mut ranges)) = files.group(offset, file_max) {
                 if !self.pushed.insert(FILE_GROUP | u64::from(file)) {
                     return Vec::new();
                 }
                 self.stats.file_groups += 1;
+                // Then what it loads (the application group), each file
+                // once per connection, all of them within a few files'
+                // worth.
+                let mut left = APP_GROUP_FILES * file_max;
+                for &dep in files.group_files(file) {
+                    if left == 0 || !self.pushed.insert(FILE_GROUP | u64::from(dep)) {
+                        continue;
+                    }
+                    let whole = files.whole(dep, file_max.min(left));
+                    left -= whole.iter().map(|r| r.1).sum::<u64>();
+                    ranges.extend(whole);
+                }
                 return ranges
                     .into_iter()
                     .map(|(s, l)| (s.min(self.size), (s + l).min(self.size)))

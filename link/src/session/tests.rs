@@ -756,21 +756,31 @@ fn a_profile_is_stored_and_a_plan_streams_behind_demand_reads() {
 }
 
 #[test]
-fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_once() {
+fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_and_what_it_loads_once() {
     use prefetch::layout::{File, FileIndex, FileKind, VolumeLayout};
     let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
     w.run(Duration::from_secs(2), |w| w.edge.is_up());
     // A 1.5 MiB file in two extents, the second before the first.
+    // And a library it loads, pushed with it (its application group).
+    let file = |path: &str, extents: Vec<(u64, u64)>| File {
+        fs: 0,
+        path: path.into(),
+        kind: FileKind::Regular,
+        size: extents.iter().map(|e| e.1).sum(),
+        extents,
+        offsets: vec![],
+        meta: None,
+        target: None,
+    };
     let layout = VolumeLayout {
-        files: vec![File {
-            fs: 0,
-            path: "/boot/vmlinuz".into(),
-            kind: FileKind::Regular,
-            size: 3 << 19,
-            extents: vec![(4 << 20, 1 << 20), (1 << 20, 512 << 10)],
-            meta: None,
-            target: None,
-        }],
+        files: vec![
+            file(
+                "/usr/bin/app",
+                vec![(4 << 20, 1 << 20), (1 << 20, 512 << 10)],
+            ),
+            file("/usr/lib/libapp.so", vec![(7 << 20, 256 << 10)]),
+        ],
+        needs: [(0, vec![1])].into_iter().collect(),
         ..VolumeLayout::default()
     };
     let index = std::sync::Arc::new(FileIndex::new(&layout, 64 << 10));
@@ -802,12 +812,14 @@ fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_once() {
             _ => bytes.push((offset, len as u64)),
         }
     }
-    // The rest of the file, not the rest of the 1 MiB group.
+    // The rest of the file, not the rest of the 1 MiB group, and the
+    // library.
     assert_eq!(
         bytes,
         [
             (1 << 20, 512 << 10),
-            ((4 << 20) + (32 << 10), (1 << 20) - (32 << 10))
+            ((4 << 20) + (32 << 10), (1 << 20) - (32 << 10)),
+            (7 << 20, 256 << 10)
         ]
     );
     let before = pushes(&w).len();
@@ -821,7 +833,7 @@ fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_once() {
     assert!(w.read_done(r).is_some());
     let group: usize = pushes(&w)
         .iter()
-        .filter(|p| p.0 >= 6 << 20)
+        .filter(|p| (6 << 20..7 << 20).contains(&p.0))
         .map(|p| p.1)
         .sum();
     assert_eq!(group, (1 << 20) - 4096);

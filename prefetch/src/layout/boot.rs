@@ -11,7 +11,7 @@
 //! 4. the kernel and initramfs the boot loader's configuration names
 //!    (or, when it names none, the newest `vmlinuz*` and `initrd.img*`);
 //! 5. init (the configuration's `init=`, else `/sbin/init`; a script's
-//!    `#!` interpreter with it), the dynamic
+//!    `#!` interpreter with it) and the libraries it loads, the dynamic
 //!    loader, libc, and the `/etc` files every boot opens.
 //!
 //! A file comes with what opening it reads first: its directories and its
@@ -25,6 +25,8 @@ use super::{read_vec, File, FileKind, Image, PartitionKind, VolumeLayout};
 /// Bytes of a boot loader's configuration read, at most.
 const MAX_CONFIG_BYTES: u64 = 256 << 10;
 const HEAD_BYTES: u64 = 1 << 20;
+/// Files of init's application group planned, at most.
+const MAX_GROUP_FILES: usize = 64;
 
 /// Files a boot of a Debian-like system opens after init starts.
 const ROOT_FILES: &[&str] = &[
@@ -140,11 +142,17 @@ pub fn boot_order(img: &dyn Image, layout: &VolumeLayout, chunk_size: u32) -> Bo
     if let Some(root) = root {
         let init = init.unwrap_or_else(|| "/sbin/init".into());
         if let Some(f) = layout.resolve(root, &init) {
-            b.file(f);
             // A script's interpreter runs before the script is read.
-            if let Some(interp) = read_file(img, f, 256).and_then(|head| shebang(&head)) {
-                if let Some(i) = layout.resolve(root, &interp) {
-                    b.file(i);
+            let interp = read_file(img, f, 256)
+                .and_then(|head| shebang(&head))
+                .and_then(|i| layout.resolve(root, &i));
+            for program in std::iter::once(f).chain(interp) {
+                b.file(program);
+                // What it loads (its loader, its libraries, theirs).
+                if let Some(i) = layout.index_of(program) {
+                    for d in layout.group_of(i, MAX_GROUP_FILES) {
+                        b.file(&layout.files[d]);
+                    }
                 }
             }
         }
@@ -311,16 +319,7 @@ fn shebang(head: &[u8]) -> Option<String> {
 
 /// A file's first `max` bytes (at most its size).
 pub(super) fn read_file(img: &dyn Image, f: &File, max: u64) -> Option<Vec<u8>> {
-    let want = f.size.min(max);
-    let mut out = Vec::new();
-    for &(s, l) in &f.extents {
-        let left = want - out.len() as u64;
-        if left == 0 {
-            break;
-        }
-        out.extend(read_vec(img, s, usize::try_from(l.min(left)).ok()?).ok()?);
-    }
-    Some(out)
+    f.read(img, 0, f.size.min(max))
 }
 
 #[cfg(test)]

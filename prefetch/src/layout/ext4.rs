@@ -372,17 +372,26 @@ impl Fs<'_> {
         Ok(())
     }
 
-    /// Byte ranges on the volume, adjacent ones joined.
-    fn byte_extents(&self, map: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+    /// Byte ranges on the volume and where each starts in the file;
+    /// ranges adjacent both on the volume and in the file joined.
+    fn byte_extents(&self, map: &[(u64, u64, u64)]) -> (Vec<(u64, u64)>, Vec<u64>) {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for &(_, phys, n) in map {
-            let (at, len) = (self.start + phys * self.block, n * self.block);
-            match out.last_mut() {
-                Some(l) if l.0 + l.1 == at => l.1 += len,
-                _ => out.push((at, len)),
+        let mut offsets: Vec<u64> = Vec::new();
+        for &(logical, phys, n) in map {
+            let (at, len, off) = (
+                self.start + phys * self.block,
+                n * self.block,
+                logical * self.block,
+            );
+            match (out.last_mut(), offsets.last()) {
+                (Some(l), Some(&o)) if l.0 + l.1 == at && o + l.1 == off => l.1 += len,
+                _ => {
+                    out.push((at, len));
+                    offsets.push(off);
+                }
             }
         }
-        out
+        (out, offsets)
     }
 
     fn walk(&self, fs_index: usize) -> Result<Vec<File>, LayoutError> {
@@ -412,12 +421,14 @@ impl Fs<'_> {
                         self.limits.max_files
                     )));
                 }
+                let (extents, offsets) = self.byte_extents(&map);
                 files.push(File {
                     fs: fs_index,
                     path: full.clone(),
                     kind,
                     size: ino.size,
-                    extents: self.byte_extents(&map),
+                    extents,
+                    offsets,
                     meta: Some(ino.at),
                     target,
                 });
@@ -432,12 +443,14 @@ impl Fs<'_> {
                 }
             }
         }
+        let (extents, offsets) = self.byte_extents(&self.map(&root)?);
         files.push(File {
             fs: fs_index,
             path: "/".into(),
             kind: FileKind::Directory,
             size: root.size,
-            extents: self.byte_extents(&self.map(&root)?),
+            extents,
+            offsets,
             meta: Some(root.at),
             target: None,
         });

@@ -182,6 +182,7 @@ impl Fs<'_> {
             kind: FileKind::Directory,
             size: root_extents.iter().map(|e| e.1).sum(),
             extents: root_extents.clone(),
+            offsets: Vec::new(),
             meta: None,
             target: None,
         });
@@ -217,6 +218,7 @@ impl Fs<'_> {
                     kind,
                     size,
                     extents: extents.clone(),
+                    offsets: Vec::new(),
                     meta: Some(e.at),
                     target: None,
                 });

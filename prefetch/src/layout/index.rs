@@ -12,8 +12,14 @@ pub struct FileIndex {
     files: Vec<Vec<(u64, u64)>>,
     paths: Vec<String>,
     sizes: Vec<u64>,
+    /// Each file's application group: the files it loads, directly or
+    /// not, breadth first.
+    groups: Vec<Vec<u32>>,
     chunk: u64,
 }
+
+/// Files of one application group, at most.
+const MAX_GROUP_FILES: usize = 64;
 
 impl FileIndex {
     /// Regular files with data, their extents widened to `chunk_size`
@@ -24,10 +30,12 @@ impl FileIndex {
             chunk,
             ..FileIndex::default()
         };
-        for f in &layout.files {
+        let mut ids = std::collections::HashMap::new();
+        for (i, f) in layout.files.iter().enumerate() {
             if f.kind != FileKind::Regular || f.extents.is_empty() {
                 continue;
             }
+            ids.insert(i, index.files.len() as u32);
             let Ok(id) = u32::try_from(index.files.len()) else {
                 break;
             };
@@ -40,7 +48,37 @@ impl FileIndex {
             index.sizes.push(f.size);
         }
         index.spans.sort_unstable();
+        index.groups = vec![Vec::new(); index.files.len()];
+        for &i in layout.needs.keys() {
+            let Some(&id) = ids.get(&i) else { continue };
+            index.groups[id as usize] = layout
+                .group_of(i, MAX_GROUP_FILES)
+                .into_iter()
+                .filter_map(|d| ids.get(&d).copied())
+                .collect();
+        }
         index
+    }
+
+    /// The files `file` loads (its application group), breadth first.
+    pub fn group_files(&self, file: u32) -> &[u32] {
+        self.groups.get(file as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// All of `file`, at most `max_bytes`, as chunk-aligned ranges in
+    /// file order.
+    pub fn whole(&self, file: u32, max_bytes: u64) -> Vec<(u64, u64)> {
+        let mut left = max_bytes;
+        let mut out = Vec::new();
+        for &(s, l) in self.files.get(file as usize).into_iter().flatten() {
+            let n = l.min(left);
+            if n == 0 {
+                break;
+            }
+            out.push((s, n));
+            left -= n;
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
@@ -142,6 +180,7 @@ mod tests {
                     kind: FileKind::Regular,
                     size: extents.iter().map(|e| e.1).sum(),
                     extents: extents.to_vec(),
+                    offsets: vec![],
                     meta: None,
                     target: None,
                 })

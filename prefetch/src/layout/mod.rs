@@ -18,12 +18,14 @@
 #![allow(clippy::cast_possible_truncation)]
 
 mod boot;
+mod elf;
 mod ext4;
 mod fat;
 mod index;
 mod partition;
 
 pub use boot::{boot_order, BootOrder};
+pub use elf::{read_needs, Needs};
 pub use index::FileIndex;
 pub use partition::{partitions, Partition, PartitionKind};
 
@@ -156,6 +158,10 @@ pub struct File {
     /// length). Holes and data kept inside metadata (inline data, fast
     /// symlinks) have none.
     pub extents: Vec<(u64, u64)>,
+    /// Each extent's offset in the file, where the file has holes (the
+    /// bytes between two extents read as zeroes); empty when the extents
+    /// follow one another with none.
+    pub offsets: Vec<u64>,
     /// Metadata read to open it: its inode (ext4) or directory entry
     /// (FAT), as a byte offset on the volume.
     pub meta: Option<u64>,
@@ -184,11 +190,38 @@ pub struct VolumeLayout {
     /// What could not be mapped, and why: each one a filesystem (or the
     /// partition table) left without file awareness.
     pub warnings: Vec<String>,
+    /// Application groups: an executable or library (index into
+    /// `files`) -> the files it loads directly (its ELF interpreter and
+    /// `DT_NEEDED` libraries, resolved as the loader would).
+    pub needs: std::collections::BTreeMap<usize, Vec<usize>>,
 }
 
 impl VolumeLayout {
     /// The file at `path` on filesystem `fs`, symlinks followed (at most
     /// 16), relative targets resolved against the link's directory.
+    /// The files `file` loads, directly or through the files it loads
+    /// (breadth first, each once, at most `max`), itself not included.
+    pub fn group_of(&self, file: usize, max: usize) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        let mut next = 0;
+        let mut todo = vec![file];
+        while let Some(f) = todo.get(next).copied() {
+            next += 1;
+            for &d in self.needs.get(&f).into_iter().flatten() {
+                if d != file && !out.contains(&d) && out.len() < max {
+                    out.push(d);
+                    todo.push(d);
+                }
+            }
+        }
+        out
+    }
+
+    /// The index in `files` of a file this layout returned.
+    pub fn index_of(&self, file: &File) -> Option<usize> {
+        self.files.iter().position(|f| std::ptr::eq(f, file))
+    }
+
     pub fn resolve(&self, fs: usize, path: &str) -> Option<&File> {
         let mut path = path.to_owned();
         for _ in 0..16 {
@@ -302,7 +335,44 @@ pub fn scan(img: &dyn Image, limits: Limits) -> VolumeLayout {
             )),
         }
     }
+    layout.needs = elf::dependencies(img, &layout);
     layout
+}
+
+impl File {
+    /// Where each extent starts in the file.
+    pub fn extent_offsets(&self) -> Vec<u64> {
+        if self.offsets.len() == self.extents.len() {
+            return self.offsets.clone();
+        }
+        let mut at = 0;
+        self.extents
+            .iter()
+            .map(|e| {
+                let o = at;
+                at += e.1;
+                o
+            })
+            .collect()
+    }
+
+    /// `len` bytes at `offset` in the file, holes as zeroes; `None` past
+    /// its end or when a read fails.
+    pub fn read(&self, img: &dyn Image, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len)?;
+        if end > self.size {
+            return None;
+        }
+        let mut out = vec![0u8; usize::try_from(len).ok()?];
+        for (&(disk, n), at) in self.extents.iter().zip(self.extent_offsets()) {
+            let (from, to) = (offset.max(at), end.min(at + n));
+            if from < to {
+                let dst = &mut out[(from - offset) as usize..(to - offset) as usize];
+                img.read_at(disk + (from - at), dst).ok()?;
+            }
+        }
+        Some(out)
+    }
 }
 
 /// An ext4 occupying the whole image (a partition read on its own;
@@ -335,6 +405,7 @@ mod tests {
             kind,
             size: 1,
             extents: vec![],
+            offsets: vec![],
             meta: None,
             target: target.map(Into::into),
         };
