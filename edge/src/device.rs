@@ -186,6 +186,8 @@ struct Shared {
     started: std::time::Instant,
     /// The boot profile, while its window is open.
     recording: std::sync::Mutex<Option<Recorder>>,
+    /// `ferry edge profile stop`: the boot window closes now.
+    profile_stop: std::sync::atomic::AtomicBool,
     prefetch: std::sync::Mutex<PrefetchStatus>,
     /// Bytes of prefetch pushes (any but group pushes) taken in.
     prefetch_pushed: AtomicU64,
@@ -294,6 +296,7 @@ impl EdgeDevice {
             transition_waiters: std::sync::Mutex::new(Vec::new()),
             started: std::time::Instant::now(),
             recording: std::sync::Mutex::new(recorder),
+            profile_stop: std::sync::atomic::AtomicBool::new(false),
             prefetch: std::sync::Mutex::new(prefetch),
             prefetch_pushed: AtomicU64::new(0),
             unread: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -578,6 +581,23 @@ impl EdgeDevice {
     }
 
     /// Link, cache and journal state.
+    /// Ends the boot profile's window now (the boot is over: `ferry edge
+    /// profile stop`); the profile goes to the origin. Returns the chunks
+    /// it holds, or an error saying why there is no recording to stop.
+    pub fn stop_profile(&self) -> Result<u64, String> {
+        // The guard is dropped before prefetch_status locks it again.
+        let recording = lock(&self.shared.recording).as_ref().map(Recorder::len);
+        let Some(chunks) = recording else {
+            let state = self.shared.prefetch_status().profile;
+            return Err(format!(
+                "no boot profile is being recorded (profile: {state})"
+            ));
+        };
+        let chunks = chunks as u64;
+        self.shared.profile_stop.store(true, Ordering::Release);
+        Ok(chunks)
+    }
+
     pub fn status(&self) -> EdgeStatus {
         let v = &self.shared.volume;
         let c = v.counters();
@@ -1299,7 +1319,12 @@ async fn profile_loop(shared: Arc<Shared>) {
         let mut g = lock(&shared.recording);
         match g.as_ref() {
             None => return,
-            Some(r) if r.is_done(shared.started.elapsed()) => break g.take(),
+            Some(r)
+                if r.is_done(shared.started.elapsed())
+                    || shared.profile_stop.load(Ordering::Acquire) =>
+            {
+                break g.take()
+            }
             Some(_) => {}
         }
     };

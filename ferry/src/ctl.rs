@@ -125,6 +125,20 @@ pub async fn status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ferry edge profile stop VOLUME`.
+pub async fn stop_profile(api: &ApiClient, volume: &str, json: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/volumes/{volume}/profile/stop");
+    let s: crate::edge::api::ProfileStopped = api.call("POST", &path, None).await?.json()?;
+    if json {
+        return print_json(&s);
+    }
+    println!(
+        "{}: boot window closed with {} chunks; the profile goes to the origin",
+        s.volume, s.chunks
+    );
+    Ok(())
+}
+
 /// `ferry flush [VOLUME]`.
 pub async fn flush(
     api: &ApiClient,

@@ -250,6 +250,23 @@ enum EdgeAction {
     Flush(CtlArgs),
     /// Print each volume's link, cache and journal state as key: value lines.
     Status(CtlArgs),
+    /// The boot profile being recorded.
+    #[command(subcommand)]
+    Profile(ProfileAction),
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfileAction {
+    /// End VOLUME's boot window now (the boot is over): the profile goes
+    /// to the origin, which plans the next boots from it.
+    Stop(ProfileStopArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProfileStopArgs {
+    volume: String,
+    #[command(flatten)]
+    ctl: CtlArgs,
 }
 
 /// How a CLI command reaches a running edge.
@@ -851,6 +868,9 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
     match cmd.action {
         Some(EdgeAction::Flush(c)) => {
             ferry::ctl::flush(&ferry::ctl::client(c.api)?, None, None, c.json).await
+        }
+        Some(EdgeAction::Profile(ProfileAction::Stop(a))) => {
+            ferry::ctl::stop_profile(&ferry::ctl::client(a.ctl.api)?, &a.volume, a.ctl.json).await
         }
         Some(EdgeAction::Status(c)) => {
             print!(

@@ -48,6 +48,13 @@ fn origin(dir: &std::path::Path, image: &std::path::Path) -> Ferry {
 }
 
 fn edge(dir: &std::path::Path, origin: &str, cache: &str) -> Ferry {
+    edge_quiet(dir, origin, cache, 2)
+}
+
+/// An edge whose boot window closes after `quiet` seconds without a new
+/// chunk read.
+fn edge_quiet(dir: &std::path::Path, origin: &str, cache: &str, quiet: u32) -> Ferry {
+    let quiet = quiet.to_string();
     Ferry::spawn(
         [
             "edge".as_ref(),
@@ -59,9 +66,8 @@ fn edge(dir: &std::path::Path, origin: &str, cache: &str) -> Ferry {
             dir.join(cache).as_os_str(),
             "--cache-size".as_ref(),
             "256M".as_ref(),
-            // The boot is over once no new chunk was read for 2 s.
             "--profile-quiet".as_ref(),
-            "2".as_ref(),
+            quiet.as_ref(),
             "--nbd".as_ref(),
             "127.0.0.1:0".as_ref(),
             "--no-tls".as_ref(),
@@ -451,6 +457,48 @@ fn nbd_cache_reaches_the_origin_as_pushes() {
     );
     // Out of range: an error, not a hang.
     assert_ne!(client.cache(SIZE - 4096, 8192).unwrap().error, 0);
+    drop(client);
+    e.stop_ok();
+}
+
+/// `ferry edge profile stop VOLUME` ends the boot window at once (the
+/// boot is over, no need to wait for the reads to go quiet): the profile
+/// goes to the origin; a second stop says there is nothing to stop.
+#[test]
+fn profile_stop_ends_the_boot_window_now() {
+    let dir = tempdir();
+    let image = sparse_image(dir.path(), "disk.img", SIZE);
+    let served = origin(dir.path(), &image);
+    let wan = Wan::start(served.announced("origin"));
+    let e = edge_quiet(dir.path(), &wan.addr(), "cache", 600);
+    let mut client = ferry_tests::nbd::Client::handshake(e.connect(), "vol").unwrap();
+    for i in 0..5 {
+        assert_eq!(client.read(i * 3 * MIB, 4096).unwrap().error, 0);
+    }
+    assert_eq!(volume(&e)["prefetch"]["profile"], "recording");
+    let socket = e.announced("api").to_owned();
+    let stop = || {
+        let mut c = Command::new(ferry_bin());
+        c.args(["edge", "profile", "stop", "vol", "--api", &socket]);
+        c
+    };
+    let out = run(&mut stop());
+    assert!(out.contains("5 chunks"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(10), || volume(&e)["prefetch"]
+            ["profile"]
+            == "stored"),
+        "{}",
+        volume(&e)["prefetch"]
+    );
+    assert_eq!(volume(&e)["prefetch"]["profile_chunks"].as_u64(), Some(5));
+    let (_, text) = ferry_tests::run_fail(&mut stop());
+    assert!(
+        text.contains("no boot profile is being recorded (profile: stored)"),
+        "{text}"
+    );
+    let profiles = dir.path().join("origin-state/volumes/vol/profiles");
+    assert_eq!(std::fs::read_dir(&profiles).unwrap().count(), 1);
     drop(client);
     e.stop_ok();
 }

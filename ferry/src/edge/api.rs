@@ -33,6 +33,7 @@ pub enum Request {
     FlushAll {
         timeout: Duration,
     },
+    StopProfile(String),
     CacheStatus,
     ResizeCache(CacheResize),
     StartMigration(String, MigrationStart),
@@ -375,7 +376,15 @@ pub struct Removed {
     pub flushed: bool,
 }
 
-/// `POST .../flush`.
+/// `POST /v1/volumes/{name}/profile/stop`.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
+pub struct ProfileStopped {
+    pub volume: String,
+    /// Chunks the boot profile holds; it goes to the origin now.
+    pub chunks: u64,
+}
+
+/// `POST /v1/volumes/{name}/flush`, `POST /v1/flush`.
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 pub struct Flushed {
     /// The volumes whose every journaled write the origin has applied.
@@ -467,6 +476,16 @@ pub const ROUTES: &[Route] = &[
         reply: (200, Some(schema_of::<Flushed>)),
         errors: &[404, 409, 504],
         query: TIMEOUT_QUERY,
+        example: None,
+    },
+    Route {
+        method: "POST",
+        path: "/v1/volumes/{name}/profile/stop",
+        summary: "End a volume's boot profile window now (the boot is over) and send the profile to the origin",
+        request: None,
+        reply: (200, Some(schema_of::<ProfileStopped>)),
+        errors: &[404, 409],
+        query: &[],
         example: None,
     },
     Route {
@@ -614,6 +633,7 @@ pub fn parse(req: &HttpRequest) -> Result<Request, ApiError> {
             name: name(),
             timeout: timeout(req)?,
         },
+        ("POST", "/v1/volumes/{name}/profile/stop") => Request::StopProfile(name()),
         ("POST", "/v1/flush") => Request::FlushAll {
             timeout: timeout(req)?,
         },
@@ -671,6 +691,13 @@ impl EdgeApi {
                 Reply::ok(&Removed {
                     name,
                     flushed: true,
+                })
+            }
+            Request::StopProfile(name) => {
+                let chunks = d.stop_profile(&name)?;
+                Reply::ok(&ProfileStopped {
+                    volume: name,
+                    chunks,
                 })
             }
             Request::FlushVolume { name, timeout } => {

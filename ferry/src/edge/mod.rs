@@ -760,6 +760,27 @@ impl EdgeDaemon {
         }
     }
 
+    /// Ends a volume's boot profile window now (`ferry edge profile
+    /// stop`): returns the chunks the profile holds.
+    pub fn stop_profile(&self, name: &str) -> Result<u64, ApiError> {
+        let served = match self.volume(name)? {
+            Slot::Up(s) | Slot::Removing { served: s, .. } => s,
+            Slot::Attaching { .. } => {
+                return Err(ApiError::conflict(format!(
+                    "volume {name} is not attached yet: no boot is being recorded"
+                )))
+            }
+        };
+        let device = served.device.as_ref().ok_or_else(|| {
+            ApiError::conflict(format!(
+                "volume {name} is served from its local copy: no boot is being recorded"
+            ))
+        })?;
+        device
+            .stop_profile()
+            .map_err(|e| ApiError::conflict(format!("volume {name}: {e}")))
+    }
+
     /// Resizes the shared cache (and records the size in the file).
     pub async fn resize_cache(&self, bytes: u64) -> Result<(), ApiError> {
         let _changing = self.changes.lock().await;
