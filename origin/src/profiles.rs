@@ -9,6 +9,7 @@
 //! of its own boots like its parent: the parent's profiles count too.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use link::proto::ErrorCode;
 use link::session::Refusal;
@@ -98,6 +99,10 @@ pub struct ProfileReport {
 pub enum PlanSource {
     /// Its boot profiles (or its parent's).
     Profiles,
+    /// No profile of its own: what the boots of other volumes of its
+    /// size read where it holds the same bytes (hotspots), then the files
+    /// a boot reads.
+    Hotspots,
     /// No profile yet: the files a boot reads (`prefetch::layout`).
     BootFiles,
     /// Neither: no profile and no filesystem found.
@@ -109,6 +114,7 @@ impl PlanSource {
     pub fn as_str(self) -> &'static str {
         match self {
             PlanSource::Profiles => "profiles",
+            PlanSource::Hotspots => "hotspots",
             PlanSource::BootFiles => "boot files",
             PlanSource::Nothing => "nothing",
         }
@@ -254,24 +260,105 @@ impl Origin {
         if merged.ignored > 0 {
             tracing::warn!(volume = %v.name(), ignored = merged.ignored, "boot profiles recorded for another volume size are left out");
         }
-        // No boot recorded yet: the files a boot reads, in the order it
-        // reads them (prefetch::layout::boot_order's score).
+        // No boot recorded yet: what other volumes' boots read (where
+        // this one holds the same bytes), then the files a boot reads in
+        // the order it reads them (prefetch::layout::boot_order's score).
         let (order, from) = if merged.used > 0 {
             (merged.chunks, PlanSource::Profiles)
         } else {
-            let boot = self.files(v).await.boot.chunks.clone();
-            let from = if boot.is_empty() {
+            let mut order = self.hotspots(v, budget.min(MAX_PLAN_BYTES)).await;
+            let from = if order.is_empty() {
+                PlanSource::BootFiles
+            } else {
+                PlanSource::Hotspots
+            };
+            let files = self.files(v).await;
+            let mut seen: std::collections::HashSet<u64> = order.iter().copied().collect();
+            order.extend(files.boot.chunks.iter().filter(|c| seen.insert(**c)));
+            let from = if order.is_empty() {
                 PlanSource::Nothing
             } else {
-                PlanSource::BootFiles
+                from
             };
-            (boot, from)
+            (order, from)
         };
         let cfg = PlanConfig {
             budget: budget.min(MAX_PLAN_BYTES),
             max_range: self.config.session.push_piece.max(chunk),
         };
         (Plan::new(chunk, v.size(), &order, cfg), from)
+    }
+
+    /// Hotspots (the design's FIG. 22) for a volume with no profile of its
+    /// own: the chunks the boots of the other volumes of its size read
+    /// (the newest profile of each, one vote per volume: a chunk at least
+    /// half of them read, in the order of the median of its first-read
+    /// times), kept only where this volume holds the same bytes as a
+    /// volume that read it (one family: copies or clones of one
+    /// template), until `budget` bytes.
+    async fn hotspots(&self, v: &Volume, budget: u64) -> Vec<u64> {
+        let chunk = self.config.session.chunk_size;
+        let others: Vec<Arc<Volume>> = self
+            .volumes()
+            .into_iter()
+            .filter(|o| o.name() != v.name() && o.size() == v.size())
+            .collect();
+        if others.is_empty() {
+            return Vec::new();
+        }
+        let storage = self.storage.clone();
+        let dirs: Vec<(String, PathBuf)> = others
+            .iter()
+            .map(|o| (o.name().to_owned(), dir_of(o.state_dir())))
+            .collect();
+        let newest: Vec<(usize, Profile)> = self
+            .config
+            .file_io
+            .run(move || {
+                dirs.iter()
+                    .enumerate()
+                    .filter_map(|(i, (name, dir))| {
+                        Some((i, load(storage.as_ref(), name, dir).pop()?))
+                    })
+                    .collect()
+            })
+            .await;
+        if newest.is_empty() {
+            return Vec::new();
+        }
+        // Which volume read each chunk first, to compare its bytes with.
+        let mut reader: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        for (i, p) in &newest {
+            for t in &p.touches {
+                reader.entry(t.chunk).or_insert(*i);
+            }
+        }
+        let profiles: Vec<Profile> = newest.into_iter().map(|(_, p)| p).collect();
+        let merged = consensus(chunk, v.size(), &profiles);
+        let chunk_bytes = u64::from(chunk);
+        let mut out = Vec::new();
+        for chunk_index in merged.chunks {
+            if (out.len() as u64) * chunk_bytes >= budget {
+                break;
+            }
+            let Some(&i) = reader.get(&chunk_index) else {
+                continue;
+            };
+            let offset = chunk_index * chunk_bytes;
+            let len =
+                usize::try_from(chunk_bytes.min(v.size() - offset)).expect("a chunk fits usize");
+            let (mine, theirs) = tokio::join!(
+                v.device().read(offset, len),
+                others[i].device().read(offset, len)
+            );
+            if matches!((mine, theirs), (Ok(a), Ok(b)) if a == b) {
+                out.push(chunk_index);
+            }
+        }
+        if !out.is_empty() {
+            tracing::info!(volume = %v.name(), volumes = profiles.len(), chunks = out.len(), "hotspots from other volumes' boots");
+        }
+        out
     }
 
     /// The push plan for `v`, at most `budget` bytes: its profiles (and,
@@ -323,6 +410,54 @@ mod tests {
                 .collect(),
         };
         p.encode().into()
+    }
+
+    #[tokio::test]
+    async fn a_volume_without_profiles_is_planned_from_the_others_boots_where_its_bytes_match() {
+        let storage = MemStorage::default();
+        let origin = crate::tests::open(&storage, &["a", "b", "c"]).await;
+        let (a, b, c) = (
+            origin.volume("a").unwrap(),
+            origin.volume("b").unwrap(),
+            origin.volume("c").unwrap(),
+        );
+        let chunk = u64::from(origin.config.session.chunk_size);
+        // c's chunk 7 is not what a and b hold there.
+        c.device()
+            .write(
+                7 * chunk,
+                bytes::Bytes::from(vec![9u8; 4096]),
+                blockcore::WriteFlags::default(),
+            )
+            .await
+            .unwrap();
+        origin
+            .store_profile(&a, profile(a.size(), &[3, 5, 7]))
+            .await
+            .unwrap();
+        origin
+            .store_profile(&b, profile(b.size(), &[3, 5, 7, 9]))
+            .await
+            .unwrap();
+        let plan = origin.plan(&c, 1 << 30).await.unwrap();
+        let chunks: Vec<u64> = plan.iter().map(|r| r.0 / chunk).collect();
+        assert_eq!(
+            chunks,
+            [3, 5, 9],
+            "in boot order, without the chunk c holds other bytes in"
+        );
+        let report = origin.profiles("c").await.unwrap();
+        assert_eq!(report.plan_from, PlanSource::Hotspots);
+        assert!(report.profiles.is_empty());
+        // A volume's own profile wins over the others'.
+        origin
+            .store_profile(&c, profile(c.size(), &[11]))
+            .await
+            .unwrap();
+        let plan = origin.plan(&c, 1 << 30).await.unwrap();
+        assert_eq!(plan, [(11 * chunk, u32::try_from(chunk).unwrap())]);
+        let report = origin.profiles("a").await.unwrap();
+        assert_eq!(report.plan_from, PlanSource::Profiles);
     }
 
     #[tokio::test]

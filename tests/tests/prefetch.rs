@@ -32,19 +32,23 @@ fn boot_read(i: u64) -> u64 {
 }
 
 fn origin(dir: &std::path::Path, image: &std::path::Path) -> Ferry {
-    Ferry::spawn(
-        [
-            "origin".as_ref(),
-            "--listen".as_ref(),
-            "127.0.0.1:0".as_ref(),
-            "--export".as_ref(),
-            format!("vol={}", image.display()).as_ref(),
-            "--state-dir".as_ref(),
-            dir.join("origin-state").as_os_str(),
-            "--no-tls".as_ref(),
-        ],
-        &["origin", "api"],
-    )
+    origin_of(dir, &[("vol", image)])
+}
+
+/// An origin exporting each (name, image).
+fn origin_of(dir: &std::path::Path, exports: &[(&str, &std::path::Path)]) -> Ferry {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["origin".into(), "--listen".into(), "127.0.0.1:0".into()];
+    for (name, image) in exports {
+        args.push("--export".into());
+        args.push(format!("{name}={}", image.display()).into());
+    }
+    args.extend([
+        "--state-dir".into(),
+        dir.join("origin-state").into_os_string(),
+        "--no-tls".into(),
+    ]);
+    Ferry::spawn(args, &["origin", "api"])
 }
 
 fn edge(dir: &std::path::Path, origin: &str, cache: &str) -> Ferry {
@@ -54,6 +58,10 @@ fn edge(dir: &std::path::Path, origin: &str, cache: &str) -> Ferry {
 /// An edge whose boot window closes after `quiet` seconds without a new
 /// chunk read.
 fn edge_quiet(dir: &std::path::Path, origin: &str, cache: &str, quiet: u32) -> Ferry {
+    edge_of(dir, origin, cache, quiet, "vol")
+}
+
+fn edge_of(dir: &std::path::Path, origin: &str, cache: &str, quiet: u32, name: &str) -> Ferry {
     let quiet = quiet.to_string();
     Ferry::spawn(
         [
@@ -61,7 +69,7 @@ fn edge_quiet(dir: &std::path::Path, origin: &str, cache: &str, quiet: u32) -> F
             "--origin".as_ref(),
             origin.as_ref(),
             "--volume".as_ref(),
-            "vol".as_ref(),
+            name.as_ref(),
             "--cache-dir".as_ref(),
             dir.join(cache).as_os_str(),
             "--cache-size".as_ref(),
@@ -77,13 +85,21 @@ fn edge_quiet(dir: &std::path::Path, origin: &str, cache: &str, quiet: u32) -> F
 }
 
 fn volume(e: &Ferry) -> Value {
+    volume_of(e, "vol")
+}
+
+fn volume_of(e: &Ferry, name: &str) -> Value {
     let socket = PathBuf::from(e.announced("api"));
-    api(&socket, "GET", "/v1/volumes/vol", None, 200)
+    api(&socket, "GET", &format!("/v1/volumes/{name}"), None, 200)
 }
 
 /// Demand bytes the edge fetched, and bytes the origin pushed it.
 fn link_bytes(e: &Ferry) -> (u64, u64) {
-    let v = volume(e);
+    link_bytes_of(e, "vol")
+}
+
+fn link_bytes_of(e: &Ferry, name: &str) -> (u64, u64) {
+    let v = volume_of(e, name);
     let l = &v["link"];
     (
         l["demand_bytes"].as_u64().expect("demand bytes"),
@@ -94,7 +110,11 @@ fn link_bytes(e: &Ferry) -> (u64, u64) {
 /// The boot: every read in order, checked against the image, with a
 /// guest's few milliseconds of work between reads.
 fn boot(e: &Ferry, image: &std::path::Path) {
-    let mut c = ferry_tests::nbd::Client::handshake(e.connect(), "vol").unwrap();
+    boot_of(e, image, "vol");
+}
+
+fn boot_of(e: &Ferry, image: &std::path::Path, name: &str) {
+    let mut c = ferry_tests::nbd::Client::handshake(e.connect(), name).unwrap();
     for i in 0..READS {
         let offset = boot_read(i);
         let r = c.read(offset, READ_LEN).unwrap();
@@ -501,4 +521,57 @@ fn profile_stop_ends_the_boot_window_now() {
     assert_eq!(std::fs::read_dir(&profiles).unwrap().count(), 1);
     drop(client);
     e.stop_ok();
+}
+
+/// Hotspots: a second volume copied from the same template, never booted,
+/// on another edge with an empty cache, is planned from the first
+/// volume's boot (where its bytes match): its first boot's demand reads
+/// drop by at least 90% too, and the origin says where the plan came
+/// from.
+#[test]
+fn a_copy_of_a_booted_template_is_planned_from_its_boot() {
+    let dir = tempdir();
+    let image = sparse_image(dir.path(), "disk.img", SIZE);
+    for i in 0..READS {
+        let offset = boot_read(i) & !(MIB - 1);
+        write_at(&image, offset, &pattern_bytes(1 << 20, i));
+    }
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(&image, &copy).unwrap();
+    let served = origin_of(dir.path(), &[("vol", &image), ("copy", &copy)]);
+    let wan = Wan::start(served.announced("origin"));
+    let e1 = edge(dir.path(), &wan.addr(), "cache-1");
+    boot(&e1, &image);
+    let (demand_1, _) = link_bytes(&e1);
+    assert!(
+        wait_until(Duration::from_secs(30), || volume(&e1)["prefetch"]
+            ["profile"]
+            == "stored"),
+        "{}",
+        volume(&e1)["prefetch"]
+    );
+    e1.stop_ok();
+    let e2 = edge_of(dir.path(), &wan.addr(), "cache-2", 2, "copy");
+    assert!(
+        wait_until(Duration::from_secs(30), || volume_of(&e2, "copy")
+            ["prefetch"]["plan"]
+            == "done"),
+        "{}",
+        volume_of(&e2, "copy")["prefetch"]
+    );
+    boot_of(&e2, &copy, "copy");
+    let (demand_2, pushed_2) = link_bytes_of(&e2, "copy");
+    eprintln!("hotspots: the template's first boot {demand_1} demand bytes; its copy's first boot {demand_2}, pushed {pushed_2}");
+    assert!(demand_2 * 10 <= demand_1, "{demand_2} vs {demand_1}");
+    let origin_api = served.announced("api").to_owned();
+    let listing = json(&run(Command::new(ferry_bin()).args([
+        "origin",
+        "profiles",
+        "copy",
+        "--json",
+        "--api",
+        &origin_api,
+    ])));
+    assert_eq!(listing["plan_from"], "hotspots", "{listing}");
+    e2.stop_ok();
 }
