@@ -29,7 +29,7 @@ use prefetch::{RecordWindow, Recorder};
 use tokio::sync::Notify;
 
 use crate::client::{
-    link_block_error, pieces, LinkClient, LinkStatus, PushReceiver, RemoteDevice, SignatureStore,
+    link_block_error, LinkClient, LinkStatus, Push, PushReceiver, RemoteDevice, SignatureStore,
 };
 use crate::migrate::{Command, LocalCopy, LocalError, LocalStatus, Refusal, Stage, MIRROR_CHUNK};
 use crate::volume::{
@@ -162,6 +162,10 @@ impl<D: BlockDevice + 'static> ReadThrough for CachedDevice<D> {
 }
 
 type Volume = EdgeVolume<CachedDevice<RemoteDevice>>;
+
+/// NBD `CACHE` asks the origin for this much at a time (the pushes are
+/// held in memory until the cache takes them).
+const PREFETCH_PIECE: usize = 8 << 20;
 
 struct Shared {
     volume: Volume,
@@ -1243,17 +1247,7 @@ async fn applied_loop(shared: Arc<Shared>) {
 
 async fn push_loop(shared: Arc<Shared>, mut pushes: PushReceiver) {
     while let Some(p) = pushes.recv().await {
-        let (offset, len) = (p.offset, p.data.len() as u64);
-        let kept = shared.volume.offer_push(p.offset, p.as_of, p.data).await;
-        if p.id != 0 {
-            shared.prefetch_pushed.fetch_add(len, Ordering::Relaxed);
-            if kept {
-                // The cache keeps whole chunks only.
-                let c = shared.chunk_size;
-                let mut unread = lock(&shared.unread);
-                unread.extend(offset.div_ceil(c)..(offset + len) / c);
-            }
-        }
+        shared.take_push(p).await;
     }
 }
 
@@ -1262,6 +1256,22 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Offers pushed data to the cache; a prefetch's (not a group push's)
+    /// is counted, and its chunks the cache took are unread until read.
+    async fn take_push(&self, p: Push) {
+        let (offset, len) = (p.offset, p.data.len() as u64);
+        let kept = self.volume.offer_push(p.offset, p.as_of, p.data).await;
+        if p.id != 0 {
+            self.prefetch_pushed.fetch_add(len, Ordering::Relaxed);
+            if kept {
+                // The cache keeps whole chunks only.
+                let c = self.chunk_size;
+                let mut unread = lock(&self.unread);
+                unread.extend(offset.div_ceil(c)..(offset + len) / c);
+            }
+        }
+    }
+
     fn note_read(&self, offset: u64, len: usize) {
         // A read outside the volume is refused by the volume, not noted.
         let size = self.volume.size();
@@ -1404,25 +1414,31 @@ impl BlockDevice for EdgeDevice {
     }
 
     /// NBD `CACHE`, SCSI PRE-FETCH: what the cache lacks is asked of the
-    /// origin as a link `Prefetch`, answered by background pushes the
-    /// cache takes in (`push_loop`), so it never queues ahead of demand
-    /// reads the way reading the range through would. Returns once the
-    /// origin sent it all.
+    /// origin as background pushes (a link `Prefetch` whose pushes come
+    /// back here), so it never queues ahead of demand reads the way
+    /// reading the range through would; in pieces of at most
+    /// `PREFETCH_PIECE`, each put in the cache before the next is asked
+    /// for. Returns once the cache holds it all (a read after `CACHE`
+    /// hits).
     async fn prefetch(&self, offset: u64, len: u64) -> blockcore::Result<()> {
         let Some(missing) = self.shared.volume.missing(offset, len).await? else {
             return self.shared.volume.prefetch(offset, len).await;
         };
-        let ranges: Vec<(u64, u32)> = missing
-            .into_iter()
-            .flat_map(|(start, len)| pieces(start, len))
-            .collect();
-        if ranges.is_empty() {
-            return Ok(());
+        for (start, n) in missing {
+            for piece in (start..start + n).step_by(PREFETCH_PIECE) {
+                let piece_len = (start + n - piece).min(PREFETCH_PIECE as u64);
+                let pushes = self
+                    .shared
+                    .client
+                    .fetch_background(piece, piece_len)
+                    .await
+                    .map_err(|e| link_block_error(blockcore::Op::Prefetch, piece, e))?;
+                for p in pushes {
+                    self.shared.take_push(p).await;
+                }
+            }
         }
-        self.shared
-            .client
-            .prefetch(ranges)
-            .await
-            .map_err(|e| link_block_error(blockcore::Op::Prefetch, offset, e))
+        self.shared.volume.cache().settle().await;
+        Ok(())
     }
 }

@@ -107,6 +107,21 @@ fn link_bytes_of(e: &Ferry, name: &str) -> (u64, u64) {
     )
 }
 
+/// Waits until the edge takes in no more pushes (nothing new for half a
+/// second; pieces may arrive out of order) and returns the bytes pushed.
+fn pushes_settled(e: &Ferry) -> u64 {
+    let mut last = u64::MAX;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = link_bytes(e).1;
+            std::mem::replace(&mut last, now) == now
+        }),
+        "pushes went on for 10 s"
+    );
+    last
+}
+
 /// The boot: every read in order, checked against the image, with a
 /// guest's few milliseconds of work between reads.
 fn boot(e: &Ferry, image: &std::path::Path) {
@@ -395,17 +410,10 @@ fn a_first_boot_is_planned_from_the_volumes_files_and_a_file_read_pushes_the_fil
     assert_eq!(first, u64::from(READ_LEN));
     // Until the push is over: most of the file arrived, and nothing more
     // for half a second (pieces may arrive out of order).
-    let mut last = 0;
+    let pushed = pushes_settled(&e);
     assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::thread::sleep(Duration::from_millis(500));
-            let now = link_bytes(&e).1;
-            let settled = now == last && now >= pushed_before + (3 << 20) - (256 << 10);
-            last = now;
-            settled
-        }),
-        "the rest of the file was not pushed: {:?}",
-        link_bytes(&e)
+        pushed >= pushed_before + (3 << 20) - (256 << 10),
+        "the rest of the file was not pushed: {pushed} after {pushed_before}"
     );
     let (demand_before, _) = link_bytes(&e);
     let whole = read_file(1, "/usr/bin/big", u64::MAX);
@@ -440,12 +448,7 @@ fn nbd_cache_reaches_the_origin_as_pushes() {
     // One chunk read first: it and the rest of its 1 MiB group (pushed
     // after it) are cached, and not asked for again.
     assert_eq!(client.read(8 * MIB, 4096).unwrap().error, 0);
-    let mut last = u64::MAX;
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = link_bytes(&e).1;
-        std::mem::replace(&mut last, now) == now
-    }));
+    pushes_settled(&e);
     let (demand_0, pushed_0) = link_bytes(&e);
     assert_eq!(client.cache(8 * MIB, 4 << 20).unwrap().error, 0);
     let (demand_1, pushed_1) = link_bytes(&e);
