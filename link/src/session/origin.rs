@@ -55,6 +55,10 @@ const FILE_GROUP: u64 = 1 << 63;
 /// An application group's files are pushed up to this many times
 /// `file_group_max` bytes in all.
 const APP_GROUP_FILES: u64 = 4;
+/// Group pushes waiting to be issued, at most: they are optional, and a
+/// guest reading many files (a scan, a backup) must not queue without
+/// bound; past it, the rest of a group is not pushed.
+const MAX_QUEUED_GROUP_BYTES: u64 = 64 << 20;
 
 /// Settings of the origin's sessions.
 #[derive(Clone, Debug)]
@@ -529,11 +533,20 @@ impl OriginSession {
                     Err(r) => refusal_message(r),
                 };
                 self.reply(id, msg);
+                let queued: u64 = self
+                    .push_jobs
+                    .iter()
+                    .filter(|j| j.id == 0)
+                    .map(|j| j.end - j.pos)
+                    .sum();
+                let mut room = MAX_QUEUED_GROUP_BYTES.saturating_sub(queued);
                 for (start, end) in group.into_iter().filter(|_| ok) {
                     // The read itself is not pushed again.
                     let req_end = offset + len;
                     for (pos, end) in [(start, end.min(offset)), (start.max(req_end), end)] {
+                        let end = end.min(pos.saturating_add(room));
                         if pos < end {
+                            room -= end - pos;
                             self.push_jobs.push_back(PushJob { id: 0, pos, end });
                         }
                     }
