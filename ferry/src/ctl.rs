@@ -206,6 +206,12 @@ pub async fn cache_status(api: &ApiClient, json: bool) -> anyhow::Result<()> {
 }
 
 /// `ferry edge status`: the older `key: value` lines, one block per volume.
+/// `ferry edge status --json`: the volumes as the API lists them.
+pub async fn edge_status_json(api: &ApiClient) -> anyhow::Result<()> {
+    let list: VolumeList = api.call("GET", "/v1/volumes", None).await?.json()?;
+    print_json(&list)
+}
+
 pub async fn edge_status_lines(api: &ApiClient) -> anyhow::Result<String> {
     let list: VolumeList = api.call("GET", "/v1/volumes", None).await?.json()?;
     let c: CacheInfo = api.call("GET", "/v1/cache", None).await?.json()?;

@@ -873,10 +873,11 @@ async fn edge(cmd: EdgeCmd) -> anyhow::Result<()> {
             ferry::ctl::stop_profile(&ferry::ctl::client(a.ctl.api)?, &a.volume, a.ctl.json).await
         }
         Some(EdgeAction::Status(c)) => {
-            print!(
-                "{}",
-                ferry::ctl::edge_status_lines(&ferry::ctl::client(c.api)?).await?
-            );
+            let api = ferry::ctl::client(c.api)?;
+            if c.json {
+                return ferry::ctl::edge_status_json(&api).await;
+            }
+            print!("{}", ferry::ctl::edge_status_lines(&api).await?);
             Ok(())
         }
         None => {
