@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Build, once, the small bootable Debian disk that tests/tests/vm_boot.rs
-# boots under qemu from a ferry edge (and that you can boot by hand, see
-# README "Booting a VM from the edge").
+# Build, once, a bootable Debian 12 disk for booting VMs from a ferry edge:
+# the small one-shot image tests/tests/vm_boot.rs boots (and that you can boot
+# by hand, see README "Booting a VM from the edge"), or, with --stock, a
+# Debian that boots the usual way, for the boot benchmark
+# (benches/system/boot-bench.sh).
 #
-#   scripts/make-vm-image.sh [OUT]
+#   scripts/make-vm-image.sh [--stock] [OUT]
 #
 # Prints the cached image's path as the last line of stdout (logs go to
 # stderr); with OUT, also copies the image (sparse) to OUT.
 #
-# The image: a 2 GiB sparse raw disk, MBR partition table:
+# The default image: a 2 GiB sparse raw disk, MBR partition table:
 #   p1  64 MiB FAT16, bootable: SYSLINUX (mbr.bin + ldlinux.sys), the kernel
 #       and a small initramfs (virtio, SCSI and ext4 modules only)
 #   p2  ext4 root, label ferry-root: Debian 12 --variant=minbase from
@@ -33,6 +35,24 @@
 #   - prints `FERRY-BOOT-OK image=<id> token=<token>` on ttyS0, and
 #   - powers off (sysrq o; qemu runs with -no-reboot, so a panic ends it too).
 #
+# The --stock image boots like an installed Debian, so that its read pattern
+# is a real boot's (thousands of small serial reads: the boot loader's, the
+# initramfs's, then systemd opening units, binaries and libraries):
+#   p1  ext4 root, label ferry-root, the whole disk from 1 MiB: Debian 12
+#       minbase with systemd-sysv, udev, linux-image-amd64 and the stock
+#       initramfs (MODULES=most), and /boot/grub (GRUB's modules, grub.cfg)
+#   GRUB for BIOS: boot.img in the MBR and core.img in the gap before p1,
+#       loading its modules and grub.cfg from /boot/grub on p1, as
+#       grub-install lays them out
+#   systemd up to multi-user.target, where ferry-boot-marker.service writes
+#   a token to /var/lib/ferry/boot-token, syncs, prints
+#   `FERRY-BOOT-OK image=<id> token=<token> uptime=<s>` on ttyS0 and powers
+#   off.
+# grub-install needs a block device; instead `grub-mkimage` builds core.img
+# in the guest and dd places it at sector 1, where boot.img's default
+# kernel sector and core.img's default block list point, so no setup step
+# has to patch either.
+#
 # Built without loop devices or mounts (containers often have neither):
 # debootstrap into a directory, `mkfs.ext4 -d` populates the root partition
 # image, `mkfs.vfat` + mtools + `syslinux --install` (which works on an
@@ -43,10 +63,16 @@
 # concurrent callers build it once. Needs root (sudo when not root).
 set -euo pipefail
 
+FLAVOR=oneshot
+if [ "${1:-}" = "--stock" ]; then
+  FLAVOR=stock
+  shift
+fi
 SCRIPT=$(readlink -f "$0")
 HASH=$(sha256sum "$SCRIPT" | cut -c1-16)
 CACHE_ROOT=${FERRY_VM_CACHE:-$HOME/.cache/ferry/vm}
 DEST=$CACHE_ROOT/$HASH
+[ "$FLAVOR" = oneshot ] || DEST=$CACHE_ROOT/$HASH-$FLAVOR
 IMAGE=$DEST/disk.img
 OUT=${1:-}
 
@@ -84,13 +110,22 @@ if [ -f "$IMAGE" ]; then
   exit 0
 fi
 
-for t in debootstrap mkfs.ext4 mkfs.vfat mcopy syslinux sfdisk flock timeout; do
+TOOLS="debootstrap mkfs.ext4 e2fsck sfdisk flock timeout"
+[ "$FLAVOR" = oneshot ] && TOOLS="$TOOLS mkfs.vfat mcopy syslinux"
+for t in $TOOLS; do
   command -v "$t" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null 2>&1 ||
     die "missing $t: run scripts/install-deps.sh"
 done
 export PATH="$PATH:/usr/sbin:/sbin"
 MBR_BIN=/usr/lib/syslinux/mbr/mbr.bin
-[ -f "$MBR_BIN" ] || die "missing $MBR_BIN (syslinux-common): run scripts/install-deps.sh"
+if [ "$FLAVOR" = oneshot ] && [ ! -f "$MBR_BIN" ]; then
+  die "missing $MBR_BIN (syslinux-common): run scripts/install-deps.sh"
+fi
+if [ "$FLAVOR" = stock ]; then
+  # The whole disk is the root partition; GRUB's core.img sits in the gap.
+  ROOT_START_MIB=1
+  ROOT_SIZE_MIB=$((DISK_SIZE_MIB - ROOT_START_MIB))
+fi
 
 mkdir -p "$CACHE_ROOT"
 exec 9>"$CACHE_ROOT/.lock"
@@ -115,13 +150,16 @@ cleanup() {
 trap cleanup EXIT
 ROOT=$WORK/root
 
-log "debootstrap $SUITE (minbase + linux-image-amd64) from $MIRROR into $ROOT (timeout ${DEBOOTSTRAP_TIMEOUT}s)"
+INCLUDE=linux-image-amd64,initramfs-tools,zstd
+# grub-pc-bin, not grub-pc: the binaries and modules, without the package
+# whose postinst wants to grub-install onto a disk.
+[ "$FLAVOR" = stock ] && INCLUDE=$INCLUDE,systemd-sysv,udev,grub-pc-bin
+log "debootstrap $SUITE (minbase + $INCLUDE) from $MIRROR into $ROOT (timeout ${DEBOOTSTRAP_TIMEOUT}s)"
 # initramfs-tools is configured before the kernel's postinst builds the
 # initramfs: --include installs both in one go, so the config goes in after
 # and the initramfs is rebuilt once below.
 if ! $SUDO timeout --kill-after=30 "$DEBOOTSTRAP_TIMEOUT" debootstrap \
-  --variant=minbase --arch=amd64 \
-  --include=linux-image-amd64,initramfs-tools,zstd \
+  --variant=minbase --arch=amd64 --include="$INCLUDE" \
   "$SUITE" "$ROOT" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
   tail -n 40 "$WORK/debootstrap.log" >&2 || true
   tail -n 40 "$ROOT/debootstrap/debootstrap.log" >&2 2>/dev/null || true
@@ -130,17 +168,20 @@ fi
 
 log "configuring the guest"
 IMAGE_ID="ferry-vm-$HASH"
+[ "$FLAVOR" = oneshot ] || IMAGE_ID="$IMAGE_ID-$FLAVOR"
 $SUDO tee "$ROOT/etc/ferry-image-id" >/dev/null <<<"$IMAGE_ID"
 $SUDO tee "$ROOT/etc/hostname" >/dev/null <<<"ferry-vm"
 $SUDO tee "$ROOT/etc/fstab" >/dev/null <<<"LABEL=ferry-root / ext4 defaults 0 1"
 $SUDO mkdir -p "$ROOT/var/lib/ferry"
-# Only what this VM needs in the initramfs: a smaller initramfs is fewer
-# bytes over the WAN and a faster boot.
-$SUDO tee "$ROOT/etc/initramfs-tools/conf.d/ferry.conf" >/dev/null <<'EOF'
+
+configure_oneshot() {
+  # Only what this VM needs in the initramfs: a smaller initramfs is fewer
+  # bytes over the WAN and a faster boot.
+  $SUDO tee "$ROOT/etc/initramfs-tools/conf.d/ferry.conf" >/dev/null <<'EOF'
 MODULES=list
 COMPRESS=zstd
 EOF
-$SUDO tee -a "$ROOT/etc/initramfs-tools/modules" >/dev/null <<'EOF'
+  $SUDO tee -a "$ROOT/etc/initramfs-tools/modules" >/dev/null <<'EOF'
 virtio_pci
 virtio_blk
 virtio_scsi
@@ -148,7 +189,7 @@ sd_mod
 ext4
 crc32c_generic
 EOF
-$SUDO tee "$ROOT/usr/local/sbin/ferry-boot-check" >/dev/null <<'EOF'
+  $SUDO tee "$ROOT/usr/local/sbin/ferry-boot-check" >/dev/null <<'EOF'
 #!/bin/sh
 # One-shot init for the ferry VM boot test (see scripts/make-vm-image.sh).
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -180,7 +221,47 @@ echo "FERRY-BOOT-OK image=$id token=$token" >"$con"
 echo o >/proc/sysrq-trigger
 sleep 10
 EOF
-$SUDO chmod 0755 "$ROOT/usr/local/sbin/ferry-boot-check"
+  $SUDO chmod 0755 "$ROOT/usr/local/sbin/ferry-boot-check"
+}
+
+configure_stock() {
+  # The stock initramfs (MODULES=most) is kept: its size and read pattern
+  # are what a real Debian boot costs.
+  $SUDO tee "$ROOT/usr/local/sbin/ferry-boot-marker" >/dev/null <<'EOF'
+#!/bin/sh
+# Marks a finished boot (see scripts/make-vm-image.sh --stock).
+set -e
+id=$(cat /etc/ferry-image-id)
+token=$(cat /proc/sys/kernel/random/uuid)
+mkdir -p /var/lib/ferry
+echo "$token" >/var/lib/ferry/boot-token.tmp
+mv /var/lib/ferry/boot-token.tmp /var/lib/ferry/boot-token
+sync
+up=$(cut -d' ' -f1 /proc/uptime)
+echo "FERRY-BOOT-OK image=$id token=$token uptime=$up" >/dev/ttyS0
+systemctl --no-block poweroff
+EOF
+  $SUDO chmod 0755 "$ROOT/usr/local/sbin/ferry-boot-marker"
+  # Ordered after multi-user.target (which then does not order itself after
+  # it), so it runs once the boot a user would log in to has finished.
+  $SUDO tee "$ROOT/etc/systemd/system/ferry-boot-marker.service" >/dev/null <<'EOF'
+[Unit]
+Description=ferry boot marker
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/ferry-boot-marker
+
+[Install]
+WantedBy=multi-user.target
+EOF
+  $SUDO mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
+  $SUDO ln -sf /etc/systemd/system/ferry-boot-marker.service \
+    "$ROOT/etc/systemd/system/multi-user.target.wants/ferry-boot-marker.service"
+}
+
+configure_$FLAVOR
 
 KVER=$(basename "$(ls -d "$ROOT"/lib/modules/*/ | head -n 1)")
 [ -n "$KVER" ] || die "no kernel installed in the guest"
@@ -193,16 +274,46 @@ if ! $SUDO timeout 600 chroot "$ROOT" update-initramfs -c -k "$KVER" >"$WORK/ini
       die "update-initramfs failed"
     }
 fi
+
+if [ "$FLAVOR" = stock ]; then
+  log "installing GRUB's files into /boot/grub and building core.img"
+  $SUDO mkdir -p "$ROOT/boot/grub"
+  $SUDO cp -a "$ROOT/usr/lib/grub/i386-pc" "$ROOT/boot/grub/"
+  $SUDO tee "$ROOT/boot/grub/grub.cfg" >/dev/null <<EOF
+serial --unit=0 --speed=115200
+terminal_input serial
+terminal_output serial
+set timeout=0
+menuentry 'Debian GNU/Linux (ferry)' {
+  linux /boot/vmlinuz-$KVER root=LABEL=ferry-root ro console=ttyS0,115200 quiet
+  initrd /boot/initrd.img-$KVER
+}
+EOF
+  # core.img: the disk and MBR-partition drivers and ext2 (which reads
+  # ext4), enough to find the prefix; everything else loads from there.
+  if ! $SUDO chroot "$ROOT" grub-mkimage -O i386-pc -o /tmp/core.img \
+    -p '(hd0,msdos1)/boot/grub' biosdisk part_msdos ext2 >"$WORK/grub.log" 2>&1; then
+    cat "$WORK/grub.log" >&2
+    die "grub-mkimage failed"
+  fi
+  $SUDO cat "$ROOT/tmp/core.img" >"$WORK/core.img"
+  $SUDO cat "$ROOT/usr/lib/grub/i386-pc/boot.img" >"$WORK/boot.img"
+  $SUDO rm -f "$ROOT/tmp/core.img"
+  CORE_SECTORS=$((($(stat -c %s "$WORK/core.img") + 511) / 512))
+  [ $((1 + CORE_SECTORS)) -le $((ROOT_START_MIB * 2048)) ] ||
+    die "core.img ($CORE_SECTORS sectors) does not fit before the root partition"
+fi
 $SUDO chroot "$ROOT" apt-get clean >/dev/null 2>&1 || true
 $SUDO rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin "$ROOT/debootstrap"
 
-log "building the boot partition (FAT16, SYSLINUX)"
-BOOT=$WORK/boot.part
-mkfs.vfat -F 16 -n FERRYBOOT -C "$BOOT" $((BOOT_SIZE_MIB * 1024)) >/dev/null
-# (vmlinuz is mode 0600: read it as root, write it as the caller.)
-$SUDO cat "$ROOT/boot/vmlinuz-$KVER" >"$WORK/vmlinuz"
-$SUDO cat "$ROOT/boot/initrd.img-$KVER" >"$WORK/initrd.img"
-cat >"$WORK/syslinux.cfg" <<'EOF'
+if [ "$FLAVOR" = oneshot ]; then
+  log "building the boot partition (FAT16, SYSLINUX)"
+  BOOT=$WORK/boot.part
+  mkfs.vfat -F 16 -n FERRYBOOT -C "$BOOT" $((BOOT_SIZE_MIB * 1024)) >/dev/null
+  # (vmlinuz is mode 0600: read it as root, write it as the caller.)
+  $SUDO cat "$ROOT/boot/vmlinuz-$KVER" >"$WORK/vmlinuz"
+  $SUDO cat "$ROOT/boot/initrd.img-$KVER" >"$WORK/initrd.img"
+  cat >"$WORK/syslinux.cfg" <<'EOF'
 SERIAL 0 115200
 DEFAULT ferry
 PROMPT 0
@@ -212,8 +323,9 @@ LABEL ferry
   INITRD /initrd.img
   APPEND root=LABEL=ferry-root ro console=ttyS0,115200 init=/usr/local/sbin/ferry-boot-check panic=-1
 EOF
-MTOOLS_SKIP_CHECK=1 mcopy -i "$BOOT" "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/syslinux.cfg" ::/
-syslinux --install "$BOOT"
+  MTOOLS_SKIP_CHECK=1 mcopy -i "$BOOT" "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/syslinux.cfg" ::/
+  syslinux --install "$BOOT"
+fi
 
 log "building the root partition (ext4, ${ROOT_SIZE_MIB} MiB)"
 ROOTP=$WORK/root.part
@@ -227,13 +339,24 @@ fi
 log "assembling the disk"
 DISK=$WORK/disk.img
 truncate -s "${DISK_SIZE_MIB}M" "$DISK"
-sfdisk --quiet "$DISK" <<EOF
+if [ "$FLAVOR" = oneshot ]; then
+  sfdisk --quiet "$DISK" <<EOF
 label: dos
 start=${BOOT_START_MIB}MiB, size=${BOOT_SIZE_MIB}MiB, type=6, bootable
 start=${ROOT_START_MIB}MiB, size=${ROOT_SIZE_MIB}MiB, type=83
 EOF
-dd if="$MBR_BIN" of="$DISK" bs=440 count=1 conv=notrunc status=none
-dd if="$BOOT" of="$DISK" bs=1M seek="$BOOT_START_MIB" conv=notrunc,sparse status=none
+  dd if="$MBR_BIN" of="$DISK" bs=440 count=1 conv=notrunc status=none
+  dd if="$BOOT" of="$DISK" bs=1M seek="$BOOT_START_MIB" conv=notrunc,sparse status=none
+else
+  sfdisk --quiet "$DISK" <<EOF
+label: dos
+start=${ROOT_START_MIB}MiB, size=${ROOT_SIZE_MIB}MiB, type=83, bootable
+EOF
+  # boot.img's code only (the partition table after byte 440 stays);
+  # core.img at sector 1, where boot.img looks for it.
+  dd if="$WORK/boot.img" of="$DISK" bs=440 count=1 conv=notrunc status=none
+  dd if="$WORK/core.img" of="$DISK" bs=512 seek=1 conv=notrunc status=none
+fi
 dd if="$ROOTP" of="$DISK" bs=1M seek="$ROOT_START_MIB" conv=notrunc,sparse status=none
 sync "$DISK"
 
@@ -241,6 +364,7 @@ mkdir -p "$DEST"
 mv "$DISK" "$DEST/disk.img.tmp"
 cat >"$DEST/info" <<EOF
 image_id=$IMAGE_ID
+flavor=$FLAVOR
 kernel=$KVER
 root_offset=$((ROOT_START_MIB * 1024 * 1024))
 token_path=/var/lib/ferry/boot-token
