@@ -303,6 +303,19 @@ where
         }
     };
     if let Some((v, _, _)) = volume {
+        // What the connection cost, for an operator tuning prefetch.
+        let s = session.stats(now());
+        tracing::info!(
+            volume = v.name(),
+            reads = s.reads,
+            bytes_read = s.bytes_read,
+            bytes_pushed = s.bytes_pushed,
+            file_groups = s.file_groups,
+            fixed_groups = s.fixed_groups,
+            group_bytes_skipped = s.group_bytes_skipped,
+            batches_applied = s.batches_applied,
+            "connection stats"
+        );
         origin.release(conn, &v, session.take_partial());
     }
     result

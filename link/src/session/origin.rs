@@ -230,6 +230,11 @@ pub struct OriginSessionStats {
     pub bytes_pushed: u64,
     /// Demand reads that pushed the rest of their file.
     pub file_groups: u64,
+    /// Demand reads that pushed the rest of their fixed group.
+    pub fixed_groups: u64,
+    /// Bytes of groups not pushed: this connection had sent them already
+    /// (the plan, an earlier group, a demand read) or was about to.
+    pub group_bytes_skipped: u64,
     pub batches_applied: u64,
     pub transport: TransportStats,
 }
@@ -253,7 +258,6 @@ enum ReadCtx {
     Demand {
         id: u64,
         offset: u64,
-        len: u64,
         group: Vec<(u64, u64)>,
     },
     /// A piece of a push (`job`: the prefetch's id, 0 for group pushes).
@@ -314,6 +318,12 @@ pub struct OriginSession {
     /// group push it once: fixed groups by index, files as
     /// `FILE_GROUP | file`.
     pushed: BoundedSet<u64>,
+    /// What this connection sent the edge or queued for it (demand reads,
+    /// the plan, group pushes): a group push leaves those out, so that an
+    /// application group does not send again the libraries the plan or
+    /// an earlier group sent. Cleared past a bound (pushes are optional;
+    /// forgetting only costs bytes).
+    sent: SentRanges,
     /// The volume's files, once the origin mapped them.
     files: Option<Arc<FileIndex>>,
     assembly: Option<Assembly>,
@@ -363,6 +373,7 @@ impl OriginSession {
             prefetches: BTreeMap::new(),
             push_in_flight: 0,
             pushed: BoundedSet::new(1024),
+            sent: SentRanges::default(),
             files: None,
             assembly: None,
             ready: VecDeque::new(),
@@ -509,12 +520,7 @@ impl OriginSession {
             return;
         };
         match ctx {
-            ReadCtx::Demand {
-                id,
-                offset,
-                len,
-                group,
-            } => {
+            ReadCtx::Demand { id, offset, group } => {
                 let ok = result.is_ok();
                 let msg = match result {
                     Ok(ReadAnswer::Data { as_of, data }) => {
@@ -541,12 +547,16 @@ impl OriginSession {
                     .sum();
                 let mut room = MAX_QUEUED_GROUP_BYTES.saturating_sub(queued);
                 for (start, end) in group.into_iter().filter(|_| ok) {
-                    // The read itself is not pushed again.
-                    let req_end = offset + len;
-                    for (pos, end) in [(start, end.min(offset)), (start.max(req_end), end)] {
+                    // Only what the edge was not sent (the read itself
+                    // among it) nor is about to be.
+                    let unsent = self.sent.gaps(start, end);
+                    let skipped = (end - start) - unsent.iter().map(|(a, b)| b - a).sum::<u64>();
+                    self.stats.group_bytes_skipped += skipped;
+                    for (pos, end) in unsent {
                         let end = end.min(pos.saturating_add(room));
                         if pos < end {
                             room -= end - pos;
+                            self.sent.insert(pos, end);
                             self.push_jobs.push_back(PushJob { id: 0, pos, end });
                         }
                     }
@@ -671,6 +681,7 @@ impl OriginSession {
                     let end = offset.saturating_add(u64::from(len)).min(self.size);
                     if offset < end {
                         self.planned.insert(offset, end);
+                        self.sent.insert(offset, end);
                     }
                 }
                 self.prefetch(id, ranges, true);
@@ -954,6 +965,7 @@ impl OriginSession {
             return;
         }
         self.stats.reads += 1;
+        self.sent.insert(offset, offset + u64::from(len));
         let push = self.group_after(offset, len);
         let tag = self.tag();
         self.reads.insert(
@@ -961,7 +973,6 @@ impl OriginSession {
             ReadCtx::Demand {
                 id,
                 offset,
-                len: u64::from(len),
                 group: push,
             },
         );
@@ -1013,12 +1024,14 @@ impl OriginSession {
             }
         }
         let group = u64::from(self.cfg.group_size);
-        (group > u64::from(len))
+        let fixed: Vec<_> = (group > u64::from(len))
             .then(|| offset / group)
             .filter(|g| self.pushed.insert(*g))
             .map(|g| (g * group, ((g + 1) * group).min(self.size)))
             .into_iter()
-            .collect()
+            .collect();
+        self.stats.fixed_groups += fixed.len() as u64;
+        fixed
     }
 
     /// The volume's files (the origin maps them after the attach): from
@@ -1261,5 +1274,40 @@ fn refusal_message(r: Refusal) -> Message {
     Message::Error {
         code: r.code,
         message: r.message,
+    }
+}
+
+/// Byte ranges, merged where they touch, forgotten all at once past a
+/// bound (a boot's reads and pushes make a few thousand runs).
+#[derive(Debug, Default)]
+struct SentRanges {
+    set: rangemap::RangeSet<u64>,
+    inserts: usize,
+}
+
+impl SentRanges {
+    const MAX_INSERTS: usize = 1 << 16;
+
+    fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        if self.inserts >= Self::MAX_INSERTS {
+            self.set = rangemap::RangeSet::new();
+            self.inserts = 0;
+        }
+        self.inserts += 1;
+        self.set.insert(start..end);
+    }
+
+    /// The parts of `start..end` not in the set, in order.
+    fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        if start >= end {
+            return Vec::new();
+        }
+        self.set
+            .gaps(&(start..end))
+            .map(|r| (r.start, r.end))
+            .collect()
     }
 }

@@ -840,6 +840,89 @@ fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_and_what_it_loads_onc
 }
 
 #[test]
+fn a_group_push_leaves_out_what_the_plan_sent() {
+    use prefetch::layout::{File, FileIndex, FileKind, VolumeLayout};
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    // The plan holds the library, and 64 KiB of an unmapped region.
+    w.plan = vec![(7 << 20, 256 << 10), (2 << 20, 64 << 10)];
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    let file = |path: &str, extents: Vec<(u64, u64)>| File {
+        fs: 0,
+        path: path.into(),
+        kind: FileKind::Regular,
+        size: extents.iter().map(|e| e.1).sum(),
+        extents,
+        offsets: vec![],
+        meta: None,
+        target: None,
+    };
+    let layout = VolumeLayout {
+        files: vec![
+            file("/usr/bin/app", vec![(4 << 20, 1 << 20)]),
+            file("/usr/lib/libapp.so", vec![(7 << 20, 256 << 10)]),
+        ],
+        needs: [(0, vec![1])].into_iter().collect(),
+        ..VolumeLayout::default()
+    };
+    let index = std::sync::Arc::new(FileIndex::new(&layout, 64 << 10));
+    w.origin.as_mut().expect("attached").set_files(index);
+    let plan = w.edge.plan(1 << 20);
+    w.run(Duration::from_secs(5), |w| {
+        w.has_event(|e| matches!(e, EdgeEvent::PrefetchDone { id, .. } if *id == plan))
+    });
+    let group_pushes = |w: &World| -> Vec<(u64, u64)> {
+        let mut p: Vec<(u64, u64)> = w
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                EdgeEvent::Push {
+                    id: 0,
+                    offset,
+                    data,
+                    ..
+                } => Some((*offset, data.len() as u64)),
+                _ => None,
+            })
+            .collect();
+        p.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (offset, len) in p {
+            match runs.last_mut() {
+                Some(l) if l.0 + l.1 == offset => l.1 += len,
+                _ => runs.push((offset, len)),
+            }
+        }
+        runs
+    };
+    // The program's rest goes; its library, which the plan sent, does not.
+    let r = w.edge.read(4 << 20, 32 << 10, false, w.now);
+    w.run(Duration::from_secs(2), |_| false);
+    assert!(matches!(w.read_done(r), Some(Ok(_))));
+    assert_eq!(
+        group_pushes(&w),
+        [((4 << 20) + (32 << 10), (1 << 20) - (32 << 10))]
+    );
+    // A fixed group around a planned range pushes the rest around it.
+    let r = w.edge.read((2 << 20) + (512 << 10), 4096, false, w.now);
+    w.run(Duration::from_secs(2), |_| false);
+    assert!(w.read_done(r).is_some());
+    assert_eq!(
+        group_pushes(&w),
+        [
+            ((2 << 20) + (64 << 10), (448 << 10)),
+            ((2 << 20) + (512 << 10) + 4096, (512 << 10) - 4096),
+            ((4 << 20) + (32 << 10), (1 << 20) - (32 << 10)),
+        ]
+    );
+    let stats = w.origin.as_ref().expect("attached").stats(w.now);
+    assert_eq!(
+        stats.group_bytes_skipped,
+        (256 << 10) + (64 << 10) + 4096 + (32 << 10)
+    );
+    assert_eq!((stats.file_groups, stats.fixed_groups), (1, 1));
+}
+
+#[test]
 fn a_changed_volume_stops_the_session() {
     let mut w = World::new(MBIT100, Duration::from_millis(1), 1 << 20);
     w.run(Duration::from_secs(2), |w| w.edge.is_up());
