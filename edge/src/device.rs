@@ -190,8 +190,6 @@ struct Shared {
     started: std::time::Instant,
     /// The boot profile, while its window is open.
     recording: std::sync::Mutex<Option<Recorder>>,
-    /// `ferry edge profile stop`: the boot window closes now.
-    profile_stop: std::sync::atomic::AtomicBool,
     prefetch: std::sync::Mutex<PrefetchStatus>,
     /// Bytes of prefetch pushes (any but group pushes) taken in.
     prefetch_pushed: AtomicU64,
@@ -300,7 +298,6 @@ impl EdgeDevice {
             transition_waiters: std::sync::Mutex::new(Vec::new()),
             started: std::time::Instant::now(),
             recording: std::sync::Mutex::new(recorder),
-            profile_stop: std::sync::atomic::AtomicBool::new(false),
             prefetch: std::sync::Mutex::new(prefetch),
             prefetch_pushed: AtomicU64::new(0),
             unread: std::sync::Mutex::new(std::collections::HashSet::new()),
@@ -584,24 +581,27 @@ impl EdgeDevice {
         self.shared.client.detach(timeout).await
     }
 
-    /// Link, cache and journal state.
     /// Ends the boot profile's window now (the boot is over: `ferry edge
-    /// profile stop`); the profile goes to the origin. Returns the chunks
-    /// it holds, or an error saying why there is no recording to stop.
-    pub fn stop_profile(&self) -> Result<u64, String> {
-        // The guard is dropped before prefetch_status locks it again.
-        let recording = lock(&self.shared.recording).as_ref().map(Recorder::len);
-        let Some(chunks) = recording else {
+    /// profile stop`) and hands the profile to the origin. Returns the
+    /// chunks it holds and whether the origin stored it within
+    /// `wait` (the store goes on in the background after that), or an
+    /// error saying why there is no recording to stop.
+    pub async fn stop_profile(&self, wait: Duration) -> Result<(u64, bool), String> {
+        let recorder = lock(&self.shared.recording).take();
+        let Some(recorder) = recorder else {
             let state = self.shared.prefetch_status().profile;
             return Err(format!(
                 "no boot profile is being recorded (profile: {state})"
             ));
         };
-        let chunks = chunks as u64;
-        self.shared.profile_stop.store(true, Ordering::Release);
-        Ok(chunks)
+        let chunks = recorder.len() as u64;
+        let shared = self.shared.clone();
+        let store = tokio::spawn(async move { store_recorded(&shared, recorder).await });
+        let stored = matches!(tokio::time::timeout(wait, store).await, Ok(Ok(true)));
+        Ok((chunks, stored))
     }
 
+    /// Link, cache and journal state.
     pub fn status(&self) -> EdgeStatus {
         let v = &self.shared.volume;
         let c = v.counters();
@@ -1322,48 +1322,51 @@ async fn plan_task(shared: Arc<Shared>) {
 }
 
 /// Closes the boot profile's window when it is due and hands the profile
-/// to the origin.
+/// to the origin (unless `stop_profile` took it first).
 async fn profile_loop(shared: Arc<Shared>) {
     let recorder = loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let mut g = lock(&shared.recording);
         match g.as_ref() {
             None => return,
-            Some(r)
-                if r.is_done(shared.started.elapsed())
-                    || shared.profile_stop.load(Ordering::Acquire) =>
-            {
-                break g.take()
-            }
+            Some(r) if r.is_done(shared.started.elapsed()) => break g.take(),
             Some(_) => {}
         }
     };
+    if let Some(r) = recorder {
+        store_recorded(&shared, r).await;
+    }
+}
+
+/// Finishes a boot profile and stores it at the origin; true once stored.
+async fn store_recorded(shared: &Shared, recorder: Recorder) -> bool {
     // A plan the boot hardly read is reported, not silently kept on.
     let s = shared.prefetch_status();
     if s.plan == "done" && s.pushed_bytes > 0 && s.used_bytes * 10 < s.pushed_bytes {
         tracing::warn!(volume = %shared.client.volume(), pushed = s.pushed_bytes, used = s.used_bytes, "the prefetch plan was hardly used in the boot window; were its profiles recorded from another image of this volume?");
         shared.set_prefetch(|s| "done, little used".clone_into(&mut s.plan));
     }
-    let Some(profile) = recorder.and_then(Recorder::finish) else {
+    let Some(profile) = recorder.finish() else {
         shared.set_prefetch(|s| "empty".clone_into(&mut s.profile));
-        return;
+        return false;
     };
     let chunks = profile.touches.len() as u64;
     shared.set_prefetch(|s| {
         "sending".clone_into(&mut s.profile);
         s.profile_chunks = chunks;
     });
-    let state = match shared.client.store_profile(profile.encode().into()).await {
+    let (state, stored) = match shared.client.store_profile(profile.encode().into()).await {
         Ok(()) => {
             tracing::info!(volume = %shared.client.volume(), chunks, "boot profile stored at the origin");
-            "stored".to_owned()
+            ("stored".to_owned(), true)
         }
         Err(e) => {
             tracing::warn!(volume = %shared.client.volume(), error = %e, "the origin did not keep the boot profile");
-            format!("failed: {e}")
+            (format!("failed: {e}"), false)
         }
     };
     shared.set_prefetch(|s| s.profile = state);
+    stored
 }
 
 #[async_trait]

@@ -133,8 +133,14 @@ pub async fn stop_profile(api: &ApiClient, volume: &str, json: bool) -> anyhow::
         return print_json(&s);
     }
     println!(
-        "{}: boot window closed with {} chunks; the profile goes to the origin",
-        s.volume, s.chunks
+        "{}: boot window closed with {} chunks; {}",
+        s.volume,
+        s.chunks,
+        if s.stored {
+            "the origin stored the profile"
+        } else {
+            "the profile is not stored at the origin yet (see ferry edge status)"
+        }
     );
     Ok(())
 }

@@ -380,8 +380,12 @@ pub struct Removed {
 #[derive(Clone, Debug, Deserialize, Serialize, JsonSchema)]
 pub struct ProfileStopped {
     pub volume: String,
-    /// Chunks the boot profile holds; it goes to the origin now.
+    /// Chunks the boot profile holds.
     pub chunks: u64,
+    /// The origin stored it (the reply waits up to 30 s for that; a
+    /// profile not stored by then is still on its way, see `prefetch`
+    /// in the volume's status).
+    pub stored: bool,
 }
 
 /// `POST /v1/volumes/{name}/flush`, `POST /v1/flush`.
@@ -694,10 +698,11 @@ impl EdgeApi {
                 })
             }
             Request::StopProfile(name) => {
-                let chunks = d.stop_profile(&name)?;
+                let (chunks, stored) = d.stop_profile(&name).await?;
                 Reply::ok(&ProfileStopped {
                     volume: name,
                     chunks,
+                    stored,
                 })
             }
             Request::FlushVolume { name, timeout } => {

@@ -761,8 +761,9 @@ impl EdgeDaemon {
     }
 
     /// Ends a volume's boot profile window now (`ferry edge profile
-    /// stop`): returns the chunks the profile holds.
-    pub fn stop_profile(&self, name: &str) -> Result<u64, ApiError> {
+    /// stop`): returns the chunks the profile holds and whether the
+    /// origin stored it (within 30 s; the store goes on after that).
+    pub async fn stop_profile(&self, name: &str) -> Result<(u64, bool), ApiError> {
         let served = match self.volume(name)? {
             Slot::Up(s) | Slot::Removing { served: s, .. } => s,
             Slot::Attaching { .. } => {
@@ -776,8 +777,10 @@ impl EdgeDaemon {
                 "volume {name} is served from its local copy: no boot is being recorded"
             ))
         })?;
+        let device = device.clone();
         device
-            .stop_profile()
+            .stop_profile(std::time::Duration::from_secs(30))
+            .await
             .map_err(|e| ApiError::conflict(format!("volume {name}: {e}")))
     }
 
