@@ -423,6 +423,7 @@ impl LinkClient {
         want_signatures: bool,
     ) -> Result<ReadReply, LinkError> {
         let (reply, rx) = oneshot::channel();
+        let asked = std::time::Instant::now();
         self.cmd
             .send(Cmd::Read {
                 offset,
@@ -431,7 +432,16 @@ impl LinkClient {
                 reply,
             })
             .map_err(|_| self.gone())?;
-        rx.await.map_err(|_| self.gone())?
+        let r = rx.await.map_err(|_| self.gone())?;
+        // Each read the guest waited a round trip for (RUST_LOG=edge=debug):
+        // what a prefetch plan missed.
+        tracing::debug!(
+            offset,
+            len,
+            ms = asked.elapsed().as_secs_f64() * 1e3,
+            "demand read"
+        );
+        r
     }
 
     /// Asks the origin to stream `ranges` as pushes; returns when it has
