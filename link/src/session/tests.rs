@@ -428,6 +428,55 @@ impl World {
         self.events.iter().any(|(_, e)| f(e))
     }
 
+    /// The group pushes (id 0) so far, sorted, adjacent pieces joined.
+    fn group_push_runs(&self) -> Vec<(u64, u64)> {
+        let mut p: Vec<(u64, u64)> = self
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                EdgeEvent::Push {
+                    id: 0,
+                    offset,
+                    data,
+                    ..
+                } => Some((*offset, data.len() as u64)),
+                _ => None,
+            })
+            .collect();
+        p.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (offset, len) in p {
+            match runs.last_mut() {
+                Some(l) if l.0 + l.1 == offset => l.1 += len,
+                _ => runs.push((offset, len)),
+            }
+        }
+        runs
+    }
+
+    /// Gives the origin a file index: `/usr/bin/app` in `app`'s extents,
+    /// loading `/usr/lib/libapp.so` in `lib`'s (its application group).
+    fn map_app_and_library(&mut self, app: Vec<(u64, u64)>, lib: Vec<(u64, u64)>) {
+        use prefetch::layout::{File, FileIndex, FileKind, VolumeLayout};
+        let file = |path: &str, extents: Vec<(u64, u64)>| File {
+            fs: 0,
+            path: path.into(),
+            kind: FileKind::Regular,
+            size: extents.iter().map(|e| e.1).sum(),
+            extents,
+            offsets: vec![],
+            meta: None,
+            target: None,
+        };
+        let layout = VolumeLayout {
+            files: vec![file("/usr/bin/app", app), file("/usr/lib/libapp.so", lib)],
+            needs: [(0, vec![1])].into_iter().collect(),
+            ..VolumeLayout::default()
+        };
+        let index = std::sync::Arc::new(FileIndex::new(&layout, 64 << 10));
+        self.origin.as_mut().expect("attached").set_files(index);
+    }
+
     fn read_done(&self, id: RequestId) -> Option<&Result<ReadReply, crate::LinkError>> {
         self.events.iter().find_map(|(_, e)| match e {
             EdgeEvent::ReadDone { id: i, result } if *i == id => Some(result),
@@ -757,149 +806,62 @@ fn a_profile_is_stored_and_a_plan_streams_behind_demand_reads() {
 
 #[test]
 fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_and_what_it_loads_once() {
-    use prefetch::layout::{File, FileIndex, FileKind, VolumeLayout};
     let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
     w.run(Duration::from_secs(2), |w| w.edge.is_up());
-    // A 1.5 MiB file in two extents, the second before the first.
-    // And a library it loads, pushed with it (its application group).
-    let file = |path: &str, extents: Vec<(u64, u64)>| File {
-        fs: 0,
-        path: path.into(),
-        kind: FileKind::Regular,
-        size: extents.iter().map(|e| e.1).sum(),
-        extents,
-        offsets: vec![],
-        meta: None,
-        target: None,
-    };
-    let layout = VolumeLayout {
-        files: vec![
-            file(
-                "/usr/bin/app",
-                vec![(4 << 20, 1 << 20), (1 << 20, 512 << 10)],
-            ),
-            file("/usr/lib/libapp.so", vec![(7 << 20, 256 << 10)]),
-        ],
-        needs: [(0, vec![1])].into_iter().collect(),
-        ..VolumeLayout::default()
-    };
-    let index = std::sync::Arc::new(FileIndex::new(&layout, 64 << 10));
-    w.origin.as_mut().expect("attached").set_files(index);
-    let pushes = |w: &World| -> Vec<(u64, usize)> {
-        let mut p: Vec<(u64, usize)> = w
-            .events
-            .iter()
-            .filter_map(|(_, e)| match e {
-                EdgeEvent::Push {
-                    id: 0,
-                    offset,
-                    data,
-                    ..
-                } => Some((*offset, data.len())),
-                _ => None,
-            })
-            .collect();
-        p.sort_unstable();
-        p
-    };
+    // A 1.5 MiB file in two extents, the second before the first, and a
+    // library it loads, pushed with it.
+    w.map_app_and_library(
+        vec![(4 << 20, 1 << 20), (1 << 20, 512 << 10)],
+        vec![(7 << 20, 256 << 10)],
+    );
     let r = w.edge.read(4 << 20, 32 << 10, false, w.now);
     w.run(Duration::from_secs(2), |_| false);
     assert!(matches!(w.read_done(r), Some(Ok(_))));
-    let mut bytes: Vec<(u64, u64)> = Vec::new();
-    for (offset, len) in pushes(&w) {
-        match bytes.last_mut() {
-            Some(l) if l.0 + l.1 == offset => l.1 += len as u64,
-            _ => bytes.push((offset, len as u64)),
-        }
-    }
     // The rest of the file, not the rest of the 1 MiB group, and the
     // library.
     assert_eq!(
-        bytes,
+        w.group_push_runs(),
         [
             (1 << 20, 512 << 10),
             ((4 << 20) + (32 << 10), (1 << 20) - (32 << 10)),
             (7 << 20, 256 << 10)
         ]
     );
-    let before = pushes(&w).len();
+    let before = w.group_push_runs();
     let r = w.edge.read((4 << 20) + (512 << 10), 4096, false, w.now);
     w.run(Duration::from_secs(1), |_| false);
     assert!(w.read_done(r).is_some());
-    assert_eq!(pushes(&w).len(), before, "the file was pushed once");
+    assert_eq!(w.group_push_runs(), before, "the file was pushed once");
     // Outside every file: the fixed group, as before.
     let r = w.edge.read(6 << 20, 4096, false, w.now);
     w.run(Duration::from_secs(1), |_| false);
     assert!(w.read_done(r).is_some());
-    let group: usize = pushes(&w)
+    // (Its run ends where the library's pushed earlier begins.)
+    let group: u64 = w
+        .group_push_runs()
         .iter()
-        .filter(|p| (6 << 20..7 << 20).contains(&p.0))
-        .map(|p| p.1)
+        .map(|&(o, n)| (o + n).min(7 << 20).saturating_sub(o.max(6 << 20)))
         .sum();
     assert_eq!(group, (1 << 20) - 4096);
 }
 
 #[test]
 fn a_group_push_leaves_out_what_the_plan_sent() {
-    use prefetch::layout::{File, FileIndex, FileKind, VolumeLayout};
     let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
     // The plan holds the library, and 64 KiB of an unmapped region.
     w.plan = vec![(7 << 20, 256 << 10), (2 << 20, 64 << 10)];
     w.run(Duration::from_secs(2), |w| w.edge.is_up());
-    let file = |path: &str, extents: Vec<(u64, u64)>| File {
-        fs: 0,
-        path: path.into(),
-        kind: FileKind::Regular,
-        size: extents.iter().map(|e| e.1).sum(),
-        extents,
-        offsets: vec![],
-        meta: None,
-        target: None,
-    };
-    let layout = VolumeLayout {
-        files: vec![
-            file("/usr/bin/app", vec![(4 << 20, 1 << 20)]),
-            file("/usr/lib/libapp.so", vec![(7 << 20, 256 << 10)]),
-        ],
-        needs: [(0, vec![1])].into_iter().collect(),
-        ..VolumeLayout::default()
-    };
-    let index = std::sync::Arc::new(FileIndex::new(&layout, 64 << 10));
-    w.origin.as_mut().expect("attached").set_files(index);
+    w.map_app_and_library(vec![(4 << 20, 1 << 20)], vec![(7 << 20, 256 << 10)]);
     let plan = w.edge.plan(1 << 20);
     w.run(Duration::from_secs(5), |w| {
         w.has_event(|e| matches!(e, EdgeEvent::PrefetchDone { id, .. } if *id == plan))
     });
-    let group_pushes = |w: &World| -> Vec<(u64, u64)> {
-        let mut p: Vec<(u64, u64)> = w
-            .events
-            .iter()
-            .filter_map(|(_, e)| match e {
-                EdgeEvent::Push {
-                    id: 0,
-                    offset,
-                    data,
-                    ..
-                } => Some((*offset, data.len() as u64)),
-                _ => None,
-            })
-            .collect();
-        p.sort_unstable();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (offset, len) in p {
-            match runs.last_mut() {
-                Some(l) if l.0 + l.1 == offset => l.1 += len,
-                _ => runs.push((offset, len)),
-            }
-        }
-        runs
-    };
     // The program's rest goes; its library, which the plan sent, does not.
     let r = w.edge.read(4 << 20, 32 << 10, false, w.now);
     w.run(Duration::from_secs(2), |_| false);
     assert!(matches!(w.read_done(r), Some(Ok(_))));
     assert_eq!(
-        group_pushes(&w),
+        w.group_push_runs(),
         [((4 << 20) + (32 << 10), (1 << 20) - (32 << 10))]
     );
     // A fixed group around a planned range pushes the rest around it.
@@ -907,7 +869,7 @@ fn a_group_push_leaves_out_what_the_plan_sent() {
     w.run(Duration::from_secs(2), |_| false);
     assert!(w.read_done(r).is_some());
     assert_eq!(
-        group_pushes(&w),
+        w.group_push_runs(),
         [
             ((2 << 20) + (64 << 10), (448 << 10)),
             ((2 << 20) + (512 << 10) + 4096, (512 << 10) - 4096),
