@@ -71,6 +71,7 @@ WORK_DIR=${WORK_DIR:-/tmp}
 OUT=${OUT:-/tmp/boot-bench-$(date +%Y%m%d-%H%M%S).md}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/ferry/target}
 RAW=${OUT%.md}.raw
+NBDKIT_OPTS=-r
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
@@ -156,40 +157,12 @@ boot() {
 
 # --- servers ----------------------------------------------------------------
 
-start_link() { # NAME TARGET: sets LINK
-  spawn "$1" link "$FERRY_BIN" link-emulator --listen 127.0.0.1:0 --target "$2" \
-    --delay-ms "$DELAY_MS" --mbit "$MBIT"
-  LINK=$ADDR
-}
-
 # stop_link NAME: stops the emulator; sets LINK_DOWN (bytes it carried
 # towards the client: what the WAN cost the boot).
 stop_link() {
   stop_proc "$1"
-  LINK_DOWN=$(sed 's/\x1b\[[0-9;]*m//g' "$RAW/$1.log" |
-    sed -n 's/.*link emulator stopped.*bytes_to_client=\([0-9]*\).*/\1/p' | tail -1)
+  LINK_DOWN=$(link_bytes_down "$1")
   [ -n "$LINK_DOWN" ] || die "link emulator $1 did not log its byte counts (see $RAW/$1.log)"
-}
-
-start_nbdkit() { # NAME [--filter=F... PARAM=VALUE...]: sets NBDKIT_ADDR
-  local name=$1 port i
-  shift
-  port=$(free_port)
-  # "$@": filters (before the plugin) and their parameters (after it).
-  local filters=() params=() x
-  for x in "$@"; do
-    if [[ $x == --filter=* ]]; then filters+=("$x"); else params+=("$x"); fi
-  done
-  nbdkit -f -r -i 127.0.0.1 -p "$port" "${filters[@]}" file file="$IMG" "${params[@]}" \
-    2>> "$RAW/$name.log" &
-  PID_OF[$name]=$!
-  STARTED+=("$name")
-  for ((i = 0; i < 300; i++)); do
-    nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && { NBDKIT_ADDR=127.0.0.1:$port; return 0; }
-    kill -0 "${PID_OF[$name]}" 2>/dev/null || { tail -20 "$RAW/$name.log" >&2; die "$name died"; }
-    sleep 0.1
-  done
-  die "$name did not come up"
 }
 
 ORIGIN_STATE=""
@@ -260,7 +233,7 @@ run_row() { # ROW ROUND
       record "$row" "$BOOT_SECS"
       ;;
     nbdkit)
-      start_nbdkit "$tag-nbdkit" --filter=stats statsfile="$RAW/$tag.stats" statsappend=false
+      start_nbdkit "$tag-nbdkit" "$IMG" --filter=stats statsfile="$RAW/$tag.stats" statsappend=false
       boot "$tag" "nbd://$NBDKIT_ADDR"
       stop_proc "$tag-nbdkit"
       # "read: 3812 ops, 1.2 s, 88.06 MiB, ...": to 0.01 MiB, enough here.
@@ -279,7 +252,7 @@ PY
       record "$row" "$BOOT_SECS"
       ;;
     nbdkit-wan)
-      start_nbdkit "$tag-nbdkit"
+      start_nbdkit "$tag-nbdkit" "$IMG"
       start_link "$tag-link" "$NBDKIT_ADDR"
       boot "$tag" "nbd://$LINK"
       stop_link "$tag-link"
@@ -287,7 +260,7 @@ PY
       record "$row" "$BOOT_SECS" "$LINK_DOWN"
       ;;
     copy-first)
-      start_nbdkit "$tag-nbdkit"
+      start_nbdkit "$tag-nbdkit" "$IMG"
       start_link "$tag-link" "$NBDKIT_ADDR"
       local start copy
       start=$(now)

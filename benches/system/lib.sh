@@ -82,6 +82,46 @@ finish_work() {
   exit "$rc"
 }
 
+# start_link NAME TARGET: an emulated WAN in front of TARGET (DELAY_MS each
+# way, MBIT each way, QUEUE_KIB buffered per direction when set); sets LINK.
+start_link() {
+  local queue=()
+  [ -z "${QUEUE_KIB:-}" ] || queue=(--queue-kib "$QUEUE_KIB")
+  spawn "$1" link "$FERRY_BIN" link-emulator --listen 127.0.0.1:0 --target "$2" \
+    --delay-ms "$DELAY_MS" --mbit "$MBIT" "${queue[@]}"
+  LINK=$ADDR
+}
+
+# link_bytes_down NAME: the bytes emulator NAME carried towards its client,
+# as its last count line says (it logs one at exit and on SIGUSR1).
+link_bytes_down() {
+  sed 's/\x1b\[[0-9;]*m//g' "$RAW/$1.log" | sed -n 's/.*bytes_to_client=\([0-9]*\).*/\1/p' | tail -1
+}
+
+# start_nbdkit NAME FILE [--filter=F...] [PARAM=VALUE...]: `nbdkit file`
+# serving FILE on loopback (filters go before the plugin, parameters after
+# it), probed directly, not through a link that would count the probe;
+# sets NBDKIT_ADDR. Extra nbdkit options (-r) in NBDKIT_OPTS.
+start_nbdkit() {
+  local name=$1 file=$2 port i filters=() params=() x opts=()
+  shift 2
+  for x in "$@"; do
+    if [[ $x == --filter=* ]]; then filters+=("$x"); else params+=("$x"); fi
+  done
+  read -r -a opts <<< "${NBDKIT_OPTS:-}"
+  port=$(free_port)
+  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" "${opts[@]}" "${filters[@]}" \
+    file file="$file" "${params[@]}" >> "$RAW/$name.log" 2>&1 &
+  PID_OF[$name]=$!
+  STARTED+=("$name")
+  for ((i = 0; i < 300; i++)); do
+    nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && { NBDKIT_ADDR=127.0.0.1:$port; return 0; }
+    kill -0 "${PID_OF[$name]}" 2>/dev/null || { tail -20 "$RAW/$name.log" >&2; die "$name died"; }
+    sleep 0.1
+  done
+  die "$name did not come up"
+}
+
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }

@@ -118,11 +118,7 @@ REVISION=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 EOF
 
-link() { # TAG TARGET: the emulator in front of TARGET; sets LINK
-  spawn "link-$1" link "$FERRY_BIN" link-emulator --listen 127.0.0.1:0 --target "$2" \
-    --delay-ms "$DELAY_MS" --mbit "$MBIT" --queue-kib "$QUEUE_KIB"
-  LINK=$ADDR
-}
+link() { start_link "link-$1" "$2"; } # TAG TARGET: sets LINK
 
 # link_counts TAG: sets UP and DOWN, the bytes the running emulator has
 # relayed towards the origin and back so far (it logs them on SIGUSR1).
@@ -139,24 +135,13 @@ link_counts() {
 }
 
 # link_bytes TAG: bytes the stopped emulator sent towards the copier.
-link_bytes() {
-  sed -n 's/.*bytes_to_client=\([0-9]*\).*/\1/p' "$RAW/link-$1.log" | tail -1
-}
+link_bytes() { link_bytes_down "link-$1"; }
 
 # serve_file TAG FILE: `nbdkit file` serving FILE, behind the emulator;
 # sets LINK.
 serve_file() {
-  local tag=$1 port i
-  port=$(free_port)
-  nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$port" file "$2" \
-    > "$RAW/nbdkit-$tag.log" 2>&1 &
-  PID_OF[nbdkit-$tag]=$!
-  STARTED+=("nbdkit-$tag")
-  for ((i = 0; i < 100; i++)); do
-    nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && break
-    sleep 0.1
-  done
-  link "$tag" "127.0.0.1:$port"
+  start_nbdkit "nbdkit-$1" "$2"
+  link "$1" "$NBDKIT_ADDR"
 }
 
 check_copy() { # COPY
