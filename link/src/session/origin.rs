@@ -80,8 +80,9 @@ pub struct OriginSessionConfig {
     /// file the origin knows (see [`OriginSession::set_files`]).
     pub group_size: u32,
     /// After a demand read inside a known file, the rest of that file is
-    /// pushed, at most this many bytes, and then the files it loads (its
-    /// application group: each at most this, all at most four times
+    /// pushed, at most this many bytes from the read on (again at each
+    /// demand read past them), and, the first time, the files it loads
+    /// (its application group: each at most this, all at most four times
     /// this); 0: file-aware groups off.
     pub file_group_max: u64,
     /// The chunk size edges cache in; reported at attach.
@@ -987,8 +988,10 @@ impl OriginSession {
 
     /// What to push after a demand read: nothing inside a planned range
     /// (the plan predicted the read and what follows it); inside a known
-    /// file, the rest of the file (once per connection); elsewhere, the
-    /// rest of the read's fixed group (once per connection).
+    /// file, the rest of the file (at most `file_group_max` ahead; its
+    /// application group once per connection); elsewhere, the rest of the
+    /// read's fixed group (once per connection). What the connection sent
+    /// is left out when the pushes are queued.
     fn group_after(&mut self, offset: u64, len: u32) -> Vec<(u64, u64)> {
         let planned = self
             .planned
@@ -1001,8 +1004,12 @@ impl OriginSession {
         let file_max = self.cfg.file_group_max;
         if let Some(files) = self.files.as_ref().filter(|_| file_max > 0) {
             if let Some((file, mut ranges)) = files.group(offset, file_max) {
+                // The next `file_max` bytes of the file from the read on,
+                // every time (what was sent is left out when queued): a
+                // file longer than that streams ahead of its reader, one
+                // demand read per `file_max`, instead of stopping there.
                 if !self.pushed.insert(FILE_GROUP | u64::from(file)) {
-                    return Vec::new();
+                    return clip(ranges, self.size);
                 }
                 self.stats.file_groups += 1;
                 // Then what it loads (the application group), each file
@@ -1017,10 +1024,7 @@ impl OriginSession {
                     left -= whole.iter().map(|r| r.1).sum::<u64>();
                     ranges.extend(whole);
                 }
-                return ranges
-                    .into_iter()
-                    .map(|(s, l)| (s.min(self.size), (s + l).min(self.size)))
-                    .collect();
+                return clip(ranges, self.size);
             }
         }
         let group = u64::from(self.cfg.group_size);
@@ -1275,6 +1279,14 @@ fn refusal_message(r: Refusal) -> Message {
         code: r.code,
         message: r.message,
     }
+}
+
+/// `(start, len)` ranges as `(start, end)`, inside a volume of `size`.
+fn clip(ranges: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    ranges
+        .into_iter()
+        .map(|(s, l)| (s.min(size), (s + l).min(size)))
+        .collect()
 }
 
 /// Byte ranges, merged where they touch, forgotten all at once past a

@@ -846,6 +846,37 @@ fn a_read_inside_a_known_file_pushes_the_rest_of_that_file_and_what_it_loads_onc
 }
 
 #[test]
+fn a_file_longer_than_its_group_streams_ahead_of_its_reader() {
+    let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
+    w.origin_cfg.file_group_max = 1 << 20;
+    w.run(Duration::from_secs(2), |w| w.edge.is_up());
+    // A 4 MiB file (a kernel's initramfs): its first read pushes the next
+    // 1 MiB, and a read past that the 1 MiB after it.
+    w.map_app_and_library(vec![(2 << 20, 4 << 20)], vec![(7 << 20, 256 << 10)]);
+    let r = w.edge.read(2 << 20, 32 << 10, false, w.now);
+    w.run(Duration::from_secs(2), |_| false);
+    assert!(matches!(w.read_done(r), Some(Ok(_))));
+    assert_eq!(
+        w.group_push_runs(),
+        [
+            ((2 << 20) + (32 << 10), (1 << 20) - (32 << 10)),
+            (7 << 20, 256 << 10)
+        ]
+    );
+    let r = w.edge.read(3 << 20, 4096, false, w.now);
+    w.run(Duration::from_secs(2), |_| false);
+    assert!(matches!(w.read_done(r), Some(Ok(_))));
+    assert_eq!(
+        w.group_push_runs(),
+        [
+            ((2 << 20) + (32 << 10), (1 << 20) - (32 << 10)),
+            ((3 << 20) + 4096, (1 << 20) - 4096),
+            (7 << 20, 256 << 10)
+        ]
+    );
+}
+
+#[test]
 fn a_group_push_leaves_out_what_the_plan_sent() {
     let mut w = World::new(MBIT100, Duration::from_millis(5), 1 << 20);
     // The plan holds the library, and 64 KiB of an unmapped region.
