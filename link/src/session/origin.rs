@@ -229,7 +229,7 @@ pub struct OriginSessionStats {
     pub sign_queries: u64,
     pub bytes_read: u64,
     pub bytes_pushed: u64,
-    /// Demand reads that pushed the rest of their file.
+    /// Files whose group a demand read pushed (the first time per file).
     pub file_groups: u64,
     /// Demand reads that pushed the rest of their fixed group.
     pub fixed_groups: u64,
