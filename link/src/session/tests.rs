@@ -430,16 +430,22 @@ impl World {
 
     /// The group pushes (id 0) so far, sorted, adjacent pieces joined.
     fn group_push_runs(&self) -> Vec<(u64, u64)> {
+        self.push_runs(0)
+    }
+
+    /// The pushes of request `id` so far, sorted, adjacent pieces joined
+    /// (the scheduler cuts them in frames).
+    fn push_runs(&self, id: u64) -> Vec<(u64, u64)> {
         let mut p: Vec<(u64, u64)> = self
             .events
             .iter()
             .filter_map(|(_, e)| match e {
                 EdgeEvent::Push {
-                    id: 0,
+                    id: i,
                     offset,
                     data,
                     ..
-                } => Some((*offset, data.len() as u64)),
+                } if *i == id => Some((*offset, data.len() as u64)),
                 _ => None,
             })
             .collect();
@@ -758,27 +764,9 @@ fn a_profile_is_stored_and_a_plan_streams_behind_demand_reads() {
         |e| matches!(e, EdgeEvent::ProfileStored { id, result: Ok(()) } if *id == stored)
     ));
     assert_eq!(w.profiles, [Bytes::from_static(b"a profile")]);
-    let mut pushed: Vec<(u64, usize)> = w
-        .events
-        .iter()
-        .filter_map(|(_, e)| match e {
-            EdgeEvent::Push {
-                id, offset, data, ..
-            } if *id == plan => Some((*offset, data.len())),
-            _ => None,
-        })
-        .collect();
-    pushed.sort_unstable();
     // Every planned range, whole, once (in frames the scheduler cut).
-    let mut ranges: Vec<(u64, usize)> = Vec::new();
-    for (offset, len) in pushed {
-        match ranges.last_mut() {
-            Some(last) if last.0 + last.1 as u64 == offset => last.1 += len,
-            _ => ranges.push((offset, len)),
-        }
-    }
     assert_eq!(
-        ranges,
+        w.push_runs(plan),
         [(0, 64 << 10), (1 << 20, 1 << 20), (5 << 20, 512 << 10)]
     );
     // The read outside the plan pushed its group; one inside the plan
