@@ -75,9 +75,7 @@ NBDKIT_OPTS=-r
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-for v in ROUNDS SLOW_ROUNDS BOOT_TIMEOUT QEMU_MEM_MIB; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
-done
+whole_numbers ROUNDS SLOW_ROUNDS BOOT_TIMEOUT QEMU_MEM_MIB
 for r in $ROWS; do
   [[ " $ALL_ROWS " == *" $r "* ]] || die "unknown row $r ($ALL_ROWS)"
 done
@@ -86,18 +84,9 @@ has_row() { [[ " $ROWS " == *" $1 "* ]]; }
 if has_row edge-again || has_row edge-hotspot; then
   has_row edge-first || die "edge-again and edge-hotspot need edge-first (it records the profile)"
 fi
-for t in qemu-system-x86_64 nbdkit nbdcopy nbdinfo python3 awk; do
-  command -v "$t" >/dev/null || die "missing $t: run scripts/install-deps.sh"
-done
-if [ -z "${FERRY_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --workspace --all-targets --locked)
-  FERRY_BIN=$CARGO_TARGET_DIR/debug/ferry
-fi
-[ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
-if [ -e "$RAW" ] && [ -n "$(ls -A "$RAW" 2>/dev/null)" ]; then
-  die "$RAW exists and is not empty: remove it or choose another OUT"
-fi
-mkdir -p "$RAW" "$(dirname "$OUT")"
+require_tools qemu-system-x86_64 nbdkit nbdcopy nbdinfo python3 awk
+ferry_binary
+fresh_raw
 start_work
 
 IMG=$("$ROOT/scripts/make-vm-image.sh" --stock | tail -1)

@@ -6,6 +6,46 @@
 die() { echo "$BENCH: $*" >&2; exit 1; }
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 
+# whole_numbers VAR...: dies unless each variable holds a whole number.
+whole_numbers() {
+  local v
+  for v in "$@"; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
+  done
+}
+
+# require_tools TOOL...: dies naming the first one missing.
+require_tools() {
+  local t
+  for t in "$@"; do
+    command -v "$t" >/dev/null || die "missing $t: run scripts/install-deps.sh"
+  done
+}
+
+# ferry_binary [release]: unless FERRY_BIN is set, builds ferry (the test
+# command's dev build, one RocksDB compile for both; or a release build)
+# and sets FERRY_BIN to it.
+ferry_binary() {
+  if [ -z "${FERRY_BIN:-}" ]; then
+    if [ "${1:-}" = release ]; then
+      (cd "$ROOT" && cargo build --release --locked -p ferry)
+      FERRY_BIN=$CARGO_TARGET_DIR/release/ferry
+    else
+      (cd "$ROOT" && cargo build --workspace --all-targets --locked)
+      FERRY_BIN=$CARGO_TARGET_DIR/debug/ferry
+    fi
+  fi
+  [ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
+}
+
+# fresh_raw: RAW and OUT's folder made; dies if RAW holds an earlier run.
+fresh_raw() {
+  if [ -e "$RAW" ] && [ -n "$(ls -A "$RAW" 2>/dev/null)" ]; then
+    die "$RAW exists and is not empty: remove it or choose another OUT"
+  fi
+  mkdir -p "$RAW" "$(dirname "$OUT")"
+}
+
 # Everything started is recorded here and stopped at exit.
 declare -A PID_OF=()
 STARTED=()

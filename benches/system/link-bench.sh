@@ -59,17 +59,9 @@ RAW=${OUT%.md}.raw
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-for v in SIZE_MIB QUEUE_KIB RUNTIME ROUNDS WB_SECS JOURNAL_MIB; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
-done
-for t in fio python3 awk; do
-  command -v "$t" >/dev/null || die "missing $t: run scripts/install-deps.sh"
-done
-if [ -z "${FERRY_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --release --locked -p ferry)
-  FERRY_BIN=$CARGO_TARGET_DIR/release/ferry
-fi
-[ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
+whole_numbers SIZE_MIB QUEUE_KIB RUNTIME ROUNDS WB_SECS JOURNAL_MIB
+require_tools fio python3 awk
+ferry_binary release
 BINS=(new)
 if [ -n "${FERRY_OLD_BIN:-}" ]; then
   [ -x "$FERRY_OLD_BIN" ] || die "FERRY_OLD_BIN $FERRY_OLD_BIN missing"
@@ -77,10 +69,7 @@ if [ -n "${FERRY_OLD_BIN:-}" ]; then
 fi
 bin_of() { if [ "$1" = old ]; then echo "$FERRY_OLD_BIN"; else echo "$FERRY_BIN"; fi; }
 
-if [ -e "$RAW" ] && [ -n "$(ls -A "$RAW" 2>/dev/null)" ]; then
-  die "$RAW exists and is not empty: remove it or choose another OUT"
-fi
-mkdir -p "$RAW" "$(dirname "$OUT")"
+fresh_raw
 start_work
 
 RTT_MS=$(awk -v d="$DELAY_MS" 'BEGIN { print 2 * d }')

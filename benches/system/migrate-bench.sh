@@ -62,24 +62,11 @@ RAW=${OUT%.md}.raw
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-for v in SIZE_MIB DATA_MIB QUEUE_KIB ROUNDS CHANGE_MIB; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
-done
+whole_numbers SIZE_MIB DATA_MIB QUEUE_KIB ROUNDS CHANGE_MIB
 [ "$DATA_MIB" -le "$SIZE_MIB" ] || die "DATA_MIB exceeds SIZE_MIB"
-for t in fio nbdkit nbdcopy python3 awk base64 cmp; do
-  command -v "$t" >/dev/null || die "missing $t: run scripts/install-deps.sh"
-done
-if [ -z "${FERRY_BIN:-}" ]; then
-  # The same build as the test command (one RocksDB compile for both).
-  (cd "$ROOT" && cargo build --workspace --all-targets --locked)
-  FERRY_BIN=$CARGO_TARGET_DIR/debug/ferry
-fi
-[ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
-
-if [ -e "$RAW" ] && [ -n "$(ls -A "$RAW" 2>/dev/null)" ]; then
-  die "$RAW exists and is not empty: remove it or choose another OUT"
-fi
-mkdir -p "$RAW" "$(dirname "$OUT")"
+require_tools fio nbdkit nbdcopy python3 awk base64 cmp
+ferry_binary
+fresh_raw
 start_work
 
 RTT_MS=$(awk -v d="$DELAY_MS" 'BEGIN { print 2 * d }')

@@ -43,18 +43,10 @@ RAW=${OUT%.md}.raw
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 
-for v in VOLUMES SIZE_MIB RUNTIME ROUNDS; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a whole number (got '${!v}')"
-done
-for t in fio nbdcopy python3 awk; do
-  command -v "$t" >/dev/null || die "missing $t: run scripts/install-deps.sh"
-done
-if [ -z "${FERRY_BIN:-}" ]; then
-  (cd "$ROOT" && cargo build --workspace --all-targets --locked)
-  FERRY_BIN=$CARGO_TARGET_DIR/debug/ferry
-fi
-[ -x "$FERRY_BIN" ] || die "ferry binary $FERRY_BIN missing"
-mkdir -p "$RAW" "$(dirname "$OUT")"
+whole_numbers VOLUMES SIZE_MIB RUNTIME ROUNDS
+require_tools fio nbdcopy python3 awk
+ferry_binary
+fresh_raw
 start_work
 # Fifty edges and their clients need more than the default 1024 descriptors.
 ulimit -n 65536 2>/dev/null || true
