@@ -1016,34 +1016,75 @@ impl RemoteDevice {
             ReadReply::Data { data, .. } => return Ok(data),
             ReadReply::Signatures { chunk_size, sigs } => (chunk_size, sigs),
         };
+        if u64::from(chunk_size) * sigs.len() as u64 != u64::from(len) {
+            return Err(LinkError::Unexpected(format!(
+                "{} signatures of {chunk_size} bytes in answer to a read of {len}",
+                sigs.len()
+            )));
+        }
         let store = store.clone();
-        let n = sigs.len() as u64;
+        let chunk = chunk_size as usize;
         // Cache lookups read and decrypt from disk: off the async threads.
-        let found = tokio::task::spawn_blocking(move || {
-            let mut out = BytesMut::with_capacity(chunk_size as usize * sigs.len());
-            for sig in &sigs {
-                match store.get(sig) {
-                    Some(d) if d.len() == chunk_size as usize => out.extend_from_slice(&d),
-                    _ => return None,
-                }
-            }
-            Some(out.freeze())
+        let mut held: Vec<Option<Bytes>> = tokio::task::spawn_blocking(move || {
+            sigs.iter()
+                .map(|sig| store.get(sig).filter(|d| d.len() == chunk))
+                .collect()
         })
         .await
-        .unwrap_or(None);
-        if let Some(data) = found {
-            self.client.count_signatures(true, n);
-            Ok(data)
-        } else {
-            // Evicted since the origin sent it: one more round trip.
-            self.client.count_signatures(false, n);
-            self.client.read(offset, len).await
+        .map_err(|e| LinkError::Unexpected(format!("signature lookup: {e}")))?;
+        let missing = held.iter().filter(|d| d.is_none()).count() as u64;
+        self.client
+            .count_signatures(true, held.len() as u64 - missing);
+        if missing == 0 {
+            let mut out = BytesMut::with_capacity(chunk * held.len());
+            held.iter().flatten().for_each(|d| out.extend_from_slice(d));
+            return Ok(out.freeze());
         }
+        // Evicted since the origin sent it, or still being stored (a fill
+        // is written in the background): one more round trip, for only the
+        // chunks not held.
+        self.client.count_signatures(false, missing);
+        let runs = missing_runs(&held);
+        let fetched = futures::future::try_join_all(runs.iter().map(|&(first, n)| {
+            let at = offset + first as u64 * u64::from(chunk_size);
+            self.client.read(at, (n * chunk) as u32)
+        }))
+        .await?;
+        for (&(first, n), data) in runs.iter().zip(fetched) {
+            if data.len() != n * chunk {
+                return Err(LinkError::Unexpected(format!(
+                    "{} bytes in answer to a read of {}",
+                    data.len(),
+                    n * chunk
+                )));
+            }
+            for k in 0..n {
+                held[first + k] = Some(data.slice(k * chunk..(k + 1) * chunk));
+            }
+        }
+        let mut out = BytesMut::with_capacity(chunk * held.len());
+        held.iter().flatten().for_each(|d| out.extend_from_slice(d));
+        Ok(out.freeze())
     }
 
     pub fn client(&self) -> &LinkClient {
         &self.client
     }
+}
+
+/// The runs of `None` in `held`, as (first index, length).
+fn missing_runs(held: &[Option<Bytes>]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, d) in held.iter().enumerate() {
+        if d.is_some() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == i => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
 }
 
 /// The one mapping of a link failure to a block error, as the NBD and

@@ -349,6 +349,21 @@ async fn clones_cross_the_link_as_signatures() {
     let st = client.status();
     assert_eq!(st.signature_misses, 1, "{st:?}");
     assert_eq!(st.link.bytes_read, 2 * CHUNK as u64, "{st:?}");
+
+    // A read of many chunks the store holds all but two of (one being
+    // stored in the background, say) fetches just those two.
+    for c in [8, 11] {
+        store.chunks.lock().unwrap().remove(
+            key.signature(&content[c * CHUNK..(c + 1) * CHUNK])
+                .as_bytes(),
+        );
+    }
+    let got = dev.read(6 * CHUNK as u64, 8 * CHUNK).await.unwrap();
+    assert_eq!(got[..], content[6 * CHUNK..14 * CHUNK]);
+    let st = client.status();
+    assert_eq!(st.signature_misses, 3, "{st:?}");
+    assert_eq!(st.signature_hits, (SIZE / CHUNK) as u64 + 6, "{st:?}");
+    assert_eq!(st.link.bytes_read, 4 * CHUNK as u64, "{st:?}");
     // A read that is not whole chunks is always data.
     let got = dev.read(100, 5000).await.unwrap();
     assert_eq!(got[..], content[100..5100]);

@@ -119,6 +119,25 @@ fn wire_in(e: &Ferry, name: &str) -> u64 {
         .expect("link bytes")
 }
 
+/// Waits until the edge's cache holds `bytes`: fills are written in the
+/// background, and a read racing them fetches what is not stored yet.
+fn wait_cache_holds(eapi: &Path, bytes: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let used = api(eapi, "GET", "/v1/cache", None, 200)["used_bytes"]
+            .as_u64()
+            .expect("cache bytes");
+        if used >= bytes {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache holds {used} bytes after 30 s, not {bytes}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn ten_clones_on_one_edge_share_the_base_and_keep_their_writes_apart() {
     let lab = Lab::new();
@@ -150,6 +169,9 @@ fn ten_clones_on_one_edge_share_the_base_and_keep_their_writes_apart() {
             &format!("nbd://{nbd}/{name}"),
         ]));
         link_bytes.push(wire_in(&e, &name));
+        if i == 1 {
+            wait_cache_holds(&eapi, SIZE);
+        }
     }
     let first = link_bytes[0];
     let rest: u64 = link_bytes[1..].iter().sum();
