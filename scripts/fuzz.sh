@@ -20,8 +20,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 # The filesystem walkers start from real, tiny filesystems: a fuzzer
-# does not find ext4's or FAT's structure from nothing. Built once per
-# corpus directory (mkfs.ext4 and mkfs.vfat are test dependencies).
+# does not find ext4's, FAT's or NTFS's structure from nothing. Built once
+# per corpus directory (mkfs.ext4, mkfs.vfat, mkntfs and wimapply are test
+# dependencies).
 seed_filesystems() {
     local work
     work=$(mktemp -d)
@@ -37,6 +38,17 @@ seed_filesystems() {
     if [ -z "$(ls -A corpus/layout_fat)" ]; then
         mkfs.vfat -C corpus/layout_fat/fat12 64 >/dev/null
         MTOOLS_SKIP_CHECK=1 mcopy -s -i corpus/layout_fat/fat12 "$work/root/dir" ::/
+    fi
+    if [ -z "$(ls -A corpus/layout_ntfs 2>/dev/null)" ]; then
+        mkdir -p corpus/layout_ntfs
+        # The smallest NTFS mkntfs makes, 512-byte clusters, with the tree
+        # applied by wimapply (no mount); and its head alone (boot sector,
+        # MFT, root index), which the target pads to the volume's size.
+        truncate -s 1100K corpus/layout_ntfs/tree
+        mkntfs -F -f -Q -q -c 512 corpus/layout_ntfs/tree >/dev/null 2>&1
+        wimcapture "$work/root" "$work/tree.wim" --compress=none >/dev/null
+        wimapply "$work/tree.wim" 1 corpus/layout_ntfs/tree >/dev/null
+        head -c 196608 corpus/layout_ntfs/tree >corpus/layout_ntfs/head
     fi
     if [ -z "$(ls -A corpus/layout_partitions)" ]; then
         head -c 262144 /dev/zero >corpus/layout_partitions/mbr

@@ -1,13 +1,16 @@
 //! File awareness against real filesystems: images built here with the
-//! real tools (`mkfs.ext4 -d`, `debugfs`, `mkfs.vfat`, mtools, `sfdisk`),
-//! mapped by `prefetch::layout`, and checked against what those tools
-//! say: debugfs's block lists, mshowfat's cluster runs, and the files'
-//! bytes read back through the extents found.
+//! real tools (`mkfs.ext4 -d`, `debugfs`, `mkfs.vfat`, mtools, `sfdisk`;
+//! `mkntfs`, `ntfscp`, `ntfstruncate` and wimlib's `wimapply`, which
+//! write NTFS without a mount), mapped by `prefetch::layout`, and checked
+//! against what those tools say: debugfs's block lists, mshowfat's
+//! cluster runs, ntfsinfo's runlists, and the files' bytes read back
+//! through the extents found.
 
 #![allow(clippy::cast_possible_truncation)] // offsets into in-memory test images
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Write as _;
 use std::path::Path;
 
 use ferry_tests::disk::{build_disk, mtools};
@@ -338,4 +341,443 @@ fn an_executables_application_group_is_what_ldd_loads() {
     let index = FileIndex::new(&layout, 64 << 10);
     let file = index.file_at(exe.extents[0].0).unwrap();
     assert_eq!(index.group_files(file).len(), want.len());
+}
+
+const NTFS_CLUSTER: u64 = 4096;
+
+/// A fresh NTFS of `mib` MiB in `image`, clusters of 4 KiB.
+fn mkntfs(image: &Path, mib: u64) {
+    fs::File::create(image).unwrap().set_len(mib << 20).unwrap();
+    // -F: a regular file, -Q: no zeroing or bad-sector scan, -f as -Q.
+    run(cmd("mkntfs")
+        .args(["-F", "-f", "-Q", "-q", "-c", "4096", "-L", "data"])
+        .arg(image));
+}
+
+/// Copies `data` into the unmounted NTFS `image` as `path` (created or
+/// overwritten).
+fn ntfscp(image: &Path, scratch: &Path, path: &str, data: &[u8]) {
+    let src = scratch.join("ntfscp-src");
+    fs::write(&src, data).unwrap();
+    run(cmd("ntfscp").arg("-q").arg(image).arg(&src).arg(path));
+}
+
+/// ntfsinfo's runlist of the attribute `attr` (`$DATA`,
+/// `$INDEX_ALLOCATION`) of `path`: (VCN, LCN or none for a hole,
+/// clusters) per run, of every piece when an attribute list splits it.
+fn ntfsinfo_runs(image: &Path, path: &str, attr: &str) -> Vec<(u64, Option<u64>, u64)> {
+    let out = run(cmd("ntfsinfo").arg("-F").arg(path).arg("-v").arg(image));
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    let pieces: Vec<&str> = out
+        .split("Dumping attribute ")
+        .filter(|s| s.starts_with(&format!("{attr} ")))
+        .collect();
+    assert!(
+        !pieces.is_empty(),
+        "no {attr} in ntfsinfo's dump of {path}:\n{out}"
+    );
+    pieces
+        .iter()
+        .flat_map(|piece| {
+            let list = piece
+                .split_once("Runlist:")
+                .unwrap_or_else(|| panic!("{path}'s {attr} is resident:\n{piece}"))
+                .1;
+            list.lines()
+                .skip(1) // VCN LCN Length
+                .map_while(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                    [vcn, lcn, len] => Some((hex(vcn)?, hex(lcn), hex(len)?)),
+                    _ => None,
+                })
+        })
+        .collect()
+}
+
+/// Cluster by cluster (VCN -> LCN) what ntfsinfo lists for a stream of
+/// `size` bytes (clusters allocated past its end left out).
+fn their_clusters(runs: &[(u64, Option<u64>, u64)], size: u64) -> BTreeMap<u64, u64> {
+    let used = size.div_ceil(NTFS_CLUSTER);
+    runs.iter()
+        .filter_map(|&(vcn, lcn, n)| Some((vcn, lcn?, n)))
+        .flat_map(|(vcn, lcn, n)| (0..n).map(move |i| (vcn + i, lcn + i)))
+        .filter(|&(vcn, _)| vcn < used)
+        .collect()
+}
+
+/// The same from the extents found.
+fn our_clusters(layout: &VolumeLayout, fs: usize, path: &str) -> BTreeMap<u64, u64> {
+    let start = layout.filesystems[fs].start;
+    let f = layout
+        .resolve(fs, path)
+        .unwrap_or_else(|| panic!("{path} not found"));
+    f.extents
+        .iter()
+        .zip(f.extent_offsets())
+        .flat_map(|(&(s, l), at)| {
+            (0..l.div_ceil(NTFS_CLUSTER))
+                .map(move |i| (at / NTFS_CLUSTER + i, (s - start) / NTFS_CLUSTER + i))
+        })
+        .collect()
+}
+
+/// `path`'s bytes read back through its extents are `want`; or, for a
+/// file kept in its file record (resident, no extents), its size is.
+fn check_ntfs_file(disk: &[u8], layout: &VolumeLayout, path: &str, want: &[u8]) {
+    let f = layout.resolve(0, path).unwrap();
+    if f.extents.is_empty() && f.size < 1024 {
+        assert_eq!(f.size, want.len() as u64, "{path}");
+        return;
+    }
+    let got = read_through_extents(disk, layout, 0, path);
+    assert!(
+        got == want,
+        "{path}: {} bytes read through its extents differ from the file",
+        got.len()
+    );
+}
+
+/// `volume` as an MBR disk's one partition (of type `kind`), at 1 MiB.
+fn in_mbr_partition(dir: &Path, volume: &[u8], kind: &str) -> Vec<u8> {
+    let disk = dir.join("disk.img");
+    let mut bytes = vec![0u8; (1 << 20) + volume.len()];
+    fs::write(&disk, &bytes).unwrap();
+    let mut c = cmd("sfdisk");
+    c.arg("--no-reread").arg("--no-tell-kernel").arg(&disk);
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let table = format!(
+        "label: dos\nstart=2048, size={}, type={kind}\n",
+        volume.len() / 512
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(table.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk failed");
+    bytes[..512].copy_from_slice(&fs::read(&disk).unwrap()[..512]);
+    bytes[1 << 20..].copy_from_slice(volume);
+    bytes
+}
+
+#[test]
+fn an_ntfs_partition_is_mapped_run_for_run_as_ntfsinfo_lists_it() {
+    let dir = tempdir();
+    let img = dir.path().join("ntfs.img");
+    mkntfs(&img, 24);
+    let mut files: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    // Small enough to stay in its file record.
+    files.insert("/small.txt", b"resident bytes\n".to_vec());
+    files.insert("/kernel.bin", pattern_bytes(1 << 20, 21));
+    files.insert("/spacer", pattern_bytes(50_000, 22));
+    files.insert("/frag.bin", pattern_bytes(300_000, 23));
+    files.insert("/empty", Vec::new());
+    for (path, data) in &files {
+        if *path == "/frag.bin" {
+            // Written small before the spacer, then grown past it: its
+            // first run stays where it was, the rest follows the spacer.
+            ntfscp(&img, dir.path(), path, &data[..40_000]);
+        } else {
+            ntfscp(&img, dir.path(), path, data);
+        }
+    }
+    ntfscp(&img, dir.path(), "/frag.bin", &files["/frag.bin"]);
+    // 5000 bytes grown to 1 MiB by ntfstruncate: a sparse tail.
+    let sparse = pattern_bytes(5000, 24);
+    ntfscp(&img, dir.path(), "/sparse.bin", &sparse);
+    let inode = run(cmd("ntfsls").arg("-i").arg(&img))
+        .lines()
+        .find_map(|l| {
+            let (n, name) = l.trim().split_once(char::is_whitespace)?;
+            (name.trim() == "sparse.bin").then(|| n.to_owned())
+        })
+        .expect("sparse.bin's inode in ntfsls -i");
+    run(cmd("ntfstruncate")
+        .arg(&img)
+        .arg(&inode)
+        .arg((1u64 << 20).to_string()));
+    let mut grown = sparse.clone();
+    grown.resize(1 << 20, 0);
+    files.insert("/sparse.bin", grown);
+
+    let ntfs = fs::read(&img).unwrap();
+    let disk = in_mbr_partition(dir.path(), &ntfs, "7");
+    for (bytes, start) in [(&ntfs, 0u64), (&disk, 1 << 20)] {
+        let layout = scan(bytes, Limits::default());
+        assert!(layout.warnings.is_empty(), "{:?}", layout.warnings);
+        let kinds: Vec<(&str, u64)> = layout
+            .filesystems
+            .iter()
+            .map(|f| (f.kind, f.start))
+            .collect();
+        assert_eq!(kinds, [("ntfs", start)]);
+
+        for (path, want) in &files {
+            check_ntfs_file(bytes, &layout, path, want);
+        }
+        let small = layout.resolve(0, "/small.txt").unwrap();
+        assert!(small.extents.is_empty(), "resident: {:?}", small.extents);
+        assert_eq!(small.size, 15);
+        assert_eq!(
+            layout.resolve_nocase(0, "/KERNEL.BIN").map(|f| f.size),
+            Some(1 << 20),
+            "NTFS names compare without case"
+        );
+        assert_eq!(
+            layout.resolve(0, "/").map(|f| f.kind),
+            Some(FileKind::Directory)
+        );
+        assert!(
+            layout.files.iter().all(|f| !f.path.starts_with("/$")),
+            "system files are metadata, not files"
+        );
+
+        // Cluster for cluster what ntfsinfo lists, holes and all.
+        for path in ["/kernel.bin", "/frag.bin", "/spacer", "/sparse.bin"] {
+            let runs = ntfsinfo_runs(&img, path, "$DATA");
+            let size = files[path].len() as u64;
+            assert_eq!(
+                our_clusters(&layout, 0, path),
+                their_clusters(&runs, size),
+                "{path}: ntfsinfo lists {runs:x?}"
+            );
+        }
+        let frag = layout.resolve(0, "/frag.bin").unwrap();
+        assert_eq!(frag.extents.len(), 2, "fragmented around the spacer");
+        let sparse = layout.resolve(0, "/sparse.bin").unwrap();
+        assert_eq!(
+            sparse.extents,
+            [(sparse.extents[0].0, 2 * NTFS_CLUSTER)],
+            "two clusters, then a hole to 1 MiB"
+        );
+
+        // Metadata: the boot sector, then the MFT from where the boot
+        // sector puts it; a file's record is in the MFT by its number.
+        let mft_lcn = u64::from_le_bytes(ntfs[0x30..0x38].try_into().unwrap());
+        let mft = start + mft_lcn * NTFS_CLUSTER;
+        let meta = &layout.filesystems[0].meta;
+        assert_eq!(meta[0], (start, 512));
+        assert_eq!(meta[1].0, mft, "{meta:?}");
+        let kernel = layout.resolve(0, "/kernel.bin").unwrap();
+        let record = run(cmd("ntfsls").arg("-i").arg(&img))
+            .lines()
+            .find_map(|l| {
+                let (n, name) = l.trim().split_once(char::is_whitespace)?;
+                (name.trim() == "kernel.bin").then(|| n.parse::<u64>().unwrap())
+            })
+            .unwrap();
+        assert_eq!(kernel.meta, Some(mft + record * 1024));
+
+        // A read in a file finds it; its group is the rest of it.
+        let index = FileIndex::new(&layout, 64 << 10);
+        let (file, ranges) = index
+            .group(kernel.extents[0].0 + 100_000, 64 << 20)
+            .unwrap();
+        assert_eq!(index.path(file), Some("/kernel.bin"));
+        let pushed: u64 = ranges.iter().map(|r| r.1).sum();
+        assert!(
+            ((1 << 20) - 128 * 1024..=1 << 20).contains(&pushed),
+            "{pushed}"
+        );
+    }
+}
+
+/// The one warning a scan of `disk` gives, its NTFS not mapped.
+fn ntfs_warning(disk: &[u8]) -> String {
+    let layout = scan(&disk, Limits::default());
+    assert!(layout.filesystems.is_empty(), "{:?}", layout.filesystems);
+    assert_eq!(layout.warnings.len(), 1, "{:?}", layout.warnings);
+    let w = layout.warnings[0].clone();
+    assert!(
+        w.starts_with("partition 1 (ntfs): ") && w.ends_with("not file-aware"),
+        "{w}"
+    );
+    w
+}
+
+#[test]
+fn a_damaged_ntfs_is_a_warning_even_where_its_reader_would_panic() {
+    let dir = tempdir();
+    let img = dir.path().join("ntfs.img");
+    mkntfs(&img, 16);
+    ntfscp(&img, dir.path(), "/file.bin", &pattern_bytes(100_000, 41));
+    let disk = in_mbr_partition(dir.path(), &fs::read(&img).unwrap(), "7");
+    let layout = scan(&disk, Limits::default());
+    assert!(layout.warnings.is_empty(), "{:?}", layout.warnings);
+    let root_node = layout.resolve(0, "/").unwrap().extents[0].0 as usize;
+    let record = layout.resolve(0, "/file.bin").unwrap().meta.unwrap() as usize;
+
+    // The root directory's record overwritten.
+    let mut broken = disk.clone();
+    let root_record = layout.resolve(0, "/").unwrap().meta.unwrap() as usize;
+    broken[root_record..root_record + 1024].copy_from_slice(&pattern_bytes(1024, 42));
+    let w = ntfs_warning(&broken);
+    assert!(w.contains("damaged"), "{w}");
+
+    // The `ntfs` crate indexes out of bounds on these two; the scan
+    // catches that. An index entry shorter than its header, in the root's
+    // first index node (its length field 8 bytes into it):
+    let mut broken = disk.clone();
+    assert_eq!(&broken[root_node..root_node + 4], b"INDX");
+    let entries = u32::from_le_bytes(
+        broken[root_node + 0x18..root_node + 0x1c]
+            .try_into()
+            .unwrap(),
+    );
+    let entry = root_node + 0x18 + entries as usize;
+    broken[entry + 8..entry + 10].copy_from_slice(&8u16.to_le_bytes());
+    let w = ntfs_warning(&broken);
+    assert!(w.contains("could not parse"), "{w}");
+
+    // An attribute at the end of a file record, too short for the fields
+    // of a non-resident one: file.bin's $DATA renamed away (another type)
+    // and stretched to 1000 bytes into the record, a 16-byte $DATA after.
+    let mut broken = disk.clone();
+    let le16 = |b: &[u8], at: usize| usize::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let mut at = le16(&broken, record + 0x14);
+    while le32(&broken, record + at) != 0x80 {
+        at += le32(&broken, record + at + 4) as usize;
+        assert!(at < 1000, "no $DATA in file.bin's record");
+    }
+    let a = record + at;
+    broken[a..a + 4].copy_from_slice(&0x100u32.to_le_bytes());
+    broken[a + 4..a + 8].copy_from_slice(&(1000 - at as u32).to_le_bytes());
+    let fake = record + 1000;
+    broken[fake..fake + 4].copy_from_slice(&0x80u32.to_le_bytes());
+    broken[fake + 4..fake + 8].copy_from_slice(&16u32.to_le_bytes());
+    broken[fake + 8] = 1; // non-resident
+    broken[fake + 9..fake + 16].fill(0);
+    broken[fake + 16..fake + 20].copy_from_slice(&u32::MAX.to_le_bytes());
+    let w = ntfs_warning(&broken);
+    assert!(w.contains("could not parse"), "{w}");
+}
+
+#[test]
+fn an_ntfs_directory_tree_written_by_wimapply_is_walked_whole() {
+    let dir = tempdir();
+    let root = dir.path().join("root");
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut add = |path: &str, data: Vec<u8>| {
+        let at = root.join(&path[1..]);
+        fs::create_dir_all(at.parent().unwrap()).unwrap();
+        fs::write(&at, &data).unwrap();
+        files.insert(path.to_owned(), data);
+    };
+    add("/Windows/System32/ntoskrnl.exe", pattern_bytes(700_000, 31));
+    add("/Windows/System32/config/SYSTEM", pattern_bytes(90_000, 32));
+    // Enough names that the directory's index spills out of its record
+    // into index nodes ($INDEX_ALLOCATION).
+    for i in 0..120 {
+        add(
+            &format!("/Windows/System32/drivers/driver-with-a-long-name-{i:03}.sys"),
+            pattern_bytes(100 + i * 50, 100 + i as u64),
+        );
+    }
+    add("/deep/a/b/c/d/e/f/leaf.txt", b"deep\n".to_vec());
+    add("/Program Files/App/app.dll", pattern_bytes(20_000, 33));
+    add("/Users/Zoë/naïve.txt", "ünïcödé\n".as_bytes().to_vec());
+    let wim = dir.path().join("tree.wim");
+    run(cmd("wimcapture")
+        .arg(&root)
+        .arg(&wim)
+        .arg("--no-acls")
+        .arg("--compress=none"));
+    let img = dir.path().join("ntfs.img");
+    mkntfs(&img, 32);
+    // wimapply writes an NTFS volume (a file or a device) through
+    // libntfs-3g when the target is not a directory: no mount needed.
+    run(cmd("wimapply").arg(&wim).arg("1").arg(&img));
+    let bytes = fs::read(&img).unwrap();
+    let layout = scan(&bytes, Limits::default());
+    assert!(layout.warnings.is_empty(), "{:?}", layout.warnings);
+
+    // Every file and directory there, once each, and nothing else.
+    let mut want: Vec<String> = files.keys().cloned().collect();
+    for path in files.keys() {
+        let mut p = path.as_str();
+        while let Some((parent, _)) = p.rsplit_once('/') {
+            want.push(if parent.is_empty() { "/" } else { parent }.to_owned());
+            p = parent;
+        }
+    }
+    want.sort();
+    want.dedup();
+    let mut got: Vec<String> = layout.files.iter().map(|f| f.path.clone()).collect();
+    got.sort();
+    assert_eq!(got, want);
+    for (path, data) in &files {
+        assert_eq!(layout.resolve(0, path).unwrap().kind, FileKind::Regular);
+        check_ntfs_file(&bytes, &layout, path, data);
+    }
+    assert_eq!(
+        layout.resolve(0, "/deep/a/b/c/d/e/f").unwrap().kind,
+        FileKind::Directory
+    );
+    // The large directory's index nodes, as ntfsinfo lists them.
+    let drivers = "/Windows/System32/drivers";
+    let runs = ntfsinfo_runs(&img, drivers, "$INDEX_ALLOCATION");
+    let size = layout.resolve(0, drivers).unwrap().size;
+    assert!(size > 0);
+    assert_eq!(
+        our_clusters(&layout, 0, drivers),
+        their_clusters(&runs, size),
+        "ntfsinfo lists {runs:x?}"
+    );
+    let kernel = "/Windows/System32/ntoskrnl.exe";
+    assert_eq!(
+        our_clusters(&layout, 0, kernel),
+        their_clusters(&ntfsinfo_runs(&img, kernel, "$DATA"), 700_000)
+    );
+
+    // Limits hold: too shallow a walk is a warning, not a partial map.
+    let shallow = Limits {
+        max_depth: 4,
+        ..Limits::default()
+    };
+    let layout = scan(&bytes, shallow);
+    assert!(
+        layout.warnings.iter().any(|w| w.contains("nested deeper")),
+        "{:?}",
+        layout.warnings
+    );
+}
+
+#[test]
+fn a_file_whose_runs_fill_its_record_is_mapped_through_its_attribute_list() {
+    let dir = tempdir();
+    let img = dir.path().join("ntfs.img");
+    mkntfs(&img, 64);
+    // Grown a cluster at a time with another file written after each
+    // step: a run per cluster, more than its record holds, so ntfs-3g
+    // moves its $DATA into further records that an attribute list names.
+    let data = pattern_bytes(220 << 12, 51);
+    for i in 1..=220 {
+        ntfscp(&img, dir.path(), "/frag.bin", &data[..i << 12]);
+        ntfscp(&img, dir.path(), &format!("/s{i}"), &[i as u8; 4096]);
+    }
+    let dump = run(cmd("ntfsinfo")
+        .arg("-F")
+        .arg("/frag.bin")
+        .arg("-v")
+        .arg(&img));
+    assert!(dump.contains("$ATTRIBUTE_LIST"), "{dump}");
+    assert!(
+        dump.matches("Dumping attribute $DATA").count() > 1,
+        "$DATA in pieces: {dump}"
+    );
+    let bytes = fs::read(&img).unwrap();
+    let layout = scan(&bytes, Limits::default());
+    assert!(layout.warnings.is_empty(), "{:?}", layout.warnings);
+    let frag = layout.resolve(0, "/frag.bin").unwrap();
+    assert!(frag.extents.len() > 200, "{} extents", frag.extents.len());
+    check_ntfs_file(&bytes, &layout, "/frag.bin", &data);
+    // ntfsinfo lists the runs of each piece: all of them, in file order.
+    let runs = ntfsinfo_runs(&img, "/frag.bin", "$DATA");
+    assert_eq!(
+        our_clusters(&layout, 0, "/frag.bin"),
+        their_clusters(&runs, data.len() as u64)
+    );
 }

@@ -6,7 +6,8 @@
 //!    chunks that are not all zero (the MBR and a boot loader's core,
 //!    such as GRUB's in the MBR gap);
 //! 2. each filesystem's metadata a mount reads first (superblock, group
-//!    descriptors; boot sector, FAT and root directory);
+//!    descriptors; boot sector, FAT and root directory; NTFS's boot
+//!    sector and the head of its MFT);
 //! 3. the boot loader's files (SYSLINUX/EXTLINUX, GRUB, EFI), by path;
 //! 4. the kernel and initramfs the boot loader's configuration names
 //!    (or, when it names none, the newest `vmlinuz*` and `initrd.img*`);

@@ -8,7 +8,9 @@
 //! yet, can be planned from the files a boot reads ([`boot_order`]).
 //!
 //! Images are untrusted: every parser here bounds what it reads and
-//! returns an error, never panics, on a damaged or unknown filesystem.
+//! returns an error, never panics, on a damaged or unknown filesystem
+//! (NTFS's, which reads through the `ntfs` crate, catches that crate's
+//! panics: see `ntfs.rs`).
 //! An error disables file awareness for that filesystem, with a warning
 //! in [`VolumeLayout::warnings`]; the rest of the volume is still mapped.
 
@@ -22,6 +24,7 @@ mod elf;
 mod ext4;
 mod fat;
 mod index;
+mod ntfs;
 mod partition;
 
 pub use boot::{boot_order, BootOrder};
@@ -162,8 +165,8 @@ pub struct File {
     /// bytes between two extents read as zeroes); empty when the extents
     /// follow one another with none.
     pub offsets: Vec<u64>,
-    /// Metadata read to open it: its inode (ext4) or directory entry
-    /// (FAT), as a byte offset on the volume.
+    /// Metadata read to open it: its inode (ext4), directory entry (FAT)
+    /// or file record (NTFS), as a byte offset on the volume.
     pub meta: Option<u64>,
     /// A symlink's target.
     pub target: Option<String>,
@@ -177,7 +180,8 @@ pub struct Filesystem {
     pub start: u64,
     pub len: u64,
     /// Where its metadata a mount reads first lies (superblock, group
-    /// descriptors, FAT), as byte ranges.
+    /// descriptors, FAT; NTFS's boot sector and the head of its MFT), as
+    /// byte ranges.
     pub meta: Vec<(u64, u64)>,
 }
 
@@ -286,7 +290,7 @@ fn normalize(path: &str) -> String {
 
 /// Maps the volume: its partitions (MBR or GPT; none means one
 /// filesystem on the whole device), then each partition's filesystem
-/// (ext4, FAT). Never fails: what it cannot read becomes a warning.
+/// (ext4, FAT, NTFS). Never fails: what it cannot read becomes a warning.
 pub fn scan(img: &dyn Image, limits: Limits) -> VolumeLayout {
     let mut layout = VolumeLayout::default();
     let parts = match partitions(img) {
@@ -305,6 +309,8 @@ pub fn scan(img: &dyn Image, limits: Limits) -> VolumeLayout {
             Some(("ext4", ext4::scan(img, p.start, p.len, fs, limits)))
         } else if fat::probe(img, p.start) {
             Some(("fat", fat::scan(img, p.start, p.len, fs, limits)))
+        } else if ntfs::probe(img, p.start) {
+            Some(("ntfs", ntfs::scan(img, p.start, p.len, fs, limits)))
         } else {
             None
         };
@@ -330,7 +336,7 @@ pub fn scan(img: &dyn Image, limits: Limits) -> VolumeLayout {
                 .warnings
                 .push(format!("{} ({kind}): {e}; not file-aware", p.describe())),
             None => layout.warnings.push(format!(
-                "{}: no filesystem this origin reads (ext4, FAT); not file-aware",
+                "{}: no filesystem this origin reads (ext4, FAT, NTFS); not file-aware",
                 p.describe()
             )),
         }
@@ -384,6 +390,11 @@ pub fn scan_ext4(img: &dyn Image, limits: Limits) -> Result<Mapped, LayoutError>
 /// A FAT occupying the whole image; see [`scan_ext4`].
 pub fn scan_fat(img: &dyn Image, limits: Limits) -> Result<Mapped, LayoutError> {
     fat::scan(img, 0, img.size(), 0, limits)
+}
+
+/// An NTFS occupying the whole image; see [`scan_ext4`].
+pub fn scan_ntfs(img: &dyn Image, limits: Limits) -> Result<Mapped, LayoutError> {
+    ntfs::scan(img, 0, img.size(), 0, limits)
 }
 
 #[cfg(test)]
