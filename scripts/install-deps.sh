@@ -47,6 +47,14 @@ declare -A TOOLS=(
   [mcopy]=mtools
   [syslinux]=syslinux
   [sfdisk]=fdisk
+  # NTFS file awareness (tests/tests/layout.rs, the layout_ntfs fuzz
+  # seed): mkntfs, ntfscp and ntfsinfo write and read NTFS without a
+  # mount, wimapply applies a directory tree to an unmounted NTFS image.
+  [mkntfs]=ntfs-3g
+  [ntfscp]=ntfs-3g
+  [ntfsinfo]=ntfs-3g
+  [wimcapture]=wimtools
+  [wimapply]=wimtools
   [flock]=util-linux
   # The management API and metrics tests: curl speaks to the API's TLS
   # listener, promtool (Prometheus) parses /metrics.
@@ -60,10 +68,12 @@ declare -A TOOLS=(
 # (librocksdb-sys's `bindgen-runtime`), with clang's builtin headers.
 # qemu-block-extra: qemu's iSCSI driver (iscsi:// URLs in qemu-img/qemu-io).
 # syslinux-common: mbr.bin for the VM image's boot sector.
+# ipxe: ipxe.lkrn, the network boot stage of `ferry staging-image`.
 LIB_PKGS=(
   libclang-dev
   qemu-block-extra
   syslinux-common
+  ipxe
 )
 
 pkg_installed() {

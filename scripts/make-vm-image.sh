@@ -39,8 +39,10 @@
 # is a real boot's (thousands of small serial reads: the boot loader's, the
 # initramfs's, then systemd opening units, binaries and libraries):
 #   p1  ext4 root, label ferry-root, the whole disk from 1 MiB: Debian 12
-#       minbase with systemd-sysv, udev, linux-image-amd64 and the stock
-#       initramfs (MODULES=most), and /boot/grub (GRUB's modules, grub.cfg)
+#       minbase with systemd-sysv, udev, linux-image-amd64, open-iscsi and
+#       the stock initramfs (MODULES=most; it logs in to an iSCSI root when
+#       booted diskless through iPXE, see `ferry staging-image`), and
+#       /boot/grub (GRUB's modules, grub.cfg)
 #   GRUB for BIOS: boot.img in the MBR and core.img in the gap before p1,
 #       loading its modules and grub.cfg from /boot/grub on p1, as
 #       grub-install lays them out
@@ -153,7 +155,9 @@ ROOT=$WORK/root
 INCLUDE=linux-image-amd64,initramfs-tools,zstd
 # grub-pc-bin, not grub-pc: the binaries and modules, without the package
 # whose postinst wants to grub-install onto a disk.
-[ "$FLAVOR" = stock ] && INCLUDE=$INCLUDE,systemd-sysv,udev,grub-pc-bin
+# open-iscsi: the initramfs logs in to an iSCSI root when a network boot
+# stage (iPXE, `ferry staging-image`) left its firmware table (iBFT).
+[ "$FLAVOR" = stock ] && INCLUDE=$INCLUDE,systemd-sysv,udev,grub-pc-bin,open-iscsi
 log "debootstrap $SUITE (minbase + $INCLUDE) from $MIRROR into $ROOT (timeout ${DEBOOTSTRAP_TIMEOUT}s)"
 # initramfs-tools is configured before the kernel's postinst builds the
 # initramfs: --include installs both in one go, so the config goes in after
@@ -259,6 +263,15 @@ EOF
   $SUDO mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants"
   $SUDO ln -sf /etc/systemd/system/ferry-boot-marker.service \
     "$ROOT/etc/systemd/system/multi-user.target.wants/ferry-boot-marker.service"
+  # Sourced by the initramfs's iSCSI script (local-top/iscsi): with an iBFT
+  # (the table iPXE leaves when it sanboots an iSCSI disk) it logs in from
+  # there, so one image boots from a local disk and diskless. Without one
+  # the script does nothing.
+  $SUDO tee "$ROOT/etc/iscsi/iscsi.initramfs" >/dev/null <<'EOF'
+if modprobe -q iscsi_ibft 2>/dev/null && [ -d /sys/firmware/ibft/target0 ]; then
+  ISCSI_AUTO=true
+fi
+EOF
 }
 
 configure_$FLAVOR

@@ -1045,9 +1045,11 @@ impl RemoteDevice {
         // chunks not held.
         self.client.count_signatures(false, missing);
         let runs = missing_runs(&held);
+        // Each run is inside this read, so its length fits a u32 as `len` does.
         let fetched = futures::future::try_join_all(runs.iter().map(|&(first, n)| {
             let at = offset + first as u64 * u64::from(chunk_size);
-            self.client.read(at, (n * chunk) as u32)
+            self.client
+                .read(at, u32::try_from(n * chunk).unwrap_or(len))
         }))
         .await?;
         for (&(first, n), data) in runs.iter().zip(fetched) {

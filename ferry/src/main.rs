@@ -72,6 +72,10 @@ enum Command {
     /// delete).
     #[command(subcommand)]
     Clone(ferry::clone::CloneCommand),
+    /// Write a staging disk: a VM with only a NIC and this disk boots
+    /// VOLUME from an edge's iSCSI target (iPXE sanboot; the guest's
+    /// initramfs logs in from the iBFT for its root).
+    StagingImage(ferry::staging::StagingArgs),
     /// Relay TCP connections to TARGET like a WAN link (one-way delay,
     /// bandwidth cap), for tests and benchmarks on one machine.
     LinkEmulator(LinkEmuArgs),
@@ -1124,6 +1128,7 @@ fn main() -> ExitCode {
             Command::Clone(cmd) => ferry::clone::run(cmd).await,
             Command::Edge(cmd) => edge(cmd).await,
             Command::LinkEmulator(a) => link_emulator(a).await,
+            Command::StagingImage(a) => ferry::staging::run(&a),
         }
     });
     match result {

@@ -15,6 +15,10 @@
 //! and after `ferry moveback` the origin's image and the copy both boot in
 //! qemu directly.
 //!
+//! A diskless VM (only a NIC and the disk `ferry staging-image` writes)
+//! boots the stock Debian volume from the edge's iSCSI target with mutual
+//! CHAP: iPXE sanboots it, the guest's initramfs logs in from the iBFT.
+//!
 //! Each test prints the boot time and how much crossed the WAN
 //! (`bytes_fetched`/`bytes_pushed` from `ferry edge status`, and the link's
 //! own byte count); run with `--no-capture` to see them.
@@ -213,6 +217,36 @@ struct Qemu {
 
 impl Qemu {
     fn start(dir: &Path, drive: &str, boot_timeout: Duration) -> Qemu {
+        Qemu::start_with(
+            dir,
+            &[
+                "-drive".into(),
+                format!("file={drive},format=raw,if=virtio"),
+            ],
+            boot_timeout,
+        )
+    }
+
+    /// A VM with no disk of its own: the staging disk (kept unchanged) and
+    /// a NIC on qemu's user-mode network, where 10.0.2.2 is this machine's
+    /// loopback.
+    fn start_diskless(dir: &Path, staging: &Path, boot_timeout: Duration) -> Qemu {
+        Qemu::start_with(
+            dir,
+            &[
+                "-drive".into(),
+                format!(
+                    "file={},format=raw,if=virtio,snapshot=on",
+                    staging.display()
+                ),
+                "-nic".into(),
+                "user,model=virtio-net-pci".into(),
+            ],
+            boot_timeout,
+        )
+    }
+
+    fn start_with(dir: &Path, devices: &[String], boot_timeout: Duration) -> Qemu {
         let console = dir.join("console.log");
         let stderr = dir.join("qemu.stderr");
         let child = cmd("qemu-system-x86_64")
@@ -220,8 +254,7 @@ impl Qemu {
             .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
-            .arg("-drive")
-            .arg(format!("file={drive},format=raw,if=virtio"))
+            .args(devices)
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 std::fs::File::create(dir.join("qemu.stdout")).unwrap(),
@@ -742,5 +775,129 @@ fn a_stock_debian_boot_is_planned_from_its_files_then_from_its_profile() {
         "second boot: {} crossed for {} read",
         second.fetched + second.pushed,
         second.read
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A diskless VM: the staging image
+// ---------------------------------------------------------------------------
+
+/// A VM with only a NIC and the disk `ferry staging-image` writes boots the
+/// stock Debian volume from the edge's iSCSI target, which asks for mutual
+/// CHAP and one initiator name: iPXE sanboots it (GRUB and the kernel read
+/// through iPXE's INT 13h), and the guest's initramfs logs in from the iBFT
+/// for its root. A staging disk with a wrong secret is refused (iPXE keeps
+/// retrying, nothing boots). The guest's writes reach the origin's image.
+#[test]
+fn a_diskless_vm_boots_its_volume_from_a_staging_image() {
+    let vm = vm_image_of(&["--stock"], STOCK_BOOT_TIMEOUT);
+    let site = tempdir();
+    let dir = site.path();
+    let image = dir.join("disk.img");
+    run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
+    let o = origin(dir, &image);
+    let wan = Wan::start(o.announced("origin"));
+    let secret = dir.join("chap.secret");
+    let mutual = dir.join("mutual.secret");
+    let wrong = dir.join("wrong.secret");
+    std::fs::write(&secret, "staging-secret-1\n").unwrap();
+    std::fs::write(&mutual, "target-secret-22\n").unwrap();
+    std::fs::write(&wrong, "not-the-secret-3\n").unwrap();
+    let config = dir.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cache_dir = \"{cache}\"\ncache_size = \"512M\"\n\
+             [iscsi]\nlisten = [\"127.0.0.1:0\"]\n\
+             allowed_initiators = [\"iqn.2026-11.dev.ferry.staging:{VOLUME}\"]\n\
+             chap_user = \"web\"\nchap_secret_file = \"{secret}\"\n\
+             mutual_user = \"ferry\"\nmutual_secret_file = \"{mutual}\"\n\
+             [link]\nno_tls = true\n\
+             [[volume]]\nname = \"{VOLUME}\"\norigin = \"{origin}\"\n",
+            cache = dir.join("edge").display(),
+            secret = secret.display(),
+            mutual = mutual.display(),
+            origin = wan.addr(),
+        ),
+    )
+    .unwrap();
+    let e = Ferry::spawn(
+        ["edge".as_ref(), "--config".as_ref(), config.as_os_str()],
+        &["iscsi", "api"],
+    );
+    let port = e.announced("iscsi").rsplit_once(':').unwrap().1.to_owned();
+    let staging = |name: &str, chap_secret: &Path| {
+        let out = dir.join(name);
+        let said = run(Command::new(ferry_bin())
+            .args(["staging-image", VOLUME, "--portal"])
+            .arg(format!("10.0.2.2:{port}"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--chap-user", "web", "--chap-secret-file"])
+            .arg(chap_secret)
+            .args(["--mutual-user", "ferry", "--mutual-secret-file"])
+            .arg(&mutual));
+        assert!(said.contains("iqn.2026-11.dev.ferry:vol"), "{said}");
+        out
+    };
+    let lock = FileLock::acquire(
+        &std::env::temp_dir().join("ferry-vm-boot.lock"),
+        BOOT_LOCK_TIMEOUT,
+    );
+
+    // A wrong secret: the target refuses the login, again and again.
+    let refused = dir.join("refused");
+    std::fs::create_dir_all(&refused).unwrap();
+    {
+        let mut qemu =
+            Qemu::start_diskless(&refused, &staging("wrong.img", &wrong), STOCK_BOOT_TIMEOUT);
+        let failures = || e.stderr().matches("CHAP authentication failed").count();
+        assert!(
+            wait_until(Duration::from_secs(120), || failures() >= 2),
+            "the target did not refuse the wrong secret twice\n{}\n{}",
+            qemu.diagnostics(),
+            e.stderr()
+        );
+        assert!(marker_line(&qemu.console()).is_none(), "{}", qemu.console());
+        assert!(!qemu.exited(), "iPXE retries rather than giving up");
+    }
+
+    let good = dir.join("good");
+    std::fs::create_dir_all(&good).unwrap();
+    let start = Instant::now();
+    let mut qemu =
+        Qemu::start_diskless(&good, &staging("staging.img", &secret), STOCK_BOOT_TIMEOUT);
+    let marker = qemu.wait_for_marker();
+    let boot_time = start.elapsed();
+    qemu.wait_poweroff();
+    drop(lock);
+    let console = qemu.console();
+    assert!(
+        console.contains("iscsistart: Connection1:0 to [target: iqn.2026-11.dev.ferry:vol"),
+        "the initramfs did not log in from the iBFT\n{console}"
+    );
+    assert_eq!(
+        marker_field(&marker, "image"),
+        vm.info("image_id"),
+        "{marker}"
+    );
+    let token = marker_field(&marker, "token").to_string();
+    assert_eq!(token.len(), 36, "bad token in {marker}");
+
+    run(Command::new(ferry_bin())
+        .args(["flush", "--api"])
+        .arg(e.announced("api")));
+    e.stop_ok();
+    o.stop_ok();
+    let on_origin = read_guest_file(&image, &vm, TOKEN_PATH);
+    assert_eq!(
+        on_origin.trim(),
+        token,
+        "the origin lacks the guest's token"
+    );
+    run(cmd("e2fsck").arg("-fn").arg(root_fs(&image, &vm)));
+    eprintln!(
+        "diskless boot through a staging image, iSCSI with mutual CHAP, 25 ms / 100 Mbit/s: marker after {:.1}s",
+        boot_time.as_secs_f64()
     );
 }
