@@ -21,6 +21,13 @@
 #                from the hotspots of the first volume's profile
 #   copy-first   nbdcopy from nbdkit through the WAN to a local file, then a
 #                local boot: what a user does without ferry
+#   staging-serve a diskless VM (only a NIC and the disk `ferry staging-image`
+#                writes): iPXE sanboots `ferry serve --iscsi` on loopback (a
+#                writable copy of the image), the guest's initramfs logs in
+#                from the iBFT; the no-WAN figure for the next row
+#   staging-edge the same diskless VM booting from an edge through the WAN
+#                (iSCSI, --isolated so the guest's writes stay on the edge),
+#                fresh cache, planned from edge-first's profile
 #
 # Measured per boot: seconds from qemu's start to the guest's FERRY-BOOT-OK
 # line on its serial console (the marker service runs after multi-user.target),
@@ -32,7 +39,9 @@
 #
 # Targets (issue 14): edge-again <= 1.05x serve, edge-first <= 1.25x,
 # edge-hotspot <= 1.15x; link bytes <= 1.2x (edge-again) and <= 1.5x
-# (edge-first) what the guest read.
+# (edge-first) what the guest read. staging-edge is compared with
+# staging-serve: the diskless path reads through iPXE and the guest's own
+# iSCSI initiator (over qemu's user-mode network), not qemu's NBD driver.
 #
 # Usage: benches/system/boot-bench.sh
 # Environment:
@@ -61,7 +70,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 BENCH=boot-bench
 ROUNDS=${ROUNDS:-3}
 SLOW_ROUNDS=${SLOW_ROUNDS:-1}
-ALL_ROWS="local serve nbdkit nbdkit-wan edge-cold edge-first edge-again edge-hotspot copy-first"
+ALL_ROWS="local serve nbdkit nbdkit-wan edge-cold edge-first edge-again edge-hotspot copy-first staging-serve staging-edge"
 ROWS=${ROWS:-$ALL_ROWS}
 DELAY_MS=${DELAY_MS:-25}
 MBIT=${MBIT:-100}
@@ -81,8 +90,8 @@ for r in $ROWS; do
 done
 has_row() { [[ " $ROWS " == *" $1 "* ]]; }
 # edge-again boots from edge-first's profile, edge-hotspot from its hotspots.
-if has_row edge-again || has_row edge-hotspot; then
-  has_row edge-first || die "edge-again and edge-hotspot need edge-first (it records the profile)"
+if has_row edge-again || has_row edge-hotspot || has_row staging-edge; then
+  has_row edge-first || die "edge-again, edge-hotspot and staging-edge need edge-first (it records the profile)"
 fi
 require_tools qemu-system-x86_64 nbdkit nbdcopy nbdinfo python3 awk
 ferry_binary
@@ -110,11 +119,22 @@ EOF
 # boot LABEL DRIVE: boots qemu from DRIVE; sets BOOT_SECS (qemu start to the
 # marker) and GUEST_UPTIME (the guest's own clock at the marker).
 boot() {
-  local label=$1 drive=$2 console=$RAW/$1.console pid start i
+  boot_with "$1" -drive "file=$2,format=raw,if=virtio,snapshot=on"
+}
+
+# boot_diskless LABEL STAGING: a VM with only STAGING and a NIC on qemu's
+# user-mode network (10.0.2.2 is this machine's loopback).
+boot_diskless() {
+  boot_with "$1" -drive "file=$2,format=raw,if=virtio,snapshot=on" -nic user,model=virtio-net-pci
+}
+
+# boot_with LABEL QEMU-DEVICE-ARGS...
+boot_with() {
+  local label=$1 console=$RAW/$1.console pid start i
+  shift
   : > "$console"
   qemu-system-x86_64 -accel tcg -m "$QEMU_MEM_MIB" -smp 1 -nodefaults -display none \
-    -no-reboot -serial "file:$console" \
-    -drive "file=$drive,format=raw,if=virtio,snapshot=on" \
+    -no-reboot -serial "file:$console" "$@" \
     < /dev/null > "$RAW/$label.qemu.stdout" 2> "$RAW/$label.qemu.stderr" &
   pid=$!
   start=$(now)
@@ -167,7 +187,8 @@ start_origin() { # NAME: a fresh origin state dir; sets ORIGIN, ORIGIN_API
   [ -n "$ORIGIN_API" ] || ORIGIN_API=$ORIGIN_STATE/api.sock
 }
 
-# start_edge NAME VOLUME ORIGIN ARGS...: a fresh cache; sets EDGE_NBD, EDGE_API.
+# start_edge NAME VOLUME ORIGIN ARGS...: a fresh cache; sets EDGE_NBD,
+# EDGE_ISCSI (with --iscsi in ARGS), EDGE_API.
 # Retries while the origin still holds the volume for the previous edge.
 start_edge() {
   local name=$1 vol=$2 origin=$3 try
@@ -178,6 +199,7 @@ start_edge() {
       --cache-dir "$WORK/$name.cache" --cache-size 4G --nbd 127.0.0.1:0 --no-tls "$@"; then
       EDGE_API=$ADDR
       EDGE_NBD=$(sed -n 's/^listening nbd //p' "$RAW/$name.stdout" | head -1)
+      EDGE_ISCSI=$(sed -n 's/^listening iscsi //p' "$RAW/$name.stdout" | head -1)
       [ -n "$EDGE_NBD" ] || die "$name printed no 'listening nbd' line"
       return 0
     fi
@@ -185,6 +207,14 @@ start_edge() {
     sleep 1
   done
   die "$name could not attach $vol"
+}
+
+# staging_image TAG PORT: the staging disk for volume vol on the iSCSI
+# portal at PORT of this machine; sets STAGING.
+staging_image() {
+  STAGING=$WORK/$1.staging.img
+  "$FERRY_BIN" staging-image vol --portal "10.0.2.2:$2" --out "$STAGING" \
+    > "$RAW/$1.staging" || die "$1: ferry staging-image failed"
 }
 
 json_get() { # FILE PYTHON-EXPRESSION-ON-j
@@ -262,13 +292,25 @@ PY
       log "  $row: copy ${copy}s"
       record "$row" "$(awk -v a="$copy" -v b="$BOOT_SECS" 'BEGIN { printf "%.3f", a + b }')" "$LINK_DOWN"
       ;;
-    edge-*)
+    staging-serve)
+      local port copy=$WORK/staging-copy.img
+      cp --sparse=always "$IMG" "$copy"
+      port=$(free_port)
+      spawn "$tag-serve" iscsi "$FERRY_BIN" serve --export "vol=$copy" --iscsi "127.0.0.1:$port"
+      staging_image "$tag" "${ADDR##*:}"
+      boot_diskless "$tag" "$STAGING"
+      stop_proc "$tag-serve"
+      rm -f "$copy"
+      record "$row" "$BOOT_SECS"
+      ;;
+    edge-* | staging-edge)
       local vol=vol args=()
       case $row in
         edge-cold) args=(--prefetch-budget 0 --profile-window 0) ;;
         edge-first) ;;
         edge-again) args=(--profile-window 0) ;;
         edge-hotspot) vol=vol2 args=(--profile-window 0) ;;
+        staging-edge) args=(--profile-window 0 --isolated --iscsi 127.0.0.1:0) ;;
       esac
       # edge-cold and edge-first start from an origin that never saw a boot.
       if [ "$row" = edge-cold ] || [ "$row" = edge-first ]; then
@@ -277,7 +319,12 @@ PY
       fi
       start_link "$tag-link" "$ORIGIN"
       start_edge "$tag-edge" "$vol" "$LINK" "${args[@]}"
-      boot "$tag" "nbd://$EDGE_NBD/$vol"
+      if [ "$row" = staging-edge ]; then
+        staging_image "$tag" "${EDGE_ISCSI##*:}"
+        boot_diskless "$tag" "$STAGING"
+      else
+        boot "$tag" "nbd://$EDGE_NBD/$vol"
+      fi
       if [ "$row" = edge-first ]; then
         "$FERRY_BIN" edge profile stop "$vol" --api "$EDGE_API" > "$RAW/$tag.profile-stop" ||
           die "$tag: profile stop failed"
@@ -351,6 +398,9 @@ LOCAL=$(med local SECS)
   done
   echo
   echo "Boot: qemu's start to the guest's marker (after multi-user.target)."
+  if has_row staging-serve && has_row staging-edge; then
+    echo "staging-edge vs staging-serve: $(ratio "$(med staging-edge SECS)" "$(med staging-serve SECS)")."
+  fi
   echo "Link bytes: what the emulated link carried towards the guest's side."
   echo "Demand: bytes the edge fetched because the guest waited for them;"
   echo "pushed: bytes the origin sent ahead (plan, file groups)."
