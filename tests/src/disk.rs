@@ -40,6 +40,31 @@ pub struct Disk {
     pub files: BTreeMap<&'static str, Vec<u8>>,
 }
 
+/// The first sector of a disk of `size` bytes whose MBR partition table
+/// `sfdisk` writes from `partitions` (its script lines, after `label: dos`).
+pub fn mbr(dir: &Path, size: u64, partitions: &str) -> Vec<u8> {
+    let disk = dir.join("mbr.img");
+    fs::File::create(&disk).unwrap().set_len(size).unwrap();
+    let mut child = cmd("sfdisk")
+        .arg("--no-reread")
+        .arg("--no-tell-kernel")
+        .arg(&disk)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("label: dos\n{partitions}").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk failed");
+    let sector = fs::read(&disk).unwrap()[..512].to_vec();
+    fs::remove_file(&disk).unwrap();
+    sector
+}
+
 pub fn build_disk(dir: &Path) -> Disk {
     let root = dir.join("root");
     let mut files = BTreeMap::new();
@@ -139,23 +164,13 @@ pub fn build_disk(dir: &Path) -> Disk {
     files.insert("/EFI/BOOT/A-Long-Loader-Name.efi", efi);
 
     // 1 MiB head, 16 MiB FAT, 24 MiB ext4.
-    let disk = dir.join("disk.img");
     let mut bytes = vec![0u8; 42 << 20];
-    fs::write(&disk, &bytes).unwrap();
-    let mut c = cmd("sfdisk");
-    c.arg("--no-reread").arg("--no-tell-kernel").arg(&disk);
-    c.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null());
-    let mut child = c.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\nstart=2048, size=32768, type=e, bootable\nstart=34816, size=49152, type=83\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk failed");
-    let table = fs::read(&disk).unwrap();
-    bytes[..512].copy_from_slice(&table[..512]);
+    let size = bytes.len() as u64;
+    bytes[..512].copy_from_slice(&mbr(
+        dir,
+        size,
+        "start=2048, size=32768, type=e, bootable\nstart=34816, size=49152, type=83\n",
+    ));
     let f = fs::read(&fat).unwrap();
     bytes[1 << 20..(1 << 20) + f.len()].copy_from_slice(&f);
     let e = fs::read(&ext4).unwrap();

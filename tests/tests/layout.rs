@@ -10,10 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write as _;
 use std::path::Path;
 
-use ferry_tests::disk::{build_disk, mtools};
+use ferry_tests::disk::{build_disk, mbr, mtools};
 use ferry_tests::{cmd, pattern_bytes, run, tempdir};
 use prefetch::layout::{boot_order, scan, FileIndex, FileKind, Limits, VolumeLayout};
 
@@ -438,26 +437,13 @@ fn check_ntfs_file(disk: &[u8], layout: &VolumeLayout, path: &str, want: &[u8]) 
 
 /// `volume` as an MBR disk's one partition (of type `kind`), at 1 MiB.
 fn in_mbr_partition(dir: &Path, volume: &[u8], kind: &str) -> Vec<u8> {
-    let disk = dir.join("disk.img");
     let mut bytes = vec![0u8; (1 << 20) + volume.len()];
-    fs::write(&disk, &bytes).unwrap();
-    let mut c = cmd("sfdisk");
-    c.arg("--no-reread").arg("--no-tell-kernel").arg(&disk);
-    c.stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null());
-    let mut child = c.spawn().unwrap();
-    let table = format!(
-        "label: dos\nstart=2048, size={}, type={kind}\n",
-        volume.len() / 512
-    );
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(table.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "sfdisk failed");
-    bytes[..512].copy_from_slice(&fs::read(&disk).unwrap()[..512]);
+    let size = bytes.len() as u64;
+    bytes[..512].copy_from_slice(&mbr(
+        dir,
+        size,
+        &format!("start=2048, size={}, type={kind}\n", volume.len() / 512),
+    ));
     bytes[1 << 20..].copy_from_slice(volume);
     bytes
 }

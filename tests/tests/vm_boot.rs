@@ -407,20 +407,26 @@ fn marker_field<'a>(marker: &'a str, key: &str) -> &'a str {
 // The test
 // ---------------------------------------------------------------------------
 
+/// A test's directory, holding its own copy of the VM image (the origin
+/// serves it and the guest's writes land in it).
 struct Site {
     dir: TempDir,
     image: PathBuf,
 }
 
-fn boot(protocol: Protocol) {
-    let test_start = Instant::now();
-    let vm = vm_image();
-    let site = {
+impl Site {
+    fn new(vm: &VmImage) -> Site {
         let dir = tempdir();
         let image = dir.path().join("disk.img");
         run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
         Site { dir, image }
-    };
+    }
+}
+
+fn boot(protocol: Protocol) {
+    let test_start = Instant::now();
+    let vm = vm_image();
+    let site = Site::new(&vm);
     let dir = site.dir.path();
     // The image must not hold a token yet.
     let before = ferry_tests::run_output(
@@ -571,10 +577,8 @@ fn boot_once(dir: &Path, vm: &VmImage, drive: &str, what: &str) -> String {
 #[test]
 fn a_vm_migrates_runs_cut_over_and_moves_back() {
     let vm = vm_image();
-    let site = tempdir();
+    let Site { dir: site, image } = Site::new(&vm);
     let dir = site.path();
-    let image = dir.join("disk.img");
-    run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
     let o = origin(dir, &image);
     let origin_addr = o.announced("origin").to_owned();
     let wan = Wan::start(&origin_addr);
@@ -706,10 +710,8 @@ fn stock_boot(dir: &Path, vm: &VmImage, origin_addr: &str, what: &str) -> EdgeBo
 #[test]
 fn a_stock_debian_boot_is_planned_from_its_files_then_from_its_profile() {
     let vm = vm_image_of(&["--stock"], STOCK_BOOT_TIMEOUT);
-    let site = tempdir();
+    let Site { dir: site, image } = Site::new(&vm);
     let dir = site.path();
-    let image = dir.join("disk.img");
-    run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
     let o = origin(dir, &image);
     let wan = Wan::start(o.announced("origin"));
     let origin_api = dir.join("origin-state/api.sock");
@@ -791,10 +793,8 @@ fn a_stock_debian_boot_is_planned_from_its_files_then_from_its_profile() {
 #[test]
 fn a_diskless_vm_boots_its_volume_from_a_staging_image() {
     let vm = vm_image_of(&["--stock"], STOCK_BOOT_TIMEOUT);
-    let site = tempdir();
+    let Site { dir: site, image } = Site::new(&vm);
     let dir = site.path();
-    let image = dir.join("disk.img");
-    run(cmd("cp").arg("--sparse=always").arg(&vm.path).arg(&image));
     let o = origin(dir, &image);
     let wan = Wan::start(o.announced("origin"));
     let secret = dir.join("chap.secret");
