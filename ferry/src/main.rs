@@ -1087,6 +1087,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Before any command binds and announces a listener: a SIGTERM
+        // right after the announcement must stop it cleanly.
+        ferry::serve::install_shutdown_signals()?;
         match cli.command {
             Command::Serve(args) => {
                 ferry::serve::run((*args).into_config()?, print_listening_as).await

@@ -327,7 +327,7 @@ pub async fn run(
             // A second signal means "now": the image's page cache survives
             // the process, only requests still in flight are cut off.
             tokio::spawn(async {
-                if let Ok(signal) = shutdown_signal().await {
+                if let Ok(signal) = nth_shutdown_signal(2).await {
                     tracing::warn!(signal, "second signal: exiting without waiting");
                     std::process::exit(130);
                 }
@@ -375,13 +375,52 @@ pub async fn run(
     outcome
 }
 
-/// Resolves on the first SIGTERM or SIGINT, naming it.
-pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+/// SIGTERM and SIGINT as they arrive: how many so far, and the last one.
+static SIGNALS: std::sync::OnceLock<tokio::sync::watch::Receiver<(u64, &'static str)>> =
+    std::sync::OnceLock::new();
+
+/// Catches SIGTERM and SIGINT from now on (`main` calls it first thing):
+/// a signal that arrives while a command still binds and announces its
+/// listeners, before anything awaits it, is then kept for
+/// [`shutdown_signal`] rather than killing the process unhandled.
+pub fn install_shutdown_signals() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    if SIGNALS.get().is_some() {
+        return Ok(());
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+    let (tx, rx) = tokio::sync::watch::channel((0, ""));
+    if SIGNALS.set(rx).is_ok() {
+        tokio::spawn(async move {
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                tx.send_modify(|(n, last)| {
+                    *n += 1;
+                    *last = name;
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT since
+/// [`install_shutdown_signals`] (installing it if needed), naming it.
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    nth_shutdown_signal(1).await
+}
+
+/// Resolves once `n` SIGTERMs or SIGINTs have arrived, naming the last.
+pub async fn nth_shutdown_signal(n: u64) -> anyhow::Result<&'static str> {
+    install_shutdown_signals()?;
+    let mut rx = SIGNALS.get().expect("installed just above").clone();
+    let seen = rx
+        .wait_for(|(count, _)| *count >= n)
+        .await
+        .map_err(|_| anyhow::anyhow!("the signal watcher stopped"))?;
+    Ok(seen.1)
 }
